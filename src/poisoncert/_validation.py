@@ -1,0 +1,109 @@
+"""Input checks shared by the certificates, the engine and the estimators.
+
+Every check raises before any work is done, with a message that names the argument and the problem.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def check_votes(votes: np.ndarray, name: str = "votes") -> np.ndarray:
+    """A 2-D, non-negative integer vote matrix with at least two columns."""
+    array = np.asarray(votes)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (n_test, n_classes), got shape {array.shape}")
+    if array.shape[1] < 2:
+        raise ValueError(f"{name} needs at least 2 classes (columns), got {array.shape[1]}")
+    if array.dtype.kind == "b" or array.dtype.kind not in "iu":
+        if array.dtype.kind == "f" and array.size and np.all(np.isfinite(array)) and np.all(
+            array == np.round(array)
+        ):
+            array = array.astype(np.int64)
+        else:
+            raise TypeError(f"{name} must hold integer counts, got dtype {array.dtype}")
+    if array.size and array.min() < 0:
+        raise ValueError(f"{name} must be non-negative counts, found {array.min()}")
+    return array
+
+
+def check_poisoning_sizes(e: np.ndarray | int | list[int], name: str = "e") -> np.ndarray:
+    """A 1-D int64 array of non-negative poisoning sizes."""
+    array = np.asarray(e)
+    if array.ndim == 0:
+        array = array.reshape(1)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of poisoning sizes, got shape {array.shape}")
+    if array.size and array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise ValueError(f"{name} must hold whole numbers of poisoned examples")
+        array = array.astype(np.int64)
+    if array.size and array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got dtype {array.dtype}")
+    array = array.astype(np.int64, copy=False)
+    if array.size and array.min() < 0:
+        raise ValueError(f"{name} must be >= 0 (a poisoning size), found {array.min()}")
+    return array
+
+
+def check_label_indices(y: np.ndarray, n_rows: int, n_classes: int, name: str = "y") -> np.ndarray:
+    """A 1-D int64 array of label indices in ``0..n_classes-1`` with one entry per row."""
+    array = np.asarray(y)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if len(array) != n_rows:
+        raise ValueError(f"{name} has {len(array)} entries but there are {n_rows} test inputs")
+    if array.size and array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise ValueError(f"{name} must hold integer label indices")
+        array = array.astype(np.int64)
+    if array.size and array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer label indices 0..{n_classes - 1}, got dtype {array.dtype}")
+    array = array.astype(np.int64, copy=False)
+    if array.size and (array.min() < 0 or array.max() >= n_classes):
+        bad = array[(array < 0) | (array >= n_classes)][0]
+        raise ValueError(f"{name} holds label index {bad}, outside 0..{n_classes - 1}")
+    return array
+
+
+def check_features(X: np.ndarray, name: str = "X", n_features: int | None = None) -> np.ndarray:
+    """A finite, 2-D, non-empty float array (float32 kept, everything else converted to float64)."""
+    array = np.asarray(X)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be numeric, got dtype {array.dtype}")
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (n_samples, n_features), got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise ValueError(f"{name} is empty: it has 0 samples")
+    if array.shape[1] == 0:
+        raise ValueError(f"{name} has 0 features")
+    if array.dtype != np.float32:
+        array = array.astype(np.float64)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if n_features is not None and array.shape[1] != n_features:
+        raise ValueError(f"{name} has {array.shape[1]} features but the model was fitted with {n_features}")
+    return array
+
+
+def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+    """An integer >= ``minimum`` (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+METRICS = ("l1", "l2", "cosine")
+METRIC_ALIASES = {"l1": "l1", "manhattan": "l1", "cityblock": "l1", "l2": "l2", "euclidean": "l2",
+                  "cosine": "cosine"}
+
+
+def check_metric(metric: str) -> str:
+    """Canonical metric name (``l1``, ``l2`` or ``cosine``)."""
+    if not isinstance(metric, str) or metric.lower() not in METRIC_ALIASES:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    return METRIC_ALIASES[metric.lower()]

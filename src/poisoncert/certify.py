@@ -1,0 +1,365 @@
+"""Certificates for nearest-neighbour classifiers against data poisoning (spec sections 3-5).
+
+Everything here is a pure function of vote matrices or ordered neighbour labels, so each certificate can be
+checked without data or models. The guarantees, under the threat model of spec section 1 (an attacker removes up
+to ``e`` clean training examples and adds up to ``e`` arbitrary ones; a modification counts as one):
+
+* **individual** (Theorems 1 and 2 of Jia, Cao, Gong): a test input whose certified poisoning size is ``e*`` keeps
+  its prediction under every poisoned training set of size ``<= e*``. Deterministic, exact.
+* **joint, rNN only** (Theorems 3 and 4): ``"island"`` and ``"rd"`` groupings; ``"global"`` (spec 5b) shares one
+  removal budget across all test inputs and dominates every grouping. Deterministic.
+* **joint, kNN** (spec 5c): :func:`knn_joint_certified_accuracy`. Deterministic.
+
+Label ties go to the larger label index everywhere (spec section 2).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from ._validation import check_label_indices, check_poisoning_sizes, check_positive_int, check_votes
+from .votes import margin_terms, predict, runner_up
+
+__all__ = [
+    "JOINT_METHODS",
+    "THREAT_MODELS",
+    "accuracy_from_certified_sizes",
+    "certified_accuracy",
+    "certified_poisoning_size",
+    "knn_certified_poisoning_size",
+    "knn_joint_certified_accuracy",
+    "predict",
+    "runner_up",
+]
+
+ThreatModel = Literal["general", "insertion", "deletion", "label-flip"]
+THREAT_MODELS: tuple[str, ...] = ("general", "insertion", "deletion", "label-flip")
+JOINT_METHODS: tuple[str, ...] = ("individual", "rd", "island", "global")
+
+
+def _check_threat_model(threat_model: str) -> str:
+    aliases = {"insertion-only": "insertion", "deletion-only": "deletion", "labelflip": "label-flip",
+               "label_flip": "label-flip"}
+    threat_model = aliases.get(threat_model, threat_model)
+    if threat_model not in THREAT_MODELS:
+        raise ValueError(f"unknown threat model {threat_model!r}; choose one of {', '.join(THREAT_MODELS)}")
+    return threat_model
+
+
+def certified_poisoning_size(votes: np.ndarray, threat_model: ThreatModel = "general") -> np.ndarray:
+    """Individual certified poisoning size of each prediction, from vote counts alone.
+
+    The prediction ``a`` of a test input provably stays ``a`` for every poisoned training set whose poisoning
+    size is at most the returned value (deterministic guarantee; spec section 4).
+
+    Parameters
+    ----------
+    votes : ndarray of shape (n_test, n_classes), integer
+        Neighbour vote counts (kNN or rNN).
+    threat_model : {"general", "label-flip", "insertion", "deletion"}
+        ``"general"`` and ``"label-flip"`` hold for kNN and rNN alike:
+        ``e* = ceil((s_a - s_b + [a > b]) / 2) - 1`` with ``b`` the runner-up.
+        ``"insertion"`` and ``"deletion"`` computed from votes alone are the **rNN** certificates
+        ``e* = s_a - s_b + [a > b] - 1``; for kNN these variants depend on the neighbour order, use
+        :func:`knn_certified_poisoning_size`.
+
+    Returns
+    -------
+    ndarray of shape (n_test,), int64, every entry ``>= 0``. The size certifies the prediction and needs no
+    true label; see :func:`certified_accuracy` for counting correct predictions only.
+
+    Notes
+    -----
+    All four bounds are exact: one more poisoned example can flip the prediction (remove ``a``-neighbours and/or
+    add runner-up neighbours at distance 0).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> certified_poisoning_size(np.array([[7, 2], [3, 3], [0, 5]]))
+    array([2, 0, 2])
+    """
+    threat_model = _check_threat_model(threat_model)
+    _, _, margin = margin_terms(votes)
+    if threat_model in ("general", "label-flip"):
+        return (margin + 1) // 2 - 1
+    return margin - 1
+
+
+def accuracy_from_certified_sizes(certified_size: np.ndarray, e: np.ndarray | list[int] | int) -> np.ndarray:
+    """Fraction of test inputs whose certified size is ``>= e``, for every ``e`` (vectorised).
+
+    ``certified_size`` uses -1 for inputs that do not count at all (misclassified, or not certified at e = 0).
+    """
+    sizes = np.asarray(certified_size)
+    e = check_poisoning_sizes(e)
+    if sizes.ndim != 1:
+        raise ValueError(f"certified_size must be 1-D, got shape {sizes.shape}")
+    if sizes.size == 0:
+        raise ValueError("certified_size is empty: there are no test inputs")
+    sorted_sizes = np.sort(sizes)
+    below = np.searchsorted(sorted_sizes, e, side="left")
+    return (len(sorted_sizes) - below) / len(sorted_sizes)
+
+
+def _correct_sizes(votes: np.ndarray, y: np.ndarray, threat_model: str = "general") -> np.ndarray:
+    sizes = certified_poisoning_size(votes, threat_model)
+    return np.where(predict(votes) == y, sizes, -1)
+
+
+def certified_accuracy(
+    votes: np.ndarray,
+    y: np.ndarray,
+    e: np.ndarray | list[int] | int,
+    method: Literal["individual", "island", "rd", "global"] = "individual",
+    seed: int = 0,
+) -> np.ndarray:
+    """Provable lower bound of certified accuracy CA(e) for each poisoning size in ``e`` (general threat model).
+
+    Parameters
+    ----------
+    votes : ndarray of shape (n_test, n_classes), integer
+        Vote counts of the clean classifier.
+    y : ndarray of shape (n_test,), integer
+        True label indices.
+    e : array-like of int
+        Poisoning sizes (>= 0), any order.
+    method : {"individual", "island", "rd", "global"}
+        ``"individual"``: each test input faces its own attacker (valid for kNN and rNN votes).
+        ``"island"``, ``"rd"`` (Theorem 4 with ISLAND or random grouping) and ``"global"`` (spec 5b, one
+        shared attack, dominates every grouping) are joint certificates that hold for **rNN votes only**:
+        for kNN an insertion also pushes a neighbour out, which these bounds do not model (use
+        :func:`knn_joint_certified_accuracy` for kNN).
+    seed : int
+        Seed of the random grouping (``"rd"`` only).
+
+    Returns
+    -------
+    ndarray of float, one value per entry of ``e``: with every poisoned training set of poisoning size
+    ``<= e``, at least this fraction of the test set is still classified correctly. Deterministic.
+    """
+    votes = check_votes(votes)
+    y = check_label_indices(y, votes.shape[0], votes.shape[1])
+    e = check_poisoning_sizes(e)
+    if votes.shape[0] == 0:
+        raise ValueError("votes is empty: there are no test inputs")
+    if method == "individual":
+        return accuracy_from_certified_sizes(_correct_sizes(votes, y), e)
+    if method == "island":
+        return _grouped_accuracy(votes, y, e, grouping="island")
+    if method == "rd":
+        return _grouped_accuracy(votes, y, e, grouping="rd", seed=seed)
+    if method == "global":
+        from .joint import global_rnn_certified_accuracy
+
+        return global_rnn_certified_accuracy(votes, y, e)
+    raise ValueError(f"unknown certification method {method!r}; choose one of {', '.join(JOINT_METHODS)}")
+
+
+def _grouped_accuracy(
+    votes: np.ndarray, y: np.ndarray, e: np.ndarray, grouping: str, seed: int = 0
+) -> np.ndarray:
+    """Theorem 4 summed over a grouping of the test set, each group with the whole budget (spec section 5).
+
+    Within a group U sorted by ``g_i(e)`` descending, the group certifies the members at positions ``p`` whose
+    suffix sum ``sum_{i >= p} g_i(e)`` exceeds ``e`` (exactly ``w - 1`` of them, since suffix sums only shrink).
+    Sorting by ``g_i(e)`` itself, not by the paper's ``(s_a - s_b) * [a == y]``, keeps misclassified members
+    and tie-bit differences from being over-counted.
+    """
+    a, _, margin = margin_terms(votes)
+    correct = a == y
+    n_test = len(y)
+    if grouping == "rd":
+        # Random division: shuffle, then the j-th example of each predicted label goes to group j, so the
+        # labels in a group are distinct and a group has at most n_classes members. Fixed across e.
+        order = np.random.default_rng(seed).permutation(n_test)
+        rd_group = np.empty(n_test, dtype=np.int64)
+        rd_group[order] = _rank_within_label(a[order], np.zeros(n_test))
+    out = np.empty(len(e), dtype=np.float64)
+    for position, size in enumerate(e.tolist()):
+        g = np.where(correct, np.maximum(margin - size, 0), 0)
+        if grouping == "island":
+            individually_certified = correct & (margin > 2 * size)  # T1: e <= e*
+            pooled = correct & (g > 0) & ~individually_certified  # T2; everything else is T0
+            members = np.flatnonzero(pooled)
+            # Each new group takes, per label, the remaining T2 example with the largest margin.
+            group = _rank_within_label(a[members], -margin[members])
+            certified = int(individually_certified.sum()) + _certified_in_groups(group, g[members], size)
+        else:
+            certified = _certified_in_groups(rd_group, g, size)
+        out[position] = certified / n_test
+    return out
+
+
+def _rank_within_label(labels: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """0-based position of each element among those with the same label, ordered by ``key`` ascending."""
+    if len(labels) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((key, labels))
+    sorted_labels = labels[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_labels)) + 1]
+    run_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - run_start
+    return rank
+
+
+def _certified_in_groups(group: np.ndarray, g: np.ndarray, budget: int) -> int:
+    """Sum over groups of ``w - 1``: members whose suffix sum of ``g`` (sorted descending) exceeds the budget."""
+    if len(group) == 0:
+        return 0
+    order = np.lexsort((-g, group))
+    sorted_group = group[order]
+    sorted_g = g[order].astype(np.int64)
+    # Suffix sums within each group: total of the group minus the prefix sum before each position.
+    prefix = np.cumsum(sorted_g) - sorted_g
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_group)) + 1]
+    ends = np.r_[starts[1:], len(order)]
+    lengths = ends - starts
+    group_prefix_start = np.repeat(prefix[starts], lengths)
+    group_total = np.repeat(np.add.reduceat(sorted_g, starts), lengths)
+    suffix = group_total - (prefix - group_prefix_start)
+    return int(np.count_nonzero(suffix > budget))
+
+
+def knn_certified_poisoning_size(
+    neighbor_labels: np.ndarray,
+    n_neighbors: int,
+    n_classes: int,
+    threat_model: ThreatModel = "general",
+    n_train: int | None = None,
+    chunk_size: int = 256,
+) -> np.ndarray:
+    """Individual certified poisoning size of each kNN prediction, for any threat model (spec section 4).
+
+    The prediction (most votes among the first ``k`` neighbours, ties to the larger label) provably stays the
+    same under every poisoned training set within the returned size, for the chosen threat model.
+    Deterministic and exact.
+
+    Parameters
+    ----------
+    neighbor_labels : ndarray of shape (n_test, K), integer
+        Label index of each test input's clean training examples in the order of spec section 3 (distance
+        ascending, hash rank descending). ``"general"``, ``"label-flip"`` and ``"insertion"`` need the first
+        ``min(k, n_train)`` columns; ``"deletion"`` pulls later examples into the window and needs more: with
+        ``K < n_train`` columns the certificate stops at ``K - k`` (a sound, possibly smaller value); pass all
+        ``n_train`` columns for the exact value.
+    n_neighbors : int
+        k.
+    n_classes : int
+    threat_model : {"general", "label-flip", "insertion", "deletion"}
+    n_train : int, optional
+        Size of the clean training set; defaults to ``K`` (the table then is assumed complete).
+    chunk_size : int
+        Test inputs processed at once by the insertion/deletion variants (memory ~ chunk * K * n_classes).
+
+    Returns
+    -------
+    ndarray of shape (n_test,), int64, ``>= 0``.
+    """
+    threat_model = _check_threat_model(threat_model)
+    labels = np.asarray(neighbor_labels)
+    if labels.ndim != 2:
+        raise ValueError(f"neighbor_labels must be 2-D (n_test, K), got shape {labels.shape}")
+    k = check_positive_int(n_neighbors, "n_neighbors")
+    n_classes = check_positive_int(n_classes, "n_classes", minimum=2)
+    width = labels.shape[1]
+    n_train = width if n_train is None else check_positive_int(n_train, "n_train")
+    if width > n_train:
+        raise ValueError(f"neighbor_labels has {width} columns but n_train is {n_train}")
+    if width < min(k, n_train):
+        raise ValueError(f"neighbor_labels has {width} columns; kNN with k={k} needs {min(k, n_train)}")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"neighbor_labels must hold label indices in 0..{n_classes - 1}")
+    window = min(k, n_train)
+    from .votes import knn_votes_from_labels
+
+    votes = knn_votes_from_labels(labels[:, :window], window, n_classes)
+    if threat_model in ("general", "label-flip"):
+        return certified_poisoning_size(votes, "general")
+    prediction = predict(votes)
+    out = np.empty(len(labels), dtype=np.int64)
+    for start in range(0, len(labels), chunk_size):
+        stop = min(start + chunk_size, len(labels))
+        block = labels[start:stop]
+        a = prediction[start:stop]
+        # counts[i, m, l]: label-l examples among the first m clean neighbours of input i.
+        counts = np.zeros((stop - start, width + 1, n_classes), dtype=np.int32)
+        np.cumsum(np.eye(n_classes, dtype=np.int32)[block], axis=1, out=counts[:, 1:])
+        if threat_model == "insertion":
+            out[start:stop] = _knn_insertion_size(counts, a, k, n_train)
+        else:
+            out[start:stop] = _knn_deletion_size(counts, a, k, n_train)
+    return out
+
+
+def _best_rival(counts_at: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``max over c != a of (C + [c > a])`` for counts of shape (rows, steps, n_classes)."""
+    n_classes = counts_at.shape[-1]
+    tie_bit = (np.arange(n_classes)[None, :] > a[:, None]).astype(np.int32)  # (rows, classes)
+    rival = counts_at + tie_bit[:, None, :]
+    rows = np.arange(len(a))
+    rival[rows, :, a] = np.iinfo(np.int32).min
+    return rival.max(axis=2)
+
+
+def _knn_insertion_size(counts: np.ndarray, a: np.ndarray, k: int, n_train: int) -> np.ndarray:
+    """q insertions at distance 0 with label c push the last neighbours out: s_a' = A(k-q), s_c' = C(k-q) + q."""
+    q = np.arange(1, k + 1)
+    window = np.minimum(k - q, n_train)  # clean examples still inside the top k
+    at = counts[:, window, :]  # (rows, k, classes)
+    own = np.take_along_axis(at, a[:, None, None], axis=2)[..., 0]
+    flipped = _best_rival(at, a) + q[None, :] > own
+    # q = k always flips (the window holds only insertions), so every row has a first flipping q.
+    return np.argmax(flipped, axis=1).astype(np.int64)  # first flipping q minus 1
+
+
+def _knn_deletion_size(counts: np.ndarray, a: np.ndarray, k: int, n_train: int) -> np.ndarray:
+    """j deletions (label a first) pull in later examples: s_a' = A(k+j) - min(j, A(k+j)), s_c' = C(k+j)."""
+    width = counts.shape[1] - 1
+    complete = width == n_train
+    max_j = n_train if complete else width - k
+    if max_j <= 0:
+        return np.zeros(len(a), dtype=np.int64)
+    j = np.arange(1, max_j + 1)
+    span = np.minimum(k + j, width)
+    at = counts[:, span, :]
+    own_in_span = np.take_along_axis(at, a[:, None, None], axis=2)[..., 0]
+    own = own_in_span - np.minimum(j[None, :], own_in_span)
+    flipped = _best_rival(at, a) > own
+    first = np.argmax(flipped, axis=1)
+    never = ~flipped[np.arange(len(a)), first]
+    # Unflipped within the known columns: certified up to the last verified j.
+    return np.where(never, max_j, first).astype(np.int64)
+
+
+def knn_joint_certified_accuracy(
+    neighbor_labels: np.ndarray,
+    y: np.ndarray,
+    e: np.ndarray | list[int] | int,
+    n_classes: int,
+    n_neighbors: int | None = None,
+) -> np.ndarray:
+    """Joint certified accuracy of kNN with one removal budget shared by all test inputs (spec 5c, ours).
+
+    With every poisoned training set of poisoning size ``<= e`` (general threat model), at least the returned
+    fraction of the test set is still classified correctly. Deterministic. Never below the individual kNN
+    certificate. See ``docs/knn_joint_proof.md`` for the proof.
+
+    Parameters
+    ----------
+    neighbor_labels : ndarray of shape (n_test, K), integer
+        Column j holds the label index of each test input's (j+1)-th nearest clean training example.
+    y : ndarray of shape (n_test,)
+        True label indices.
+    e : array-like of int
+        Poisoning sizes.
+    n_classes : int
+    n_neighbors : int, optional
+        k; defaults to ``K``. A table with fewer columns than k means the training set has fewer than k examples.
+    """
+    from .joint import knn_joint_certified_accuracy as _joint
+
+    return _joint(neighbor_labels, y, e, n_classes, n_neighbors=n_neighbors)

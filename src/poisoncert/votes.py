@@ -1,0 +1,120 @@
+"""Vote matrices: from ordered neighbour labels to per-label counts, prediction and runner-up.
+
+Every nearest-neighbour certificate in poisoncert is a function of a vote matrix ``votes`` of shape
+``(n_test, n_classes)``: ``votes[i, l]`` is the number of neighbours of test input ``i`` with label index ``l``.
+Ties between labels go to the **larger** label index (spec section 2), for prediction and runner-up alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._validation import check_votes
+
+
+def _argmax_larger_label(values: np.ndarray) -> np.ndarray:
+    """Row-wise argmax that breaks ties toward the larger column index."""
+    flipped = values[:, ::-1]
+    return values.shape[1] - 1 - np.argmax(flipped, axis=1)
+
+
+def predict(votes: np.ndarray) -> np.ndarray:
+    """Predicted label index per row: most votes, ties to the larger label.
+
+    Parameters
+    ----------
+    votes : ndarray of shape (n_test, n_classes), integer
+        Neighbour vote counts.
+
+    Returns
+    -------
+    ndarray of shape (n_test,), int64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> predict(np.array([[3, 3, 1], [0, 2, 5], [0, 0, 0]]))
+    array([1, 2, 2])
+    """
+    votes = check_votes(votes)
+    return _argmax_larger_label(votes).astype(np.int64)
+
+
+def runner_up(votes: np.ndarray, prediction: np.ndarray | None = None) -> np.ndarray:
+    """Runner-up label per row: most votes among labels other than the prediction, ties to the larger label."""
+    votes = check_votes(votes)
+    if prediction is None:
+        prediction = _argmax_larger_label(votes)
+    masked = votes.astype(np.int64, copy=True)
+    masked[np.arange(len(masked)), prediction] = np.iinfo(np.int64).min
+    return _argmax_larger_label(masked).astype(np.int64)
+
+
+def margin_terms(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prediction ``a``, runner-up ``b`` and the tie-aware margin ``s_a - s_b + [a > b]`` per row.
+
+    The margin is the number of votes that must move for ``b`` to overtake ``a`` under the larger-label tie
+    rule, counted so that ``ceil(margin / 2) - 1`` is the individual certified size of spec section 4.
+    """
+    votes = check_votes(votes).astype(np.int64, copy=False)
+    a = _argmax_larger_label(votes).astype(np.int64)
+    b = runner_up(votes, a)
+    rows = np.arange(len(votes))
+    margin = votes[rows, a] - votes[rows, b] + (a > b).astype(np.int64)
+    return a, b, margin
+
+
+def knn_votes_from_labels(
+    neighbor_labels: np.ndarray, n_neighbors: int | Sequence[int], n_classes: int
+) -> np.ndarray:
+    """kNN vote matrices for one or many k from ordered neighbour labels, in one pass.
+
+    Parameters
+    ----------
+    neighbor_labels : ndarray of shape (n_test, K), integer
+        Column ``j`` holds the label index of each test input's ``(j+1)``-th nearest training example in the
+        order of spec section 3 (``K = min(max k, n_train)``).
+    n_neighbors : int or sequence of int
+        The k values. A k larger than ``K`` uses all ``K`` columns (kNN with k >= n votes with everything).
+    n_classes : int
+
+    Returns
+    -------
+    ndarray of shape (n_test, n_classes) for a single k, or (len(k), n_test, n_classes) for a sequence.
+    """
+    labels = np.asarray(neighbor_labels)
+    if labels.ndim != 2:
+        raise ValueError(f"neighbor_labels must be 2-D (n_test, K), got shape {labels.shape}")
+    single = np.isscalar(n_neighbors)
+    ks = np.atleast_1d(np.asarray(n_neighbors, dtype=np.int64))
+    if np.any(ks < 1):
+        raise ValueError(f"every k must be >= 1, got {ks.tolist()}")
+    n_test, width = labels.shape
+    ks_clipped = np.minimum(ks, width)
+    order = np.argsort(ks_clipped, kind="stable")
+    out = np.zeros((len(ks), n_test, n_classes), dtype=np.int64)
+    running = np.zeros((n_test, n_classes), dtype=np.int64)
+    start = 0
+    row_offset = (np.arange(n_test, dtype=np.int64) * n_classes)[:, None]
+    for position in order:
+        stop = int(ks_clipped[position])
+        if stop > start:
+            flat = (row_offset + labels[:, start:stop]).ravel()
+            running += np.bincount(flat, minlength=n_test * n_classes).reshape(n_test, n_classes)
+            start = stop
+        out[position] = running
+    return out[0] if single else out
+
+
+def prefix_label_counts(neighbor_labels: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """``A_i(m)`` for m = 0..K: how many of the first m neighbours of input i carry ``label[i]``.
+
+    Returns an int64 array of shape (n_test, K + 1) whose column 0 is zero.
+    """
+    labels = np.asarray(neighbor_labels)
+    hits = labels == np.asarray(label)[:, None]
+    out = np.zeros((labels.shape[0], labels.shape[1] + 1), dtype=np.int64)
+    np.cumsum(hits, axis=1, out=out[:, 1:])
+    return out
