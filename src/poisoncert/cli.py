@@ -1,0 +1,210 @@
+"""The ``poisoncert`` command line. Heavy imports are deferred so that ``--help`` is instant."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="poisoncert",
+    help="Certified robustness of nearest neighbours (kNN, rNN), DPA and Bagging against data poisoning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Folder for the CSV, PNG and JSON outputs.")]
+MetricOption = Annotated[str, typer.Option(help="Distance: l1 (the paper's), l2 or cosine.")]
+ThreatOption = Annotated[
+    str,
+    typer.Option(help="Threat model: general (remove/add/modify up to e), insertion, deletion or label-flip."),
+]
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _parse_bagging(specs: list[str]) -> list[tuple[int, int]]:
+    parsed = []
+    for spec in specs:
+        try:
+            n_estimators, subsample = (int(part) for part in spec.split(":"))
+        except ValueError:
+            _fail(f"--bagging expects N:XI such as 1000:27 (N base classifiers, XI examples each), got {spec!r}")
+        parsed.append((n_estimators, subsample))
+    return parsed
+
+
+def _report(results: list, e_max: int | None, e_step: int | None, out: Path, title: str, subtitle: str,
+            settings: dict) -> None:
+    import numpy as np
+
+    from .experiments import default_e_grid, summary_table, write_outputs
+
+    if e_max is not None and e_max < 0:
+        _fail(f"--e-max must be >= 0, got {e_max}")
+    if e_step is not None and e_step < 1:
+        _fail(f"--e-step must be >= 1, got {e_step}")
+    if e_max is None:
+        e = default_e_grid(results)
+    else:
+        step = e_step or max(1, e_max // 100)
+        e = np.arange(0, e_max + 1, step, dtype=np.int64)
+    points = sorted({int(e[int(round(q * (len(e) - 1)))]) for q in (0, 0.1, 0.2, 0.35, 0.5)})
+    typer.echo(f"\n{title} -- {subtitle}")
+    typer.echo("certified accuracy (%), a provable lower bound; threat model: "
+               f"{settings.get('threat_model', 'general')}\n")
+    typer.echo(summary_table(results, points))
+    paths = write_outputs(results, e, out, title=title, subtitle=subtitle, settings=settings)
+    typer.echo("\nwrote " + ", ".join(str(path) for path in paths.values()))
+
+
+@app.command()
+def demo(
+    out: OutOption = Path("poisoncert-out"),
+    knn: Annotated[list[int], typer.Option(help="k values (repeat the option for a sweep).")] = [25, 100],  # noqa: B006
+    rnn: Annotated[list[float], typer.Option(help="radii (repeat the option for a sweep).")] = [  # noqa: B006
+        0.75
+    ],
+    progress: ProgressOption = False,
+) -> None:
+    """Certify kNN and rNN on scikit-learn's bundled digits (embedded data, seconds), print a table, write CSV+PNG."""
+    from .datasets import load
+    from .experiments import certify_methods
+    from .features import raw_pixels
+
+    data = load("digits")
+    X_train, X_test = raw_pixels(data.X_train), raw_pixels(data.X_test)
+    raw = raw_pixels(data.X_train[:1])
+    settings = {"dataset": "digits (scikit-learn, bundled)", "split": data.metadata().get("split", ""),
+                "features": "raw pixels scaled to [0, 1]", "metric": "l1", "threat_model": "general",
+                "n_features": int(raw.shape[1])}
+    results = certify_methods(X_train, data.y_train, X_test, data.y_test, knn=knn, rnn=rnn, metric="l1",
+                              progress=progress, metadata={"dataset": "digits", "features": "raw pixels"})
+    _report(results, None, None, out, "poisoncert demo: certified accuracy on digits",
+            f"digits (n_train={len(X_train)}, n_test={len(X_test)}), raw pixels, l1, general threat model",
+            settings)
+
+
+def _load_table(path: Path, labels: Path | None, role: str):
+    import numpy as np
+
+    if not path.exists():
+        _fail(f"{role} file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            if {"X", "y"} <= keys:
+                return archive["X"], archive["y"]
+            _fail(f"{path} must hold arrays named X and y, found {sorted(keys)}")
+    if suffix == ".npy":
+        X = np.load(path, allow_pickle=False)
+        if labels is None:
+            _fail(f"{role} features {path} are a .npy file: give the labels with --{role}-labels FILE.npy")
+        y = np.load(labels, allow_pickle=False) if labels.suffix == ".npy" else np.loadtxt(labels, dtype=str)
+        return X, y
+    if suffix in (".csv", ".txt"):
+        rows = np.genfromtxt(path, delimiter=",", dtype=str)
+        if rows.ndim != 2 or rows.shape[1] < 2:
+            _fail(f"{path} must be a CSV with feature columns and the label in the last column")
+        try:
+            float(rows[0, 0])
+        except ValueError:
+            rows = rows[1:]  # header
+        try:
+            X = rows[:, :-1].astype(np.float64)
+        except ValueError as error:
+            _fail(f"{path}: feature columns must be numeric ({error})")
+        y = rows[:, -1]
+        try:
+            y = y.astype(np.int64)
+        except ValueError:
+            pass
+        return X, y
+    _fail(f"{path}: unsupported file type {suffix!r}; use .npz (X, y), .npy (+ labels) or .csv (label last)")
+    raise AssertionError
+
+
+@app.command()
+def certify(
+    train: Annotated[Path | None, typer.Option(help="Training set: .npz with X and y, .csv (label in the last "
+                                                      "column) or .npy features (then --train-labels).")] = None,
+    test: Annotated[Path | None, typer.Option(help="Test set, same formats as --train.")] = None,
+    train_labels: Annotated[Path | None, typer.Option(help="Labels (.npy) for .npy training features.")] = None,
+    test_labels: Annotated[Path | None, typer.Option(help="Labels (.npy) for .npy test features.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="A registry dataset instead of files (see `poisoncert "
+                                                     "datasets`): mnist, fashion-mnist, cifar10, digits.")] = None,
+    features: Annotated[str, typer.Option(help="Feature extractor for --dataset: hog, raw or clip.")] = "hog",
+    data_path: Annotated[Path | None, typer.Option(help="Local file/folder for datasets that need one "
+                                                        "(CIFAR10, Fashion-MNIST).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Local CLIP checkpoint for --features clip.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default: $POISONCERT_CACHE or the "
+                                                        "user cache dir).")] = None,
+    knn: Annotated[list[int], typer.Option(help="kNN with this k (repeat for a sweep).")] = [],  # noqa: B006
+    rnn: Annotated[list[float], typer.Option(help="rNN with this radius (repeat for a sweep).")] = [],  # noqa: B006
+    dpa: Annotated[list[int], typer.Option(help="DPA with this many partitions.")] = [],  # noqa: B006
+    bagging: Annotated[list[str], typer.Option(help="Bagging N:XI (N base classifiers on XI examples "
+                                                    "each), e.g. 1000:27.")] = [],  # noqa: B006
+    alpha: Annotated[float, typer.Option(help="Bagging: certificates hold with probability >= 1 - alpha.")] = 0.001,
+    metric: MetricOption = "l1",
+    threat_model: ThreatOption = "general",
+    e_max: Annotated[int | None, typer.Option(help="Largest poisoning size on the curve (default: automatic).")] = None,
+    e_step: Annotated[int | None, typer.Option(help="Step of the poisoning-size grid.")] = None,
+    out: OutOption = Path("poisoncert-out"),
+    progress: ProgressOption = True,
+) -> None:
+    """Certify classifiers on your own features/labels or on a registry dataset; write curves as CSV, PNG, JSON."""
+    import numpy as np
+
+    from .experiments import certify_methods
+
+    if not (knn or rnn or dpa or bagging):
+        _fail("choose at least one classifier: --knn K, --rnn R, --dpa ZETA or --bagging N:XI")
+    bagging_specs = _parse_bagging(bagging)
+    if dataset is not None:
+        if train is not None or test is not None:
+            _fail("give either --dataset or --train/--test files, not both")
+        from .features import dataset_features
+
+        try:
+            X_train, y_train, X_test, y_test, info = dataset_features(
+                dataset, features, path=data_path, checkpoint=checkpoint, cache_dir=cache_dir, progress=progress)
+        except (FileNotFoundError, ValueError, ImportError) as error:
+            _fail(str(error))
+        source = f"{dataset} ({features} features)"
+    else:
+        if train is None or test is None:
+            _fail("give --train and --test files (or --dataset NAME)")
+        X_train, y_train = _load_table(train, train_labels, "train")
+        X_test, y_test = _load_table(test, test_labels, "test")
+        info = {"dataset": f"user files: {train}, {test}", "features": "as given"}
+        source = f"{train.name} / {test.name}"
+    settings = {**info, "metric": metric, "threat_model": threat_model, "alpha": alpha if bagging else None}
+    try:
+        results = certify_methods(X_train, y_train, X_test, y_test, knn=knn, rnn=rnn, dpa=dpa,
+                                  bagging=bagging_specs, alpha=alpha, metric=metric, threat_model=threat_model,
+                                  progress=progress, metadata=info)
+    except (ValueError, TypeError) as error:
+        _fail(str(error))
+    _report(results, e_max, e_step, out, "Certified accuracy under data poisoning",
+            f"{source}, n_train={len(np.asarray(X_train))}, n_test={len(np.asarray(X_test))}, {metric}, "
+            f"{threat_model} threat model", settings)
+
+
+@app.command()
+def version() -> None:
+    """Print the installed poisoncert version."""
+    from . import __version__
+
+    typer.echo(json.dumps({"poisoncert": __version__}))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

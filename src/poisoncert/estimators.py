@@ -1,0 +1,373 @@
+"""Scikit-learn estimators for certified kNN and rNN.
+
+``fit`` stores the training set and builds the neighbour index; ``vote_counts``, ``predict`` and ``score``
+behave like scikit-learn's neighbour classifiers (with poisoncert's deterministic tie rules); ``certify``
+returns a :class:`~poisoncert.results.CertificationResult` whose guarantees hold against data poisoning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from . import certify as _certify
+from ._validation import check_features, check_metric, check_positive_int
+from .results import NOT_CERTIFIED, CertificationResult
+from .votes import knn_votes_from_labels, predict
+
+# How many neighbours the kNN deletion-only certificate looks at, as a multiple of k: deletions pull later
+# examples into the window. Beyond that the certificate stops (soundly) at what it could verify.
+_DELETION_WINDOW_FACTOR = 3
+
+
+def encode_labels(y: Any, name: str = "y") -> tuple[np.ndarray, np.ndarray]:
+    """Map labels to indices ``0..c-1`` through their sorted unique values, as scikit-learn does.
+
+    Integer and string labels are accepted (gaps and negative integers are fine: they are mapped);
+    float labels must be whole numbers; NaN, booleans mixed with numbers, and 2-D arrays are refused.
+    """
+    labels = np.asarray(y)
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one label per sample), got shape {labels.shape}")
+    if labels.size == 0:
+        raise ValueError(f"{name} is empty")
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)):
+            raise ValueError(f"{name} contains NaN or infinite labels")
+        if not np.all(labels == np.round(labels)):
+            raise ValueError(f"{name} holds non-integer labels such as {labels[labels != np.round(labels)][0]}")
+        labels = labels.astype(np.int64)
+    elif labels.dtype.kind == "O":
+        kinds = {type(value) for value in labels.tolist()}
+        if not (kinds <= {str} or kinds <= {int}):
+            raise TypeError(f"{name} must hold integers or strings, found {sorted(k.__name__ for k in kinds)}")
+        labels = labels.astype(str if kinds <= {str} else np.int64)
+    elif labels.dtype.kind not in "iuUSb":
+        raise TypeError(f"{name} must hold integer or string labels, got dtype {labels.dtype}")
+    classes, indices = np.unique(labels, return_inverse=True)
+    return classes, indices.astype(np.int64)
+
+
+class _CertifiedNeighborsBase(ClassifierMixin, BaseEstimator):
+    """Shared fitting, validation and neighbour index for the kNN and rNN estimators."""
+
+    _method = ""
+
+    def __init__(self, metric: str, backend: str, max_memory_mb: int, progress: bool) -> None:
+        self.metric = metric
+        self.backend = backend
+        self.max_memory_mb = max_memory_mb
+        self.progress = progress
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> _CertifiedNeighborsBase:
+        """Store the training set and build the exact neighbour index.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_train, n_features)
+            Finite numeric features.
+        y : array-like of shape (n_train,)
+            Integer or string labels; at least two distinct classes.
+        """
+        self._validate_params_()
+        X = check_features(X, "X")
+        classes, y_index = encode_labels(y)
+        if len(y_index) != X.shape[0]:
+            raise ValueError(f"X has {X.shape[0]} samples but y has {len(y_index)} labels")
+        if len(classes) < 2:
+            raise ValueError(f"y has a single class ({classes[0]!r}); certification needs at least 2 classes")
+        self._check_training_size(X.shape[0])
+        from .neighbours import NeighbourIndex
+
+        self.classes_ = classes
+        self.n_features_in_ = X.shape[1]
+        self.n_train_ = X.shape[0]
+        self._y_index = y_index
+        self.index_ = NeighbourIndex(
+            X, y_index, metric=self.metric, backend=self.backend, max_memory_mb=self.max_memory_mb,
+            progress=self.progress,
+        )
+        return self
+
+    def _validate_params_(self) -> None:
+        check_metric(self.metric)
+        check_positive_int(self.max_memory_mb, "max_memory_mb")
+        if self.backend not in ("auto", "numba", "torch"):
+            raise ValueError(f"unknown backend {self.backend!r}; choose 'auto', 'numba' or 'torch'")
+
+    def _check_training_size(self, n_train: int) -> None:
+        """Hook for estimator-specific checks against the training-set size."""
+
+    def _check_X(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "index_")
+        return check_features(X, "X", n_features=self.n_features_in_)
+
+    def _encode_test_labels(self, y: np.ndarray, n_rows: int) -> np.ndarray:
+        labels = np.asarray(y)
+        if labels.ndim != 1:
+            raise ValueError(f"y must be 1-D, got shape {labels.shape}")
+        if len(labels) != n_rows:
+            raise ValueError(f"X has {n_rows} samples but y has {len(labels)} labels")
+        if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
+            raise ValueError("y contains NaN or infinite labels")
+        positions = np.searchsorted(self.classes_, labels)
+        positions = np.clip(positions, 0, len(self.classes_) - 1)
+        unknown = self.classes_[positions] != labels
+        if np.any(unknown):
+            raise ValueError(
+                f"y holds label {labels[unknown][0]!r}, unknown to the model (classes_: {self.classes_.tolist()})"
+            )
+        return positions.astype(np.int64)
+
+    def vote_counts(self, X: np.ndarray) -> np.ndarray:
+        """Neighbour votes per class, shape (n_test, n_classes), columns in the order of ``classes_``."""
+        raise NotImplementedError
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Majority label of the neighbours, ties to the larger class index (spec section 2)."""
+        return self.classes_[predict(self.vote_counts(X))]
+
+    def _metadata(self, n_test: int) -> dict[str, Any]:
+        return {
+            "metric": check_metric(self.metric),
+            "n_train": int(self.n_train_),
+            "n_features": int(self.n_features_in_),
+            "backend": self.index_.backend if hasattr(self.index_, "backend") else self.backend,
+            "tie_rule": "neighbours: distance asc, SHA-256 content rank desc; labels: larger label wins",
+        }
+
+    def _result(
+        self,
+        votes: np.ndarray,
+        y_index: np.ndarray,
+        sizes: np.ndarray,
+        threat_model: str,
+        params: dict[str, Any],
+        **extra: Any,
+    ) -> CertificationResult:
+        prediction = predict(votes)
+        return CertificationResult(
+            method=self._method,
+            params=params,
+            prediction_indices=prediction,
+            y_true=y_index,
+            votes=votes,
+            certified_size=np.where(prediction == y_index, sizes, NOT_CERTIFIED),
+            classes=self.classes_,
+            threat_model=threat_model,
+            metadata=self._metadata(len(y_index)),
+            **extra,
+        )
+
+
+class CertifiedKNeighborsClassifier(_CertifiedNeighborsBase):
+    """k-nearest-neighbour classifier with certified robustness against data poisoning.
+
+    The prediction of a test input is the majority label of its ``n_neighbors`` nearest training examples
+    (distance ascending, ties between training examples by a SHA-256 content rank, ties between labels to the
+    larger label). ``certify`` proves, deterministically, how many poisoned training examples (removed, added or
+    modified; spec section 1) each prediction survives, and a joint certificate for the whole test set.
+
+    Parameters
+    ----------
+    n_neighbors : int, default=5
+        k; must not exceed the number of training examples.
+    metric : {"l1", "l2", "cosine"}, default="l1"
+    backend : {"auto", "numba", "torch"}, default="auto"
+        Distance engine; "auto" uses PyTorch on a CUDA GPU when available, else Numba.
+    max_memory_mb : int, default=512
+        Bound on the memory of one chunk of the distance computation.
+    progress : bool, default=False
+        Show a progress bar over test chunks.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from poisoncert import CertifiedKNeighborsClassifier
+    >>> X = np.array([[0.0], [0.1], [0.2], [1.0], [1.1]])
+    >>> clf = CertifiedKNeighborsClassifier(n_neighbors=3).fit(X, ["a", "a", "a", "b", "b"])
+    >>> clf.predict([[0.05], [1.05]]).tolist()
+    ['a', 'a']
+    >>> clf.certify([[0.05]], ["a"]).certified_size.tolist()
+    [1]
+    """
+
+    _method = "knn"
+
+    def __init__(
+        self,
+        n_neighbors: int = 5,
+        metric: str = "l1",
+        backend: str = "auto",
+        max_memory_mb: int = 512,
+        progress: bool = False,
+    ) -> None:
+        super().__init__(metric=metric, backend=backend, max_memory_mb=max_memory_mb, progress=progress)
+        self.n_neighbors = n_neighbors
+
+    def _validate_params_(self) -> None:
+        super()._validate_params_()
+        check_positive_int(self.n_neighbors, "n_neighbors")
+
+    def _check_training_size(self, n_train: int) -> None:
+        if self.n_neighbors > n_train:
+            raise ValueError(f"n_neighbors={self.n_neighbors} is larger than the training set ({n_train} examples)")
+
+    def neighbor_labels(self, X: np.ndarray, n_neighbors: int | None = None) -> np.ndarray:
+        """Label indices of each input's nearest training examples in order, shape (n_test, n_neighbors)."""
+        X = self._check_X(X)
+        count = self.n_neighbors if n_neighbors is None else check_positive_int(n_neighbors, "n_neighbors")
+        return self.index_.ordered_labels(X, min(count, self.n_train_))
+
+    def vote_counts(self, X: np.ndarray) -> np.ndarray:
+        return knn_votes_from_labels(self.neighbor_labels(X), self.n_neighbors, len(self.classes_))
+
+    def vote_counts_sweep(self, X: np.ndarray, n_neighbors: Sequence[int]) -> np.ndarray:
+        """Votes for many k from one distance pass: shape (len(n_neighbors), n_test, n_classes)."""
+        ks = [check_positive_int(k, "n_neighbors") for k in n_neighbors]
+        if not ks:
+            raise ValueError("n_neighbors is empty: give at least one k")
+        if max(ks) > self.n_train_:
+            raise ValueError(f"k={max(ks)} is larger than the training set ({self.n_train_} examples)")
+        labels = self.neighbor_labels(X, max(ks))
+        return knn_votes_from_labels(labels, ks, len(self.classes_))
+
+    def certify(self, X: np.ndarray, y: np.ndarray, threat_model: str = "general") -> CertificationResult:
+        """Certify every test input individually and prepare the joint (global) certificate.
+
+        Under ``threat_model`` (default: general; also "insertion", "deletion", "label-flip"), each correctly
+        classified test input ``i`` keeps its prediction for every poisoned training set of poisoning size at most
+        ``result.certified_size[i]`` (deterministic). ``result.certified_accuracy(e)`` defaults to the global
+        joint certificate of spec 5c under the general threat model.
+        """
+        return self.certify_sweep(X, y, [self.n_neighbors], threat_model=threat_model)[self.n_neighbors]
+
+    def certify_sweep(
+        self, X: np.ndarray, y: np.ndarray, n_neighbors: Sequence[int], threat_model: str = "general"
+    ) -> dict[int, CertificationResult]:
+        """:meth:`certify` for many k from one distance pass; returns ``{k: result}``."""
+        X = self._check_X(X)
+        y_index = self._encode_test_labels(y, X.shape[0])
+        ks = [check_positive_int(k, "n_neighbors") for k in n_neighbors]
+        if not ks:
+            raise ValueError("n_neighbors is empty: give at least one k")
+        if max(ks) > self.n_train_:
+            raise ValueError(f"k={max(ks)} is larger than the training set ({self.n_train_} examples)")
+        threat_model = _certify._check_threat_model(threat_model)
+        width = max(ks)
+        if threat_model == "deletion":
+            width = min(self.n_train_, _DELETION_WINDOW_FACTOR * max(ks))
+        labels = self.index_.ordered_labels(X, width)
+        n_classes = len(self.classes_)
+        all_votes = knn_votes_from_labels(labels, ks, n_classes)
+        results = {}
+        for k, votes in zip(ks, all_votes, strict=True):
+            sizes = _certify.knn_certified_poisoning_size(
+                labels if threat_model == "deletion" else labels[:, :k], k, n_classes, threat_model,
+                n_train=self.n_train_,
+            )
+            joint = threat_model == "general"
+            results[k] = self._result(
+                votes, y_index, sizes, threat_model, {"k": k},
+                neighbor_labels=np.ascontiguousarray(labels[:, :k]) if joint else None,
+                default_method="global" if joint else "individual",
+            )
+        return results
+
+
+class CertifiedRadiusNeighborsClassifier(_CertifiedNeighborsBase):
+    """Radius-nearest-neighbour classifier with certified robustness against data poisoning.
+
+    The prediction of a test input is the majority label of all training examples within distance ``radius``
+    (ties to the larger label). An input with no neighbour has all votes zero and predicts the **largest
+    label** by the tie rule (spec section 3); certification reports how many inputs had none
+    (``metadata["n_no_neighbour"]``). ``certify`` proves individual certificates for every threat model, and
+    joint certificates (Theorem 4 with RD/ISLAND grouping, and the global certificate of spec 5b, the default).
+
+    Parameters
+    ----------
+    radius : float, default=1.0
+        r > 0.
+    metric : {"l1", "l2", "cosine"}, default="l1"
+    backend : {"auto", "numba", "torch"}, default="auto"
+    max_memory_mb : int, default=512
+    progress : bool, default=False
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from poisoncert import CertifiedRadiusNeighborsClassifier
+    >>> X = np.array([[0.0], [0.1], [0.2], [1.0]])
+    >>> clf = CertifiedRadiusNeighborsClassifier(radius=0.5).fit(X, [0, 0, 0, 1])
+    >>> clf.vote_counts([[0.1], [5.0]]).tolist()
+    [[3, 0], [0, 0]]
+    """
+
+    _method = "rnn"
+
+    def __init__(
+        self,
+        radius: float = 1.0,
+        metric: str = "l1",
+        backend: str = "auto",
+        max_memory_mb: int = 512,
+        progress: bool = False,
+    ) -> None:
+        super().__init__(metric=metric, backend=backend, max_memory_mb=max_memory_mb, progress=progress)
+        self.radius = radius
+
+    def _validate_params_(self) -> None:
+        super()._validate_params_()
+        _check_radii([self.radius])
+
+    def vote_counts(self, X: np.ndarray) -> np.ndarray:
+        return self.vote_counts_sweep(X, [self.radius])[0]
+
+    def vote_counts_sweep(self, X: np.ndarray, radii: Sequence[float]) -> np.ndarray:
+        """Votes for many radii from one distance pass: shape (len(radii), n_test, n_classes)."""
+        X = self._check_X(X)
+        radii = _check_radii(radii)
+        return self.index_.radius_votes(X, radii, len(self.classes_))
+
+    def certify(self, X: np.ndarray, y: np.ndarray, threat_model: str = "general") -> CertificationResult:
+        """Certify every test input individually and jointly.
+
+        Under ``threat_model`` each correctly classified test input ``i`` keeps its prediction for every
+        poisoned training set of size at most ``result.certified_size[i]`` (deterministic). Under the general
+        threat model ``result.certified_accuracy(e, method=...)`` also offers the joint certificates
+        ``"rd"``, ``"island"`` and ``"global"`` (default).
+        """
+        return self.certify_sweep(X, y, [self.radius], threat_model=threat_model)[float(self.radius)]
+
+    def certify_sweep(
+        self, X: np.ndarray, y: np.ndarray, radii: Sequence[float], threat_model: str = "general"
+    ) -> dict[float, CertificationResult]:
+        """:meth:`certify` for many radii from one distance pass; returns ``{r: result}``."""
+        X = self._check_X(X)
+        y_index = self._encode_test_labels(y, X.shape[0])
+        threat_model = _certify._check_threat_model(threat_model)
+        radii = _check_radii(radii)
+        all_votes = self.index_.radius_votes(X, radii, len(self.classes_))
+        results = {}
+        for radius, votes in zip(radii.tolist(), all_votes, strict=True):
+            sizes = _certify.certified_poisoning_size(votes, threat_model)
+            result = self._result(
+                votes, y_index, sizes, threat_model, {"r": radius},
+                default_method="global" if threat_model == "general" else "individual",
+            )
+            result.metadata["n_no_neighbour"] = int(np.count_nonzero(votes.sum(axis=1) == 0))
+            results[float(radius)] = result
+        return results
+
+
+def _check_radii(radii: Sequence[float]) -> np.ndarray:
+    values = np.asarray(radii, dtype=np.float64).reshape(-1)
+    if values.size == 0:
+        raise ValueError("radius list is empty: give at least one radius")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"radius must be a finite number > 0, got {values[(~np.isfinite(values)) | (values <= 0)][0]}")
+    return values

@@ -1,0 +1,75 @@
+"""Certified-accuracy curves as PNG plots (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from ._io import atomic_write
+
+_STYLES = {
+    "individual": "-",
+    "global": "-",
+    "island": "--",
+    "rd": ":",
+}
+
+
+def plot_curves(
+    rows: Iterable[dict[str, Any]],
+    path: str | os.PathLike[str],
+    title: str = "Certified accuracy under data poisoning",
+    subtitle: str | None = None,
+) -> None:
+    """Plot certified accuracy against poisoning size, one line per (classifier, certification method).
+
+    Parameters
+    ----------
+    rows : iterable of dict
+        Tidy rows as produced by :meth:`CertificationResult.curve_rows` (keys ``classifier``,
+        ``certification``, ``e``, ``certified_accuracy``, ``guarantee``, ``confidence``).
+    path : path-like
+        PNG file to write (atomically).
+    title, subtitle : str
+        The subtitle typically names dataset, features, metric and threat model.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple[str, str], tuple[list[int], list[float], dict[str, Any]]] = {}
+    for row in rows:
+        key = (str(row["classifier"]), str(row["certification"]))
+        xs, ys, _ = lines.setdefault(key, ([], [], row))
+        xs.append(int(row["e"]))
+        ys.append(float(row["certified_accuracy"]))
+    if not lines:
+        raise ValueError("nothing to plot: no curve rows")
+    figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    classifier_colour: dict[str, str] = {}
+    for (classifier, certification), (xs, ys, row) in lines.items():
+        colour = classifier_colour.setdefault(classifier, colours[len(classifier_colour) % len(colours)])
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        label = f"{classifier}, {certification}"
+        if row.get("guarantee") == "probabilistic":
+            label += f" (prob. {row.get('confidence')})"
+        width = 2.2 if certification in ("global",) else 1.5
+        axes.plot([xs[i] for i in order], [ys[i] for i in order], _STYLES.get(certification, "-."),
+                  color=colour, linewidth=width, label=label)
+    axes.set_xlabel("poisoning size e (training examples removed, added or modified)")
+    axes.set_ylabel("certified accuracy CA(e)")
+    axes.set_ylim(0, 1.0)
+    axes.set_xlim(left=0)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7.5, loc="upper right", framealpha=0.9)
+    axes.set_title(title if subtitle is None else f"{title}\n{subtitle}", fontsize=10)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())

@@ -1,0 +1,200 @@
+"""Properties of the vote-based certificates (individual, ISLAND, RD) and their input validation.
+
+Exhaustive poisoning enumeration lives in test_soundness.py; here: the formulas against direct definitions,
+and the invariants every curve must satisfy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from poisoncert import certify
+from poisoncert.votes import knn_votes_from_labels, predict, runner_up
+
+
+def _votes_and_labels(draw_votes, n_classes_max=4, n_max=25, vote_max=12):
+    return st.integers(2, n_classes_max).flatmap(
+        lambda c: st.integers(1, n_max).flatmap(
+            lambda n: st.tuples(
+                arrays(np.int64, (n, c), elements=st.integers(0, vote_max)),
+                arrays(np.int64, (n,), elements=st.integers(0, c - 1)),
+            )
+        )
+    )
+
+
+vote_cases = _votes_and_labels(None)
+
+
+def _direct_prediction(row):
+    best = max(range(len(row)), key=lambda l: (row[l], l))
+    return best
+
+
+def test_predict_and_runner_up_follow_larger_label_rule():
+    votes = np.array([[3, 3, 1], [0, 2, 5], [0, 0, 0], [4, 1, 4], [2, 5, 5]])
+    assert predict(votes).tolist() == [1, 2, 2, 2, 2]
+    assert runner_up(votes).tolist() == [0, 1, 1, 0, 1]
+
+
+@given(vote_cases)
+def test_prediction_matches_direct_definition(case):
+    votes, _ = case
+    assert predict(votes).tolist() == [_direct_prediction(row.tolist()) for row in votes]
+
+
+@given(vote_cases)
+def test_individual_size_matches_min_over_labels_formula(case):
+    votes, _ = case
+    sizes = certify.certified_poisoning_size(votes)
+    for row, size in zip(votes.tolist(), sizes.tolist(), strict=True):
+        a = _direct_prediction(row)
+        expected = min(-(-(row[a] - row[l] + (a > l)) // 2) - 1 for l in range(len(row)) if l != a)
+        assert size == expected >= 0
+
+
+@given(vote_cases)
+def test_rnn_insertion_and_deletion_sizes(case):
+    votes, _ = case
+    for model in ("insertion", "deletion"):
+        sizes = certify.certified_poisoning_size(votes, model)
+        for row, size in zip(votes.tolist(), sizes.tolist(), strict=True):
+            a = _direct_prediction(row)
+            assert size == min(row[a] - row[l] + (a > l) for l in range(len(row)) if l != a) - 1
+    np.testing.assert_array_equal(certify.certified_poisoning_size(votes, "label-flip"),
+                                  certify.certified_poisoning_size(votes))
+
+
+@settings(max_examples=150, deadline=None)
+@given(vote_cases, st.integers(0, 2**31 - 1))
+def test_curve_invariants_for_every_method(case, seed):
+    votes, y = case
+    e = np.arange(0, 30)
+    clean = np.mean(predict(votes) == y)
+    curves = {m: certify.certified_accuracy(votes, y, e, method=m, seed=seed) for m in ("individual", "island", "rd")}
+    for curve in curves.values():
+        assert curve[0] == pytest.approx(clean)  # CA(0) is the clean accuracy
+        assert np.all(np.diff(curve) <= 1e-12)  # non-increasing in e
+        assert np.all((curve >= 0) & (curve <= clean + 1e-12))
+    assert np.all(curves["island"] >= curves["individual"] - 1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(vote_cases)
+def test_island_does_not_depend_on_test_order(case):
+    votes, y = case
+    e = np.arange(0, 20)
+    order = np.random.default_rng(0).permutation(len(y))
+    np.testing.assert_allclose(certify.certified_accuracy(votes, y, e, "island"),
+                               certify.certified_accuracy(votes[order], y[order], e, "island"))
+
+
+def _theorem4_group_count(members, e):
+    """Direct Theorem 4 on one group: sort by g descending, smallest w with tail sum <= e, certify w - 1."""
+    g = sorted(members, reverse=True)
+    for w in range(1, len(g) + 2):
+        if sum(g[w - 1:]) <= e:
+            return w - 1
+    raise AssertionError
+
+
+def _island_reference(votes, y, e):
+    """ISLAND exactly as spec section 5 words it, with Python loops."""
+    votes = votes.tolist()
+    certified = 0
+    pool = []
+    for row, label in zip(votes, y.tolist(), strict=True):
+        a = _direct_prediction(row)
+        b = max((l for l in range(len(row)) if l != a), key=lambda l: (row[l], l))
+        m = row[a] - row[b] + (a > b)
+        if a != label or m - e <= 0:
+            continue  # T0
+        if -(-m // 2) - 1 >= e:
+            certified += 1  # T1
+        else:
+            pool.append((a, m))  # T2
+    while pool:
+        group = {}
+        for a, m in sorted(pool, key=lambda item: -item[1]):
+            group.setdefault(a, (a, m))
+        for member in group.values():
+            pool.remove(member)
+        certified += _theorem4_group_count([m - e for _, m in group.values()], e)
+    return certified / len(y)
+
+
+@settings(max_examples=150, deadline=None)
+@given(vote_cases)
+def test_island_matches_reference(case):
+    votes, y = case
+    e = np.arange(0, 15)
+    expected = [_island_reference(votes, y, int(size)) for size in e]
+    np.testing.assert_allclose(certify.certified_accuracy(votes, y, e, "island"), expected)
+
+
+def test_island_hand_example():
+    # Margins 3, 3, 5, 3 with predictions 0, 1, 2, 0; e = 2: input 2 is in T1, inputs 0, 1, 3 in T2 with g = 1.
+    # Label 0 has two T2 inputs, so ISLAND forms groups {0 or 3, 1} and {3 or 0}; each group's tail sum <= 2.
+    votes = np.array([[5, 2, 0], [0, 5, 2], [0, 1, 5], [4, 0, 1]])
+    y = np.array([0, 1, 2, 0])
+    assert certify.certified_accuracy(votes, y, [2], "island")[0] == pytest.approx(1 / 4)
+    assert _island_reference(votes, y, 2) == pytest.approx(1 / 4)
+
+
+def test_paper_sort_key_trap_does_not_overcount():
+    # One group of two members: a correct member with margin e+1 (g = 1) and a misclassified member whose raw
+    # margin s_a - s_b is larger. The paper's key sorts the misclassified one first and counts it; we must not.
+    votes = np.array([[4, 1, 0], [0, 1, 9]])
+    y = np.array([0, 0])  # second input is misclassified (predicted 2)
+    for e in range(0, 6):
+        ca = certify.certified_accuracy(votes, y, [e], "rd", seed=1)[0]
+        island = certify.certified_accuracy(votes, y, [e], "island")[0]
+        assert ca <= 0.5 and island <= 0.5
+
+
+def test_accuracy_from_certified_sizes():
+    sizes = np.array([-1, 0, 0, 3, 7])
+    np.testing.assert_allclose(certify.accuracy_from_certified_sizes(sizes, [0, 1, 3, 4, 7, 8]),
+                               [0.8, 0.4, 0.4, 0.2, 0.2, 0.0])
+
+
+def test_knn_variants_equal_general_for_label_flip_and_are_bounded():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, size=(40, 30))
+    general = certify.knn_certified_poisoning_size(labels, 9, 3, "general")
+    votes = knn_votes_from_labels(labels, 9, 3)
+    np.testing.assert_array_equal(general, certify.certified_poisoning_size(votes))
+    np.testing.assert_array_equal(certify.knn_certified_poisoning_size(labels, 9, 3, "label-flip"), general)
+    insertion = certify.knn_certified_poisoning_size(labels, 9, 3, "insertion")
+    deletion = certify.knn_certified_poisoning_size(labels, 9, 3, "deletion")
+    # One-sided attacks are weaker than the general one, so their certificates are at least as large.
+    assert np.all(insertion >= general) and np.all(deletion >= general)
+    assert np.all(insertion <= 8)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: certify.certified_poisoning_size(np.zeros(3, dtype=int)), "2-D"),
+        (lambda: certify.certified_poisoning_size(np.zeros((2, 1), dtype=int)), "at least 2 classes"),
+        (lambda: certify.certified_poisoning_size(np.array([[1.5, 0.0]])), "integer counts"),
+        (lambda: certify.certified_poisoning_size(np.array([[-1, 2]])), "non-negative"),
+        (lambda: certify.certified_poisoning_size(np.array([[1, 2]]), "bogus"), "unknown threat model"),
+        (lambda: certify.certified_accuracy(np.array([[1, 2]]), [0], [-1]), ">= 0"),
+        (lambda: certify.certified_accuracy(np.array([[1, 2]]), [0, 1], [0]), "2 entries"),
+        (lambda: certify.certified_accuracy(np.array([[1, 2]]), [2], [0]), "outside 0..1"),
+        (lambda: certify.certified_accuracy(np.array([[1, 2]]), [-1], [0]), "outside 0..1"),
+        (lambda: certify.certified_accuracy(np.array([[1, 2]]), [0.5], [0]), "integer label"),
+        (lambda: certify.certified_accuracy(np.array([[1, 2]]), [0], [0], method="nope"), "unknown certification"),
+        (lambda: certify.certified_accuracy(np.array([[1, 2]]), [0], [[0, 1]]), "1-D"),
+        (lambda: certify.knn_certified_poisoning_size(np.zeros((2, 3), dtype=int), 5, 2, n_train=10), "needs 5"),
+        (lambda: certify.knn_certified_poisoning_size(np.zeros((2, 3), dtype=int), 0, 2), ">= 1"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
