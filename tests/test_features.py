@@ -1,0 +1,187 @@
+"""Feature extractors against their reference implementations, and the feature cache."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from skimage.color import rgb2gray
+from skimage.feature import hog as sk_hog
+
+import poisoncert
+from poisoncert import datasets as D
+from poisoncert import features as F
+
+
+def _blobs(n: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Random images with some structure (so gradients point in varied directions), uint8."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    images[:, : shape[0] // 2, : shape[1] // 3] //= 4
+    return images
+
+
+def _toy_dataset(n_train: int = 30, n_test: int = 10, shape=(28, 28), checksum: str = "c0") -> D.Dataset:
+    rng = np.random.default_rng(1)
+    return D.Dataset(
+        X_train=_blobs(n_train, shape, 2),
+        y_train=rng.integers(0, 3, n_train).astype(np.int64),
+        X_test=_blobs(n_test, shape, 3),
+        y_test=rng.integers(0, 3, n_test).astype(np.int64),
+        name="toy",
+        class_names=("a", "b", "c"),
+        source="test",
+        checksum=checksum,
+    )
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_hog_equals_skimage_grey(n_jobs, monkeypatch):
+    monkeypatch.setattr(F, "_SERIAL_BELOW", 0)  # exercise the process pool on a small input
+    images = _blobs(23, (28, 28))
+    out = F.hog(images, n_jobs=n_jobs)
+    expected = np.stack([sk_hog(image) for image in images]).astype(np.float32)
+    assert out.shape == (23, 81) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_hog_equals_skimage_rgb_and_custom_params():
+    images = _blobs(7, (32, 32, 3), seed=4)
+    params = dict(orientations=8, pixels_per_cell=(4, 4), cells_per_block=(2, 2), block_norm="L1")
+    out = F.hog(images, transform_sqrt=True, **params)
+    expected = np.stack([sk_hog(rgb2gray(im), transform_sqrt=True, **params) for im in images])
+    np.testing.assert_array_equal(out, expected.astype(np.float32))
+    assert out.shape == (7, 8 * 2 * 2 * 7 * 7)
+    assert F.hog(images).shape == (7, 324)  # skimage defaults on 32x32: 2x2 blocks of 3x3 cells x 9
+
+
+def test_hog_input_errors_and_empty():
+    assert F.hog(np.zeros((0, 28, 28), np.uint8)).shape == (0, 81)
+    with pytest.raises(ValueError, match="too small for HOG"):
+        F.hog(np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"\(n, h, w\)"):
+        F.hog(np.zeros((2, 28, 28, 4), np.uint8))
+    with pytest.raises(TypeError, match="visualize"):
+        F.hog(np.zeros((2, 28, 28), np.uint8), visualize=True)
+
+
+def test_suggested_hog_params_fit_small_images():
+    params = F.suggest_hog_params((8, 8))
+    images = _blobs(5, (8, 8))
+    out = F.hog(images, **params)
+    np.testing.assert_array_equal(out, np.stack([sk_hog(im, **params) for im in images]).astype(np.float32))
+    assert F.suggest_hog_params((28, 28))["pixels_per_cell"] == (8, 8)
+
+
+def test_raw_pixels():
+    images = np.array([[[0, 255], [51, 102]]], dtype=np.uint8)
+    out = F.raw_pixels(images)
+    assert out.dtype == np.float32 and out.shape == (1, 4)
+    np.testing.assert_allclose(out, [[0.0, 1.0, 0.2, 0.4]], rtol=0, atol=1e-7)
+    with pytest.raises(TypeError, match="uint8 or float"):
+        F.raw_pixels(images.astype(np.int32))
+
+
+def test_resolve_params():
+    hog_params = F.resolve_params("hog", {"orientations": 12, "n_jobs": 4}, (28, 28))
+    assert hog_params == {
+        "block_norm": "L2-Hys",
+        "cells_per_block": [3, 3],
+        "orientations": 12,
+        "pixels_per_cell": [8, 8],
+    }
+    with pytest.raises(ValueError, match="unknown extractor"):
+        F.resolve_params("sift")
+    with pytest.raises(ValueError, match="no parameter 'scale'"):
+        F.resolve_params("raw", {"scale": 2})
+    with pytest.raises(ValueError, match="needs parameter"):
+        F.resolve_params("clip", {})
+
+
+def test_extract_caches_and_recomputes_only_on_key_change(tmp_path, monkeypatch):
+    calls = []
+    real_hog = F.EXTRACTORS["hog"]
+
+    def counting_hog(images, **kwargs):
+        calls.append(kwargs)
+        return real_hog(images, **kwargs)
+
+    monkeypatch.setitem(F.EXTRACTORS, "hog", counting_hog)
+    data = _toy_dataset()
+    first = F.extract(data, "train", "hog", cache_dir=tmp_path)
+    np.testing.assert_array_equal(first, np.stack([sk_hog(im) for im in data.X_train]).astype(np.float32))
+    again = F.extract(data, "train", "hog", {"orientations": 9}, cache_dir=tmp_path, n_jobs=1)
+    assert len(calls) == 1  # explicit default value and n_jobs do not change the key
+    np.testing.assert_array_equal(again, first)
+
+    F.extract(data, "test", "hog", cache_dir=tmp_path)  # other split
+    F.extract(data, "train", "hog", {"orientations": 6}, cache_dir=tmp_path)  # other params
+    F.extract(_toy_dataset(checksum="c1"), "train", "hog", cache_dir=tmp_path)  # other source
+    monkeypatch.setattr(poisoncert, "__version__", "9.9.9")
+    F.extract(data, "train", "hog", cache_dir=tmp_path)  # other poisoncert version
+    assert len(calls) == 5
+    assert calls[2]["orientations"] == 6 and calls[0]["pixels_per_cell"] == (8, 8)
+
+
+def test_dataset_features_on_digits(tmp_path):
+    data = D.load("digits")
+    F_train, y_train, F_test, y_test = F.dataset_features(data, "hog", cache_dir=tmp_path, n_jobs=1)
+    params = F.suggest_hog_params((8, 8))
+    assert F_train.shape[0] == 1297 and F_test.shape == (500, F_train.shape[1])
+    np.testing.assert_array_equal(
+        F_test[:5], np.stack([sk_hog(im, **params) for im in data.X_test[:5]]).astype(np.float32)
+    )
+    np.testing.assert_array_equal(y_train, data.y_train)
+    raw = F.extract(data, "test", "raw", cache_dir=tmp_path)
+    np.testing.assert_array_equal(raw, data.X_test.reshape(500, 64) / np.float32(255))
+
+
+def test_clip_missing_dependency_or_checkpoint(tmp_path, monkeypatch):
+    images = _blobs(2, (32, 32, 3))
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        F.clip_features(images, tmp_path / "missing.pt")
+    checkpoint = tmp_path / "weights.pt"
+    checkpoint.write_bytes(b"x")
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # makes `import open_clip` fail
+    with pytest.raises(ImportError, match=r"pip install poisoncert\[clip\]"):
+        F.clip_features(images, checkpoint)
+
+
+def test_clip_tiny_model_from_local_checkpoint(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    torch = pytest.importorskip("torch")
+    import json
+
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 1, "layers": 1},
+    }
+    (tmp_path / "tiny-ViT-poisoncert-test.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "tiny-ViT-poisoncert-test.json")
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-ViT-poisoncert-test")
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), checkpoint)
+
+    images = np.concatenate([_blobs(3, (32, 32, 3)), np.repeat(_blobs(2, (32, 32))[..., None], 3, axis=3)])
+    out = F.clip_features(
+        images, checkpoint, model_name="tiny-ViT-poisoncert-test", batch_size=2, device="cpu"
+    )
+    assert out.shape == (5, 16) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+    from PIL import Image
+
+    model.eval()
+    with torch.no_grad():
+        ref = model.encode_image(torch.stack([preprocess(Image.fromarray(im)) for im in images])).float()
+    ref = torch.nn.functional.normalize(ref, dim=-1).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    grey = F.clip_features(
+        images[3:, :, :, 0], checkpoint, model_name="tiny-ViT-poisoncert-test", device="cpu"
+    )
+    np.testing.assert_allclose(
+        grey, out[3:], rtol=1e-4, atol=1e-5
+    )  # grey -> RGB by the model's preprocessing
