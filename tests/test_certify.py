@@ -31,7 +31,7 @@ vote_cases = _votes_and_labels(None)
 
 
 def _direct_prediction(row):
-    best = max(range(len(row)), key=lambda l: (row[l], l))
+    best = max(range(len(row)), key=lambda other: (row[other], other))
     return best
 
 
@@ -53,7 +53,7 @@ def test_individual_size_matches_min_over_labels_formula(case):
     sizes = certify.certified_poisoning_size(votes)
     for row, size in zip(votes.tolist(), sizes.tolist(), strict=True):
         a = _direct_prediction(row)
-        expected = min(-(-(row[a] - row[l] + (a > l)) // 2) - 1 for l in range(len(row)) if l != a)
+        expected = min(-(-(row[a] - row[other] + (a > other)) // 2) - 1 for other in range(len(row)) if other != a)
         assert size == expected >= 0
 
 
@@ -64,7 +64,7 @@ def test_rnn_insertion_and_deletion_sizes(case):
         sizes = certify.certified_poisoning_size(votes, model)
         for row, size in zip(votes.tolist(), sizes.tolist(), strict=True):
             a = _direct_prediction(row)
-            assert size == min(row[a] - row[l] + (a > l) for l in range(len(row)) if l != a) - 1
+            assert size == min(row[a] - row[other] + (a > other) for other in range(len(row)) if other != a) - 1
     np.testing.assert_array_equal(certify.certified_poisoning_size(votes, "label-flip"),
                                   certify.certified_poisoning_size(votes))
 
@@ -109,7 +109,7 @@ def _island_reference(votes, y, e):
     pool = []
     for row, label in zip(votes, y.tolist(), strict=True):
         a = _direct_prediction(row)
-        b = max((l for l in range(len(row)) if l != a), key=lambda l: (row[l], l))
+        b = max((other for other in range(len(row)) if other != a), key=lambda other: (row[other], other))
         m = row[a] - row[b] + (a > b)
         if a != label or m - e <= 0:
             continue  # T0

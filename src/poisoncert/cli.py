@@ -68,10 +68,8 @@ def _report(results: list, e_max: int | None, e_step: int | None, out: Path, tit
 @app.command()
 def demo(
     out: OutOption = Path("poisoncert-out"),
-    knn: Annotated[list[int], typer.Option(help="k values (repeat the option for a sweep).")] = [25, 100],  # noqa: B006
-    rnn: Annotated[list[float], typer.Option(help="radii (repeat the option for a sweep).")] = [  # noqa: B006
-        0.75
-    ],
+    knn: Annotated[list[int], typer.Option(help="k values (repeat the option for a sweep).")] = [50],  # noqa: B006
+    rnn: Annotated[list[float], typer.Option(help="radii (repeat the option for a sweep).")] = [10.0],  # noqa: B006
     progress: ProgressOption = False,
 ) -> None:
     """Certify kNN and rNN on scikit-learn's bundled digits (embedded data, seconds), print a table, write CSV+PNG."""
@@ -196,6 +194,44 @@ def certify(
     _report(results, e_max, e_step, out, "Certified accuracy under data poisoning",
             f"{source}, n_train={len(np.asarray(X_train))}, n_test={len(np.asarray(X_test))}, {metric}, "
             f"{threat_model} threat model", settings)
+
+
+CacheOption = Annotated[Path | None, typer.Option(help="Cache folder (default: $POISONCERT_CACHE or the user "
+                                                        "cache dir).")]
+
+
+@app.command("datasets")
+def list_datasets(cache_dir: CacheOption = None) -> None:
+    """List the datasets poisoncert can load and whether each is available on this machine now."""
+    from .datasets import registry
+
+    rows = registry(cache_dir=cache_dir)
+    width = max(len(row.name) for row in rows)
+    for row in rows:
+        status = "available" if row.available else "not local"
+        typer.echo(f"{row.name.ljust(width)}  {status:<10} {row.description}\n{' ' * width}  {'':<10} from: "
+                   f"{row.location}")
+
+
+@app.command("features")
+def materialise_features(
+    dataset: Annotated[str, typer.Argument(help="mnist, fashion-mnist, cifar10 or digits.")],
+    extractor: Annotated[str, typer.Option(help="hog, raw, clip or efficientnet-lite0.")] = "hog",
+    data_path: Annotated[Path | None, typer.Option(help="Local file/folder for the dataset.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Local checkpoint for --extractor clip.")] = None,
+    cache_dir: CacheOption = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Extract (or reuse) the cached features of both splits of DATASET."""
+    from .features import dataset_features
+
+    try:
+        X_train, _, X_test, _, info = dataset_features(dataset, extractor, path=data_path, checkpoint=checkpoint,
+                                                       cache_dir=cache_dir, progress=progress)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        _fail(str(error))
+    typer.echo(json.dumps({**info, "train_shape": list(X_train.shape), "test_shape": list(X_test.shape)},
+                          indent=2))
 
 
 @app.command()

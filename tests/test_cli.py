@@ -1,0 +1,104 @@
+"""The command line: demo on embedded data, certify on user files, and clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from poisoncert.cli import app
+
+runner = CliRunner()
+
+
+def _csv_rows(path):
+    return list(csv.DictReader(line for line in path.read_text().splitlines() if not line.startswith("#")))
+
+
+def _assert_png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000
+
+
+def test_demo_writes_table_csv_plot_and_json(tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "certified accuracy" in result.output and "kNN (k=50)" in result.output
+    rows = _csv_rows(tmp_path / "curves.csv")
+    curves = {(row["classifier"], row["certification"]) for row in rows}
+    assert ("rNN (r=10.0)", "island") in curves and ("kNN (k=50)", "global") in curves
+    for key in curves:
+        values = [float(row["certified_accuracy"]) for row in rows if (row["classifier"], row["certification"]) == key]
+        assert values[0] > 0.8 and all(b <= a for a, b in zip(values, values[1:], strict=False))
+    _assert_png(tmp_path / "curves.png")
+    meta = json.loads((tmp_path / "curves.json").read_text())
+    assert meta["settings"]["dataset"].startswith("digits")
+    assert {r["metadata"]["method"] for r in meta["results"]} == {"knn", "rnn"}
+
+
+@pytest.fixture
+def user_files(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 90)
+    X = np.eye(3)[y] * 2 + rng.normal(scale=0.5, size=(90, 3))
+    np.savez(tmp_path / "train.npz", X=X[:60], y=y[:60])
+    np.savez(tmp_path / "test.npz", X=X[60:], y=y[60:])
+    np.save(tmp_path / "train_X.npy", X[:60])
+    np.save(tmp_path / "train_y.npy", y[:60])
+    names = np.array(["a", "b", "c"])
+    with open(tmp_path / "test.csv", "w") as handle:
+        handle.write("f1,f2,f3,label\n")
+        for row, label in zip(X[60:], names[y[60:]], strict=True):
+            handle.write(",".join(f"{v:.6f}" for v in row) + f",{label}\n")
+    with open(tmp_path / "train.csv", "w") as handle:
+        for row, label in zip(X[:60], names[y[:60]], strict=True):
+            handle.write(",".join(f"{v:.6f}" for v in row) + f",{label}\n")
+    return tmp_path
+
+
+def test_certify_on_npz_files(user_files):
+    out = user_files / "out"
+    result = runner.invoke(app, ["certify", "--train", str(user_files / "train.npz"), "--test",
+                                 str(user_files / "test.npz"), "--knn", "5", "--knn", "11", "--rnn", "1.5",
+                                 "--e-max", "6", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    rows = _csv_rows(out / "curves.csv")
+    assert {row["classifier"] for row in rows} == {"kNN (k=5)", "kNN (k=11)", "rNN (r=1.5)"}
+    assert sorted({int(row["e"]) for row in rows}) == list(range(7))
+
+
+def test_certify_on_npy_and_csv_files(user_files):
+    out = user_files / "out2"
+    result = runner.invoke(app, ["certify", "--train", str(user_files / "train.csv"), "--test",
+                                 str(user_files / "test.csv"), "--knn", "5", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["certify", "--train", str(user_files / "train_X.npy"), "--train-labels",
+                                 str(user_files / "train_y.npy"), "--test", str(user_files / "test.npz"),
+                                 "--rnn", "2", "--threat-model", "deletion", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert {row["threat_model"] for row in _csv_rows(out / "curves.csv")} == {"deletion"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["certify", "--train", "missing.npz", "--test", "missing.npz", "--knn", "3"], "not found"),
+        (["certify", "--train", "TRAIN", "--test", "TEST"], "at least one classifier"),
+        (["certify", "--train", "TRAIN", "--test", "TEST", "--knn", "999"], "larger than the training set"),
+        (["certify", "--train", "TRAIN", "--test", "TEST", "--rnn", "-1"], "> 0"),
+        (["certify", "--train", "TRAIN", "--test", "TEST", "--bagging", "10"], "N:XI"),
+        (["certify", "--train", "TRAIN", "--test", "TEST", "--knn", "3", "--metric", "hamming"], "unknown metric"),
+        (["certify", "--train", "TRAIN", "--test", "TEST", "--knn", "3", "--e-max", "-2"], "e-max"),
+    ],
+)
+def test_certify_errors_are_clear_and_write_nothing(user_files, args, message):
+    out = user_files / "never"
+    args = [a.replace("TRAIN", str(user_files / "train.npz")).replace("TEST", str(user_files / "test.npz"))
+            for a in args]
+    result = runner.invoke(app, [*args, "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not out.exists()

@@ -1,0 +1,166 @@
+"""The scikit-learn estimators: fitting, votes, labels, certification results, exports and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from poisoncert import CertifiedKNeighborsClassifier, CertifiedRadiusNeighborsClassifier
+from poisoncert.certify import certified_poisoning_size
+
+
+@pytest.fixture
+def blobs():
+    rng = np.random.default_rng(7)
+    centres = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    y = rng.integers(0, 3, size=120)
+    X = centres[y] + rng.normal(scale=1.0, size=(120, 2))
+    return X[:90], y[:90], X[90:], y[90:]
+
+
+def _reference_knn_votes(X_train, y_train, X_test, k, n_classes):
+    # Continuous random features: no distance ties, so the order is the plain distance order.
+    distances = np.abs(X_test[:, None, :] - X_train[None, :, :]).sum(-1)
+    nearest = np.argsort(distances, axis=1)[:, :k]
+    return np.stack([np.bincount(y_train[row], minlength=n_classes) for row in nearest])
+
+
+def test_knn_votes_predictions_and_score_match_reference(blobs):
+    X_train, y_train, X_test, y_test = blobs
+    model = CertifiedKNeighborsClassifier(n_neighbors=7).fit(X_train, y_train)
+    votes = model.vote_counts(X_test)
+    np.testing.assert_array_equal(votes, _reference_knn_votes(X_train, y_train, X_test, 7, 3))
+    assert votes.sum(axis=1).tolist() == [7] * len(X_test)
+    expected = np.array([max(range(3), key=lambda label: (row[label], label)) for row in votes])
+    np.testing.assert_array_equal(model.predict(X_test), expected)
+    assert model.score(X_test, y_test) == pytest.approx(np.mean(expected == y_test))
+
+
+def test_rnn_votes_match_reference_and_empty_neighbourhood_uses_tie_rule(blobs):
+    X_train, y_train, X_test, y_test = blobs
+    model = CertifiedRadiusNeighborsClassifier(radius=1.5).fit(X_train, y_train)
+    distances = np.abs(X_test[:, None, :] - X_train[None, :, :]).sum(-1)
+    expected = np.stack([np.bincount(y_train[d <= 1.5], minlength=3) for d in distances])
+    np.testing.assert_array_equal(model.vote_counts(X_test), expected)
+    far = np.array([[100.0, 100.0]])
+    assert model.vote_counts(far).tolist() == [[0, 0, 0]]
+    assert model.predict(far).tolist() == [2]  # larger label wins the all-zero tie
+    result = model.certify(np.vstack([X_test, far]), np.r_[y_test, 2])
+    assert result.metadata["n_no_neighbour"] >= 1
+
+
+def test_string_labels_with_gaps_are_mapped_through_classes(blobs):
+    X_train, y_train, X_test, y_test = blobs
+    names = np.array(["cat", "dog", "emu"])
+    model = CertifiedKNeighborsClassifier(n_neighbors=5).fit(X_train, names[y_train])
+    assert model.classes_.tolist() == ["cat", "dog", "emu"]
+    numeric = CertifiedKNeighborsClassifier(n_neighbors=5).fit(X_train, y_train * 10 - 5)
+    assert numeric.classes_.tolist() == [-5, 5, 15]
+    np.testing.assert_array_equal(model.vote_counts(X_test), numeric.vote_counts(X_test))
+    np.testing.assert_array_equal(model.predict(X_test), names[(numeric.predict(X_test) + 5) // 10])
+    result = model.certify(X_test, names[y_test])
+    assert set(result.predictions.tolist()) <= {"cat", "dog", "emu"}
+
+
+def test_certify_result_is_consistent_and_exports_metadata(blobs, tmp_path):
+    X_train, y_train, X_test, y_test = blobs
+    model = CertifiedKNeighborsClassifier(n_neighbors=15).fit(X_train, y_train)
+    result = model.certify(X_test, y_test)
+    votes = model.vote_counts(X_test)
+    np.testing.assert_array_equal(result.votes, votes)
+    correct = result.prediction_indices == y_test
+    np.testing.assert_array_equal(result.certified_size[correct], certified_poisoning_size(votes)[correct])
+    assert np.all(result.certified_size[~correct] == -1)
+    e = np.arange(0, 12)
+    for method in result.available_methods:
+        curve = result.certified_accuracy(e, method=method)
+        assert curve[0] == pytest.approx(model.score(X_test, y_test))
+        assert np.all(np.diff(curve) <= 0)
+    assert result.default_method == "global"
+    result.to_csv(tmp_path / "r.csv", e)
+    result.to_json(tmp_path / "r.json", e)
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert lines[0].startswith("# poisoncert")
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    assert {row["certification"] for row in rows} == set(result.available_methods)
+    meta = json.loads((tmp_path / "r.json").read_text())["metadata"]
+    for key in ("method", "params", "metric", "threat_model", "n_train", "n_test", "poisoncert_version", "guarantee"):
+        assert key in meta
+    assert meta["n_train"] == 90 and meta["n_test"] == 30 and meta["metric"] == "l1"
+
+
+def test_sweeps_equal_single_fits(blobs):
+    X_train, y_train, X_test, y_test = blobs
+    big = CertifiedKNeighborsClassifier(n_neighbors=20).fit(X_train, y_train)
+    sweep = big.vote_counts_sweep(X_test, [1, 5, 20])
+    for k, votes in zip([1, 5, 20], sweep, strict=True):
+        single = CertifiedKNeighborsClassifier(n_neighbors=k).fit(X_train, y_train).vote_counts(X_test)
+        np.testing.assert_array_equal(votes, single)
+    rnn = CertifiedRadiusNeighborsClassifier(radius=2.0).fit(X_train, y_train)
+    for radius, votes in zip([0.5, 1.0, 2.0], rnn.vote_counts_sweep(X_test, [0.5, 1.0, 2.0]), strict=True):
+        single = CertifiedRadiusNeighborsClassifier(radius=radius).fit(X_train, y_train).vote_counts(X_test)
+        np.testing.assert_array_equal(votes, single)
+    results = rnn.certify_sweep(X_test, y_test, [0.5, 2.0])
+    assert sorted(results) == [0.5, 2.0]
+
+
+def test_threat_model_variants_are_labelled_and_at_least_general(blobs):
+    X_train, y_train, X_test, y_test = blobs
+    model = CertifiedKNeighborsClassifier(n_neighbors=9).fit(X_train, y_train)
+    general = model.certify(X_test, y_test)
+    for threat_model in ("insertion", "deletion", "label-flip"):
+        variant = model.certify(X_test, y_test, threat_model=threat_model)
+        assert variant.threat_model == threat_model
+        assert variant.available_methods == ("individual",)
+        assert np.all(variant.certified_size >= general.certified_size)
+
+
+def test_get_params_and_clone():
+    model = CertifiedRadiusNeighborsClassifier(radius=2.5, metric="l2")
+    assert model.get_params()["radius"] == 2.5
+    assert clone(model).get_params() == model.get_params()
+
+
+@pytest.mark.parametrize(
+    ("model", "X", "y", "message"),
+    [
+        (CertifiedKNeighborsClassifier(3), [[0.0], [np.nan], [1.0]], [0, 1, 0], "NaN"),
+        (CertifiedKNeighborsClassifier(3), [[0.0], [np.inf], [1.0]], [0, 1, 0], "infinite"),
+        (CertifiedKNeighborsClassifier(1), [[0.0], [1.0]], [0, 1, 1], "2 labels|3 labels"),
+        (CertifiedKNeighborsClassifier(1), [0.0, 1.0], [0, 1], "2-D"),
+        (CertifiedKNeighborsClassifier(1), np.zeros((2, 2, 2)), [0, 1], "2-D"),
+        (CertifiedKNeighborsClassifier(1), np.zeros((0, 2)), [], "empty"),
+        (CertifiedKNeighborsClassifier(1), [[0.0], [1.0]], [1, 1], "single class"),
+        (CertifiedKNeighborsClassifier(1), [[0.0], [1.0]], [0.5, 1.0], "non-integer"),
+        (CertifiedKNeighborsClassifier(0), [[0.0], [1.0]], [0, 1], ">= 1"),
+        (CertifiedKNeighborsClassifier(3), [[0.0], [1.0]], [0, 1], "larger than the training set"),
+        (CertifiedKNeighborsClassifier(1, metric="hamming"), [[0.0], [1.0]], [0, 1], "unknown metric"),
+        (CertifiedRadiusNeighborsClassifier(0.0), [[0.0], [1.0]], [0, 1], "> 0"),
+        (CertifiedRadiusNeighborsClassifier(-1.0), [[0.0], [1.0]], [0, 1], "> 0"),
+        (CertifiedKNeighborsClassifier(1), [["a"], ["b"]], [0, 1], "numeric"),
+    ],
+)
+def test_bad_training_input_is_refused(model, X, y, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        model.fit(X, y)
+
+
+def test_bad_test_input_is_refused(blobs):
+    X_train, y_train, X_test, y_test = blobs
+    model = CertifiedKNeighborsClassifier(3).fit(X_train, y_train)
+    with pytest.raises(ValueError, match="features but the model was fitted with 2"):
+        model.predict(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="empty"):
+        model.predict(np.zeros((0, 2)))
+    with pytest.raises(ValueError, match="unknown to the model"):
+        model.certify(X_test, np.full(len(X_test), 7))
+    with pytest.raises(ValueError, match="labels"):
+        model.certify(X_test, y_test[:-1])
+    with pytest.raises(ValueError, match=">= 0"):
+        model.certify(X_test, y_test).certified_accuracy([-1])
+    with pytest.raises(ValueError, match="not available"):
+        model.certify(X_test, y_test).certified_accuracy([0], method="island")
