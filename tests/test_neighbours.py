@@ -1,0 +1,391 @@
+"""Tests of the exact neighbour engine against a brute-force reference that follows spec sections 2 and 3."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import numpy as np
+import pytest
+
+from poisoncert.neighbours import NeighbourIndex, knn_ordered_labels, radius_vote_counts, training_ranks
+from poisoncert.votes import knn_votes_from_labels
+
+METRICS = ("l1", "l2", "cosine")
+N_CLASSES = 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference: full distance matrix, then lexsort by (distance, -rank)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def reference_ranks(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spec section 2, written out: SHA-256 of (<f8 features, <i8 label), dense rank of the digest (big-endian)."""
+    digests = []
+    for row, label in zip(np.asarray(X, dtype=np.float64), np.asarray(y), strict=True):
+        payload = b"".join(np.array([v + 0.0], dtype="<f8").tobytes() for v in row)  # -0.0 folded into 0.0
+        payload += np.array([label], dtype="<i8").tobytes()
+        digests.append(int.from_bytes(hashlib.sha256(payload).digest(), "big"))
+    distinct = sorted(set(digests))
+    position = {value: i for i, value in enumerate(distinct)}
+    return np.array([position[d] for d in digests], dtype=np.int64)
+
+
+def reference_distances(X_train: np.ndarray, X_test: np.ndarray, metric: str) -> np.ndarray:
+    """Distances in the engine's dtype, summed feature by feature in column order (the documented definition)."""
+    dtype = np.float32 if X_train.dtype == np.float32 else np.float64
+    A = np.asarray(X_test, dtype=dtype)
+    B = np.asarray(X_train, dtype=dtype)
+    if metric == "cosine":
+        A = (A / np.sqrt(np.einsum("ij,ij->i", A, A))[:, None]).astype(dtype)
+        B = (B / np.sqrt(np.einsum("ij,ij->i", B, B))[:, None]).astype(dtype)
+    D = np.zeros((len(A), len(B)), dtype=dtype)
+    for f in range(A.shape[1]):
+        if metric == "l1":
+            D += np.abs(A[:, f, None] - B[None, :, f])
+        elif metric == "l2":
+            diff = A[:, f, None] - B[None, :, f]
+            D += diff * diff
+        else:
+            D += A[:, f, None] * B[None, :, f]
+    if metric == "l2":
+        D = np.sqrt(D)
+    elif metric == "cosine":
+        D = np.maximum(dtype(1) - D, dtype(0))
+    return D
+
+
+def reference_order(X_train, y_train, X_test, metric):
+    D = reference_distances(X_train, X_test, metric)
+    rank = reference_ranks(X_train, y_train)
+    # Equal rank means identical examples; order those by row so indices are comparable with the engine.
+    rows = np.arange(len(X_train))
+    order = np.stack([np.lexsort((rows, -rank, D[i])) for i in range(len(X_test))])
+    return order, D
+
+
+def tie_heavy_data(seed: int, n_train: int = 60, n_test: int = 23, n_features: int = 3, dtype=np.float64):
+    """Small non-negative integer features: many exactly equal distances and duplicate training examples."""
+    rng = np.random.default_rng(seed)
+    X_train = rng.integers(0, 3, size=(n_train, n_features)).astype(dtype)
+    y_train = rng.integers(0, N_CLASSES, size=n_train)
+    X_test = rng.integers(0, 3, size=(n_test, n_features)).astype(dtype)
+    # Cosine needs non-zero rows.
+    X_train[X_train.sum(axis=1) == 0, 0] = 1
+    X_test[X_test.sum(axis=1) == 0, 0] = 1
+    return X_train, y_train, X_test
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ranks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_training_ranks_match_the_spec_definition():
+    X, y, _ = tie_heavy_data(0)
+    np.testing.assert_array_equal(training_ranks(X, y), reference_ranks(X, y))
+
+
+def test_training_ranks_ignore_row_position_and_dtype():
+    X, y, _ = tie_heavy_data(1)
+    ranks = training_ranks(X, y)
+    perm = np.random.default_rng(2).permutation(len(X))
+    np.testing.assert_array_equal(training_ranks(X[perm], y[perm]), ranks[perm])
+    np.testing.assert_array_equal(training_ranks(X.astype(np.float32), y), ranks)
+    np.testing.assert_array_equal(training_ranks(X.astype(np.int64), y.astype(np.int32)), ranks)
+
+
+def test_training_ranks_equal_only_for_identical_examples():
+    X = np.array([[0.0, 1.0], [0.0, 1.0], [-0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    y = np.array([0, 0, 0, 1, 0])
+    r = training_ranks(X, y)
+    assert r[0] == r[1] == r[2]  # identical (-0.0 and 0.0 are the same feature value)
+    assert len({r[0], r[3], r[4]}) == 3  # the label and the features both enter the hash
+    assert sorted(set(r.tolist())) == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Agreement with the brute-force reference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+def test_ordered_neighbours_match_reference(metric, dtype, chunk_size):
+    X_train, y_train, X_test = tie_heavy_data(3, dtype=dtype)
+    order, D = reference_order(X_train, y_train, X_test, metric)
+    index = NeighbourIndex(X_train, y_train, metric=metric, backend="numba", chunk_size=chunk_size)
+    for k in (1, 5, 17, len(X_train)):
+        labels = index.ordered_labels(X_test, k)
+        assert labels.shape == (len(X_test), k)
+        np.testing.assert_array_equal(labels, y_train[order[:, :k]])
+        indices, distances = index.ordered_neighbors(X_test, k)
+        np.testing.assert_array_equal(indices, order[:, :k])
+        np.testing.assert_array_equal(distances, np.take_along_axis(D, order[:, :k], axis=1))
+        assert distances.dtype == dtype
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_ordered_labels_match_reference_on_real_valued_features(metric, chunk_size):
+    rng = np.random.default_rng(4)
+    X_train = rng.random((300, 7)).astype(np.float32)
+    y_train = rng.integers(0, N_CLASSES, 300)
+    X_test = rng.random((19, 7)).astype(np.float32)
+    order, _ = reference_order(X_train, y_train, X_test, metric)
+    labels = NeighbourIndex(X_train, y_train, metric=metric, chunk_size=chunk_size, backend="numba").ordered_labels(
+        X_test, 120
+    )
+    np.testing.assert_array_equal(labels, y_train[order[:, :120]])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_radius_votes_match_reference(metric, dtype, chunk_size):
+    X_train, y_train, X_test = tie_heavy_data(5, dtype=dtype)
+    D = reference_distances(X_train, X_test, metric)
+    # Radii that coincide with attained distances test the "<=" boundary; unsorted with a duplicate on purpose.
+    attained = np.unique(D[D > 0])
+    radii = [float(attained[3]), float(attained[0]), 2.0, float(attained[0]), 1e9]
+    votes = NeighbourIndex(X_train, y_train, metric=metric, backend="numba", chunk_size=chunk_size).radius_votes(
+        X_test, radii, N_CLASSES
+    )
+    assert votes.shape == (len(radii), len(X_test), N_CLASSES) and votes.dtype == np.int64
+    for position, r in enumerate(radii):
+        expected = np.stack([np.bincount(y_train[D[i] <= r], minlength=N_CLASSES) for i in range(len(X_test))])
+        np.testing.assert_array_equal(votes[position], expected)
+
+
+def test_radius_is_compared_as_a_real_number_in_float32():
+    # The float32 distance float32(0.1) is slightly above the real 0.1: outside r = 0.1, inside r = float32(0.1).
+    X_train = np.zeros((1, 1), dtype=np.float32)
+    X_test = np.full((1, 1), 0.1, dtype=np.float32)
+    index = NeighbourIndex(X_train, np.array([1]), backend="numba")
+    votes = index.radius_votes(X_test, [0.1, float(np.float32(0.1))], 2)
+    assert votes[:, 0, 1].tolist() == [0, 1]
+
+
+def test_k_larger_than_training_set_returns_every_example():
+    X_train, y_train, X_test = tie_heavy_data(6, n_train=9)
+    labels = NeighbourIndex(X_train, y_train, backend="numba").ordered_labels(X_test, 50)
+    assert labels.shape == (len(X_test), 9)
+    np.testing.assert_array_equal(np.sort(labels, axis=1), np.tile(np.sort(y_train), (len(X_test), 1)))
+
+
+def test_shuffling_training_rows_does_not_change_labels_or_distances():
+    X_train, y_train, X_test = tie_heavy_data(7, n_train=80)
+    before = NeighbourIndex(X_train, y_train, backend="numba")
+    perm = np.random.default_rng(8).permutation(len(X_train))
+    after = NeighbourIndex(X_train[perm], y_train[perm], backend="numba")
+    for k in (3, 40):
+        np.testing.assert_array_equal(after.ordered_labels(X_test, k), before.ordered_labels(X_test, k))
+        indices_before, distances_before = before.ordered_neighbors(X_test, k)
+        indices_after, distances_after = after.ordered_neighbors(X_test, k)
+        np.testing.assert_array_equal(distances_after, distances_before)
+        # Same examples in the same order (up to swapping identical duplicates).
+        np.testing.assert_array_equal(X_train[perm][indices_after], X_train[indices_before])
+
+
+def test_memory_budget_and_chunking_do_not_change_results():
+    X_train, y_train, X_test = tie_heavy_data(9, n_test=31)
+    full = NeighbourIndex(X_train, y_train, backend="numba")
+    tiny = NeighbourIndex(X_train, y_train, backend="numba", max_memory_mb=0.001, progress=True)
+    assert tiny._resolved_chunk_size(len(X_test), 10) == 1
+    assert full._resolved_chunk_size(len(X_test), 10) == len(X_test)
+    np.testing.assert_array_equal(tiny.ordered_labels(X_test, 10), full.ordered_labels(X_test, 10))
+    np.testing.assert_array_equal(tiny.radius_votes(X_test, [1, 2], 3), full.radius_votes(X_test, [1, 2], 3))
+
+
+def test_chunk_size_derived_from_budget_scales_with_training_set():
+    rng = np.random.default_rng(10)
+    index = NeighbourIndex(rng.random((1000, 2)), rng.integers(0, 2, 1000), backend="numba", max_memory_mb=1)
+    chunk = index._resolved_chunk_size(10_000, 10)
+    assert 1 <= chunk < 10_000
+    assert chunk * 1000 * 8 <= 2**20  # the distance rows alone fit the budget
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sweeps
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_k_sweep_equals_individual_calls():
+    X_train, y_train, X_test = tie_heavy_data(11)
+    index = NeighbourIndex(X_train, y_train, backend="numba", chunk_size=6)
+    ks = [1, 2, 7, 30, 60]
+    sweep = knn_votes_from_labels(index.ordered_labels(X_test, max(ks)), ks, N_CLASSES)
+    for position, k in enumerate(ks):
+        single = index.ordered_labels(X_test, k)
+        np.testing.assert_array_equal(index.ordered_labels(X_test, max(ks))[:, :k], single)
+        np.testing.assert_array_equal(sweep[position], knn_votes_from_labels(single, k, N_CLASSES))
+
+
+def test_radius_sweep_equals_individual_calls():
+    X_train, y_train, X_test = tie_heavy_data(12)
+    index = NeighbourIndex(X_train, y_train, backend="numba")
+    radii = [3.0, 0.5, 1.0, 2.0, 1.0, 4.0]
+    sweep = index.radius_votes(X_test, radii, N_CLASSES)
+    for position, r in enumerate(radii):
+        np.testing.assert_array_equal(sweep[position], index.radius_votes(X_test, r, N_CLASSES)[0])
+
+
+def test_convenience_functions_equal_the_index():
+    X_train, y_train, X_test = tie_heavy_data(13)
+    index = NeighbourIndex(X_train, y_train, metric="l2", backend="numba")
+    np.testing.assert_array_equal(
+        knn_ordered_labels(X_train, y_train, X_test, 9, metric="l2", backend="numba"),
+        index.ordered_labels(X_test, 9),
+    )
+    np.testing.assert_array_equal(
+        radius_vote_counts(X_train, y_train, X_test, [1.5], N_CLASSES, metric="l2", backend="numba"),
+        index.radius_votes(X_test, [1.5], N_CLASSES),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Torch backend
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("integer_features", [True, False])
+def test_torch_backend_equals_numba_backend(metric, dtype, integer_features):
+    pytest.importorskip("torch")
+    if integer_features:
+        X_train, y_train, X_test = tie_heavy_data(14, n_train=120, n_test=29, dtype=dtype)
+    else:
+        rng = np.random.default_rng(15)
+        X_train = rng.random((150, 6)).astype(dtype)
+        y_train = rng.integers(0, N_CLASSES, 150)
+        X_test = rng.random((29, 6)).astype(dtype)
+    numba_index = NeighbourIndex(X_train, y_train, metric=metric, backend="numba", chunk_size=8)
+    torch_index = NeighbourIndex(X_train, y_train, metric=metric, backend="torch", chunk_size=5)
+    for k in (1, 13, 400):
+        np.testing.assert_array_equal(torch_index.ordered_labels(X_test, k), numba_index.ordered_labels(X_test, k))
+        for got, expected in zip(
+            torch_index.ordered_neighbors(X_test, k), numba_index.ordered_neighbors(X_test, k), strict=True
+        ):
+            np.testing.assert_array_equal(got, expected)
+    _, distances = numba_index.ordered_neighbors(X_test, 1)
+    radii = [0.5, 1.0, 2.0, float(distances[0, 0]) or 1.0, 3.0]
+    np.testing.assert_array_equal(
+        torch_index.radius_votes(X_test, radii, N_CLASSES), numba_index.radius_votes(X_test, radii, N_CLASSES)
+    )
+
+
+def test_auto_backend_is_numba_without_a_gpu():
+    X_train, y_train, _ = tie_heavy_data(16)
+    index = NeighbourIndex(X_train, y_train)
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        gpu = False
+    assert index.backend == ("torch" if gpu else "numba")
+
+
+def test_missing_torch_gives_install_hint(monkeypatch):
+    X_train, y_train, _ = tie_heavy_data(17)
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install poisoncert\[torch\]"):
+        NeighbourIndex(X_train, y_train, backend="torch")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_index():
+    X_train, y_train, X_test = tie_heavy_data(18)
+    return NeighbourIndex(X_train, y_train, backend="numba"), X_train, y_train, X_test
+
+
+@pytest.mark.parametrize("k, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_bad_k_raises(small_index, k, error):
+    index, _, _, X_test = small_index
+    with pytest.raises(error, match="n_neighbors"):
+        index.ordered_labels(X_test, k)
+
+
+@pytest.mark.parametrize("radii", [0.0, [-1.0], [1.0, float("nan")], [float("inf")], []])
+def test_bad_radii_raise(small_index, radii):
+    index, _, _, X_test = small_index
+    with pytest.raises(ValueError, match="radi"):
+        index.radius_votes(X_test, radii, N_CLASSES)
+
+
+def test_label_outside_n_classes_raises(small_index):
+    index, _, _, X_test = small_index
+    with pytest.raises(ValueError, match="n_classes"):
+        index.radius_votes(X_test, [1.0], 2)
+
+
+def test_bad_test_features_raise(small_index):
+    index, _, _, X_test = small_index
+    with pytest.raises(ValueError, match="features"):
+        index.ordered_labels(X_test[:, :2], 3)
+    bad = X_test.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        index.ordered_labels(bad, 3)
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        index.radius_votes(bad, [1.0], N_CLASSES)
+    with pytest.raises(ValueError, match="empty"):
+        index.ordered_labels(X_test[:0], 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"metric": "hamming"}, ValueError, "unknown metric"),
+        ({"backend": "gpu"}, ValueError, "unknown backend"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"max_memory_mb": 0}, ValueError, "max_memory_mb"),
+        ({"max_memory_mb": float("nan")}, ValueError, "max_memory_mb"),
+    ],
+)
+def test_bad_options_raise(kwargs, error, match):
+    X_train, y_train, _ = tie_heavy_data(19)
+    with pytest.raises(error, match=match):
+        NeighbourIndex(X_train, y_train, **kwargs)
+
+
+def test_bad_training_data_raise():
+    X_train, y_train, _ = tie_heavy_data(20)
+    with pytest.raises(ValueError, match="empty"):
+        NeighbourIndex(X_train[:0], y_train[:0])
+    with pytest.raises(ValueError, match="entries"):
+        NeighbourIndex(X_train, y_train[:-1])
+    with pytest.raises(ValueError, match="label index"):
+        NeighbourIndex(X_train, y_train - 1)
+    with pytest.raises(TypeError, match="integer label"):
+        NeighbourIndex(X_train, y_train.astype(str))
+    bad = X_train.copy()
+    bad[1, 1] = -np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        NeighbourIndex(bad, y_train)
+    zero_row = X_train.copy()
+    zero_row[0] = 0
+    with pytest.raises(ValueError, match="cosine"):
+        NeighbourIndex(zero_row, y_train, metric="cosine")
+
+
+def test_results_are_identical_across_runs():
+    rng = np.random.default_rng(21)
+    X_train = rng.random((500, 5)).astype(np.float32)
+    y_train = rng.integers(0, 4, 500)
+    X_test = rng.random((40, 5)).astype(np.float32)
+    first = NeighbourIndex(X_train, y_train, backend="numba").ordered_neighbors(X_test, 100)
+    second = NeighbourIndex(X_train.copy(), y_train.copy(), backend="numba", chunk_size=3).ordered_neighbors(
+        X_test, 100
+    )
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
