@@ -232,6 +232,20 @@ def test_radius_sweep_equals_individual_calls():
         np.testing.assert_array_equal(sweep[position], index.radius_votes(X_test, r, N_CLASSES)[0])
 
 
+@pytest.mark.parametrize("n_radii", [1, 64, 65, 200])
+def test_many_radii_match_reference(n_radii):
+    # Up to 64 radii and beyond take different binning code paths; both must agree with the reference.
+    X_train, y_train, X_test = tie_heavy_data(22, dtype=np.float32)
+    D = reference_distances(X_train, X_test, "l1")
+    attained = np.unique(D)
+    radii = np.concatenate([attained[attained > 0], np.linspace(0.25, 7.0, max(n_radii, 1))])[:n_radii]
+    radii = np.random.default_rng(23).permutation(radii)
+    votes = NeighbourIndex(X_train, y_train, backend="numba").radius_votes(X_test, radii, N_CLASSES)
+    for position, r in enumerate(radii):
+        expected = np.stack([np.bincount(y_train[D[i] <= r], minlength=N_CLASSES) for i in range(len(X_test))])
+        np.testing.assert_array_equal(votes[position], expected)
+
+
 def test_convenience_functions_equal_the_index():
     X_train, y_train, X_test = tie_heavy_data(13)
     index = NeighbourIndex(X_train, y_train, metric="l2", backend="numba")

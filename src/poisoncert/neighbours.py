@@ -46,7 +46,7 @@ _METRIC_CODES = {"l1": 0, "l2": 1, "cosine": 2}
 _BACKENDS = ("auto", "numba", "torch")
 # Test rows that share one pass over a block of training columns (reuse of the block while it is in L1), and
 # the width of that block. Measured on a 2-core AMD EPYC (AVX2) with 60,000 x 81 float32 training features.
-_ROW_BLOCK = 8
+_ROW_BLOCK = 16
 _COL_BLOCK = 512
 _TORCH_HINT = "the torch backend needs PyTorch: pip install poisoncert[torch]"
 
@@ -129,7 +129,14 @@ def _check_train_labels(y: np.ndarray, n_rows: int) -> np.ndarray:
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
 def _distances_numba(Q, XT, out, metric):  # pragma: no cover - compiled
-    """out[i, j] = distance(Q[i], training column j of XT), accumulated over features in column order."""
+    """out[i, j] = distance(Q[i], training column j of XT), accumulated over features in column order.
+
+    Cache blocking: a block of ``_ROW_BLOCK`` test rows runs over a block of ``_COL_BLOCK`` training columns, so
+    the training block stays in L1/L2 for all those rows. Four features are added per pass over the accumulator
+    row, written as ``((acc + t0) + t1) + t2) + t3``: the same left-to-right order as one feature at a time (the
+    result is bit-identical), with a quarter of the accumulator loads and stores. The innermost loop runs over
+    contiguous training columns and vectorises.
+    """
     n_query, n_features = Q.shape
     n_train = XT.shape[1]
     n_blocks = (n_query + _ROW_BLOCK - 1) // _ROW_BLOCK
@@ -143,22 +150,48 @@ def _distances_numba(Q, XT, out, metric):  # pragma: no cover - compiled
             width = j1 - j0
             for i in range(i0, i1):
                 out[i, j0:j1] = zero
-            # Features outer, test rows inner: the training block row stays in L1 for all the test rows.
-            for f in range(n_features):
-                column = XT[f, j0:j1]
+            f = 0
+            while f + 4 <= n_features:
+                c0 = XT[f, j0:j1]
+                c1 = XT[f + 1, j0:j1]
+                c2 = XT[f + 2, j0:j1]
+                c3 = XT[f + 3, j0:j1]
                 for i in range(i0, i1):
-                    q = Q[i, f]
+                    q0 = Q[i, f]
+                    q1 = Q[i, f + 1]
+                    q2 = Q[i, f + 2]
+                    q3 = Q[i, f + 3]
                     acc = out[i, j0:j1]
                     if metric == 0:
                         for j in range(width):
-                            acc[j] += abs(q - column[j])
+                            acc[j] = acc[j] + abs(q0 - c0[j]) + abs(q1 - c1[j]) + abs(q2 - c2[j]) + abs(q3 - c3[j])
                     elif metric == 1:
                         for j in range(width):
-                            diff = q - column[j]
-                            acc[j] += diff * diff
+                            d0 = q0 - c0[j]
+                            d1 = q1 - c1[j]
+                            d2 = q2 - c2[j]
+                            d3 = q3 - c3[j]
+                            acc[j] = acc[j] + d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3
                     else:
                         for j in range(width):
-                            acc[j] += q * column[j]
+                            acc[j] = acc[j] + q0 * c0[j] + q1 * c1[j] + q2 * c2[j] + q3 * c3[j]
+                f += 4
+            while f < n_features:
+                c0 = XT[f, j0:j1]
+                for i in range(i0, i1):
+                    q0 = Q[i, f]
+                    acc = out[i, j0:j1]
+                    if metric == 0:
+                        for j in range(width):
+                            acc[j] += abs(q0 - c0[j])
+                    elif metric == 1:
+                        for j in range(width):
+                            d0 = q0 - c0[j]
+                            acc[j] += d0 * d0
+                    else:
+                        for j in range(width):
+                            acc[j] += q0 * c0[j]
+                f += 1
             if metric == 1:
                 for i in range(i0, i1):
                     acc = out[i, j0:j1]
@@ -315,25 +348,40 @@ def _select_numba(B, k, out_pos):  # pragma: no cover - compiled
 def _radius_counts_numba(D, labels, padded_radii, n_radii, n_classes, out):  # pragma: no cover - compiled
     """out[r, i, l] = #{j : labels[j] == l and D[i, j] <= radii[r]}, all radii in one pass per row.
 
-    ``padded_radii`` holds the radii ascending, padded with +inf to a power-of-two length, so that the bin of a
-    distance (number of radii strictly below it) is found by a fixed-trip, branch-free binary search.
+    Each distance goes to bin ``b`` = number of radii strictly below it (so it counts for every radius from
+    ``b`` on); per-bin label counts are then cumulated over the radii. Up to 64 radii the bins of a block of
+    distances are counted with one vectorised comparison pass per radius; beyond that, a fixed-trip branch-free
+    binary search over ``padded_radii`` (the radii ascending, padded with +inf to a power-of-two length).
     """
     n_query, n_train = D.shape
     size = padded_radii.shape[0]
-    largest = padded_radii[n_radii - 1]
+    block = 1024
     for i in prange(n_query):
         counts = np.zeros((n_radii + 1, n_classes), np.int64)
+        bins = np.empty(block, np.int32)
         row = D[i]
-        for j in range(n_train):
-            d = row[j]
-            if d > largest:  # typically most distances: outside every radius
-                continue
-            base = 0
-            step = size >> 1
-            while step > 0:
-                base += step * (padded_radii[base + step - 1] < d)
-                step >>= 1
-            counts[base, labels[j]] += 1
+        for j0 in range(0, n_train, block):
+            j1 = min(j0 + block, n_train)
+            width = j1 - j0
+            values = row[j0:j1]
+            if n_radii <= 64:
+                bins[:width] = 0
+                for r in range(n_radii):
+                    radius = padded_radii[r]
+                    for j in range(width):
+                        bins[j] += values[j] > radius
+            else:
+                for j in range(width):
+                    d = values[j]
+                    base = 0
+                    step = size >> 1
+                    while step > 0:
+                        base += step * (padded_radii[base + step - 1] < d)
+                        step >>= 1
+                    bins[j] = base
+            for j in range(width):
+                if bins[j] < n_radii:  # typically most distances lie outside every radius
+                    counts[bins[j], labels[j0 + j]] += 1
         for c in range(n_classes):
             running = 0
             for r in range(n_radii):
