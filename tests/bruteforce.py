@@ -124,10 +124,7 @@ class Instance:
         """Every example the attacker may insert: candidate point x label x tie rank."""
         ranks = self.tie_ranks if self.clf.kind == "knn" else (INF,)  # rNN ignores ranks
         return [
-            Example(p, label, rank)
-            for p in self.candidate_points
-            for label in range(self.n_classes)
-            for rank in ranks
+            Example(p, label, rank) for p in self.candidate_points for label in range(self.n_classes) for rank in ranks
         ]
 
     def votes(self) -> np.ndarray:
@@ -135,9 +132,7 @@ class Instance:
 
     def neighbour_labels(self) -> np.ndarray:
         """(n_test, n) labels of all clean training examples of each test input, in neighbour order."""
-        return np.array(
-            [[ex.label for ex in neighbour_order(self.train, x)] for x in self.tests], dtype=np.int64
-        )
+        return np.array([[ex.label for ex in neighbour_order(self.train, x)] for x in self.tests], dtype=np.int64)
 
     def predictions(self, train: Sequence[Example] | None = None) -> list[int]:
         train = self.train if train is None else train
@@ -236,9 +231,7 @@ def random_instance(seed: int, kind: str, n_test: int | None = None) -> Instance
     n = int(rng.integers(3, 8))
     # Skewed label frequencies so that large margins (certified sizes 1-3) occur, not only ties.
     label_p = rng.dirichlet(np.full(n_classes, 0.6))
-    train = [
-        clean_example(grid[rng.integers(len(grid))], int(rng.choice(n_classes, p=label_p))) for _ in range(n)
-    ]
+    train = [clean_example(grid[rng.integers(len(grid))], int(rng.choice(n_classes, p=label_p))) for _ in range(n)]
     if n_test is None:
         n_test = int(rng.integers(3, 6))
     picks = rng.choice(len(grid), size=n_test, replace=False)
