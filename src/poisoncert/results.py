@@ -230,7 +230,8 @@ def write_curves_csv(
     for result in results:
         meta = result.describe()
         buffer.write(f"# {result.label()}: " + "; ".join(
-            f"{k}={v}" for k, v in meta.items() if k not in ("classes", "params")) + "\n")
+            f"{k}={v}" for k, v in meta.items()
+            if k not in ("classes", "params") and not isinstance(v, list | tuple | dict)) + "\n")
         rows.extend(result.curve_rows(e, (methods or {}).get(id(result))))
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
