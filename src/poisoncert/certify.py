@@ -72,8 +72,10 @@ def certified_poisoning_size(votes: np.ndarray, threat_model: ThreatModel = "gen
 
     Notes
     -----
-    All four bounds are exact: one more poisoned example can flip the prediction (remove ``a``-neighbours and/or
-    add runner-up neighbours at distance 0).
+    The bounds are exact: one more poisoned example can flip the prediction (remove ``a``-neighbours and/or
+    add runner-up neighbours at distance 0). One sound, non-exact case: rNN deletion-only for an input that
+    predicts the largest label and has no neighbour of another label, which no deletion can flip (an empty
+    neighbourhood predicts the largest label); the returned ``s_a`` is then smaller than the truth.
 
     Examples
     --------
