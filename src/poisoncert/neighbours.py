@@ -464,8 +464,10 @@ class NeighbourIndex:
     >>> import numpy as np
     >>> X = np.array([[0.0], [1.0], [1.0], [3.0]])
     >>> index = NeighbourIndex(X, np.array([0, 1, 0, 1]), backend="numba")
-    >>> index.ordered_labels(np.array([[0.9]]), 2)[0, 0]
-    np.int16(0)
+    >>> index.ordered_labels(np.array([[0.9]]), 4).tolist()  # rows 1 and 2 tie at 0.1; the larger rank goes first
+    [[1, 0, 0, 1]]
+    >>> bool(index.ranks_[1] > index.ranks_[2])
+    True
     >>> index.radius_votes(np.array([[0.9]]), [0.5, 2.5], n_classes=2)[:, 0, :].tolist()
     [[1, 1], [2, 2]]
     """
