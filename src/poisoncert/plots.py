@@ -9,6 +9,12 @@ from typing import Any
 
 from ._io import atomic_write
 
+_NAMES = {
+    "individual": "individual",
+    "rd": "joint RD (paper)",
+    "island": "joint ISLAND (paper)",
+    "global": "joint global (poisoncert)",
+}
 _STYLES = {
     "individual": "-",
     "global": "-",
@@ -54,7 +60,7 @@ def plot_curves(
     for (classifier, certification), (xs, ys, row) in lines.items():
         colour = classifier_colour.setdefault(classifier, colours[len(classifier_colour) % len(colours)])
         order = sorted(range(len(xs)), key=xs.__getitem__)
-        label = f"{classifier}, {certification}"
+        label = f"{classifier}, {_NAMES.get(certification, certification)}"
         if row.get("guarantee") == "probabilistic":
             label += f" (prob. {row.get('confidence')})"
         width = 2.2 if certification in ("global",) else 1.5
