@@ -54,7 +54,7 @@ def plot_curves(
         ys.append(float(row["certified_accuracy"]))
     if not lines:
         raise ValueError("nothing to plot: no curve rows")
-    figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    figure, axes = plt.subplots(figsize=(8, 4.6 + 0.22 * ((len(lines) + 1) // 2)), dpi=120)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     classifier_colour: dict[str, str] = {}
     for (classifier, certification), (xs, ys, row) in lines.items():
@@ -71,11 +71,12 @@ def plot_curves(
     axes.set_ylim(0, 1.0)
     axes.set_xlim(left=0)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7.5, loc="upper right", framealpha=0.9)
+    # Below the axes, so the legend never hides a curve.
+    axes.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     axes.set_title(title if subtitle is None else f"{title}\n{subtitle}", fontsize=10)
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    figure.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(figure)
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())
