@@ -242,5 +242,14 @@ def version() -> None:
     typer.echo(json.dumps({"poisoncert": __version__}))
 
 
+def _register_subcommands() -> None:
+    from .reproduce import register_cli
+
+    register_cli(app)
+
+
+_register_subcommands()
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
