@@ -79,6 +79,24 @@ def array_digest(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def example_digests(X: np.ndarray, y_index: np.ndarray) -> np.ndarray:
+    """SHA-256 of each training example's canonical bytes, shape (n, 32) uint8 (spec section 2).
+
+    The bytes are the features as little-endian float64 (``-0.0`` folded into ``0.0`` so equal vectors hash
+    equally) followed by the label index as little-endian int64: a function of the example alone, never of its
+    row position or of the other examples. Neighbour tie ranks and DPA partitions are both derived from it.
+    """
+    features = np.ascontiguousarray(np.asarray(X, dtype=np.float64) + 0.0, dtype="<f8")
+    labels = np.ascontiguousarray(y_index, dtype="<i8")
+    row_bytes = features.shape[1] * 8
+    buffer = np.empty((len(features), row_bytes + 8), dtype=np.uint8)
+    buffer[:, :row_bytes] = features.view(np.uint8).reshape(len(features), row_bytes)
+    buffer[:, row_bytes:] = labels.view(np.uint8).reshape(len(labels), 8)
+    # One hash per training example (a one-off cost of about a microsecond per row).
+    digests = b"".join(hashlib.sha256(row).digest() for row in buffer)
+    return np.frombuffer(digests, dtype=np.uint8).reshape(len(features), 32)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)

@@ -6,6 +6,7 @@ Every check raises before any work is done, with a message that names the argume
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import numpy as np
 
@@ -107,3 +108,61 @@ def check_metric(metric: str) -> str:
     if not isinstance(metric, str) or metric.lower() not in METRIC_ALIASES:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     return METRIC_ALIASES[metric.lower()]
+
+
+def encode_labels(y: Any, name: str = "y") -> tuple[np.ndarray, np.ndarray]:
+    """Map labels to indices ``0..c-1`` through their sorted unique values, as scikit-learn does.
+
+    Integer and string labels are accepted (gaps and negative integers are fine: they are mapped);
+    float labels must be whole numbers; NaN, booleans mixed with numbers, and 2-D arrays are refused.
+    """
+    labels = np.asarray(y)
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one label per sample), got shape {labels.shape}")
+    if labels.size == 0:
+        raise ValueError(f"{name} is empty")
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)):
+            raise ValueError(f"{name} contains NaN or infinite labels")
+        if not np.all(labels == np.round(labels)):
+            raise ValueError(f"{name} holds non-integer labels such as {labels[labels != np.round(labels)][0]}")
+        labels = labels.astype(np.int64)
+    elif labels.dtype.kind == "O":
+        kinds = {type(value) for value in labels.tolist()}
+        if not (kinds <= {str} or kinds <= {int}):
+            raise TypeError(f"{name} must hold integers or strings, found {sorted(k.__name__ for k in kinds)}")
+        labels = labels.astype(str if kinds <= {str} else np.int64)
+    elif labels.dtype.kind not in "iuUSb":
+        raise TypeError(f"{name} must hold integer or string labels, got dtype {labels.dtype}")
+    classes, indices = np.unique(labels, return_inverse=True)
+    return classes, indices.astype(np.int64)
+
+
+def check_training_set(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated training features, the sorted label values ``classes`` and each example's label index."""
+    X = check_features(X, "X")
+    classes, y_index = encode_labels(y)
+    if len(y_index) != X.shape[0]:
+        raise ValueError(f"X has {X.shape[0]} samples but y has {len(y_index)} labels")
+    if len(classes) < 2:
+        raise ValueError(f"y has a single class ({classes[0]!r}); certification needs at least 2 classes")
+    return X, classes, y_index
+
+
+def encode_test_labels(classes: np.ndarray, y: Any, n_rows: int) -> np.ndarray:
+    """Index into ``classes`` of each test label; unknown labels, NaN and mismatched lengths are refused."""
+    labels = np.asarray(y)
+    if labels.ndim != 1:
+        raise ValueError(f"y must be 1-D, got shape {labels.shape}")
+    if len(labels) != n_rows:
+        raise ValueError(f"X has {n_rows} samples but y has {len(labels)} labels")
+    if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
+        raise ValueError("y contains NaN or infinite labels")
+    if (labels.dtype.kind in "US") != (classes.dtype.kind in "US"):
+        raise TypeError(f"y holds {labels.dtype} labels but the model was fitted on {classes.dtype} labels "
+                        f"(classes_: {classes.tolist()})")
+    positions = np.clip(np.searchsorted(classes, labels), 0, len(classes) - 1)
+    unknown = classes[positions] != labels
+    if np.any(unknown):
+        raise ValueError(f"y holds label {labels[unknown][0]!r}, unknown to the model (classes_: {classes.tolist()})")
+    return positions.astype(np.int64)

@@ -20,7 +20,6 @@ scikit-learn classifier may be plugged in instead (cloned per partition, fitted 
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Literal
 
 import numpy as np
@@ -29,8 +28,8 @@ from scipy.stats import beta
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from ._validation import check_features, check_positive_int, check_votes
-from .estimators import encode_labels
+from ._io import example_digests
+from ._validation import check_features, check_positive_int, check_training_set, check_votes, encode_test_labels
 from .results import NOT_CERTIFIED, CertificationResult
 
 #: Prediction of a base classifier trained on an empty partition: it casts no vote.
@@ -303,18 +302,12 @@ def bagging_certified_size(
 
 
 def example_hashes(X: np.ndarray, y_index: np.ndarray) -> list[int]:
-    """SHA-256 of each example's canonical bytes, as an integer.
+    """SHA-256 content hash of each example (:func:`poisoncert._io.example_digests`) as an integer.
 
-    The bytes are the features as float64 little-endian (``-0.0`` normalised to ``0.0``) followed by the label
-    index as int64 little-endian: a function of the example alone, not of its row position or of the other
-    examples, so inserting or deleting an example moves no other example to another partition.
+    A function of the example alone, not of its row position or of the other examples, so inserting or
+    deleting an example moves no other example to another partition.
     """
-    features = np.ascontiguousarray(np.asarray(X, dtype=np.float64) + 0.0, dtype="<f8")
-    labels = np.asarray(y_index, dtype="<i8")
-    return [
-        int.from_bytes(hashlib.sha256(row.tobytes() + label.tobytes()).digest(), "big")
-        for row, label in zip(features, labels, strict=True)
-    ]
+    return [int.from_bytes(digest.tobytes(), "big") for digest in example_digests(X, y_index)]
 
 
 def dpa_partitions(X: np.ndarray, y_index: np.ndarray, n_partitions: int) -> np.ndarray:
@@ -425,12 +418,7 @@ class _VotingEnsembleBase(ClassifierMixin, BaseEstimator):
             Integer or string labels; at least two distinct classes.
         """
         self._validate_params_()
-        X = check_features(X, "X")
-        classes, y_index = encode_labels(y)
-        if len(y_index) != X.shape[0]:
-            raise ValueError(f"X has {X.shape[0]} samples but y has {len(y_index)} labels")
-        if len(classes) < 2:
-            raise ValueError(f"y has a single class ({classes[0]!r}); certification needs at least 2 classes")
+        X, classes, y_index = check_training_set(X, y)
         group_of, rows, n_groups = self._groups(X, y_index)
         self.classes_ = classes
         self.n_features_in_ = X.shape[1]
@@ -479,24 +467,6 @@ class _VotingEnsembleBase(ClassifierMixin, BaseEstimator):
         """Label with the most base-classifier votes, ties to the smaller class index."""
         votes = self.vote_counts(X)
         return self.classes_[dpa_predict(votes)]
-
-    def _encode_test_labels(self, y: Any, n_rows: int) -> np.ndarray:
-        labels = np.asarray(y)
-        if labels.ndim != 1:
-            raise ValueError(f"y must be 1-D, got shape {labels.shape}")
-        if len(labels) != n_rows:
-            raise ValueError(f"X has {n_rows} samples but y has {len(labels)} labels")
-        if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
-            raise ValueError("y contains NaN or infinite labels")
-        if (labels.dtype.kind in "US") != (self.classes_.dtype.kind in "US"):
-            raise TypeError(f"y holds {labels.dtype} labels but the model was fitted on "
-                            f"{self.classes_.dtype} labels (classes_: {self.classes_.tolist()})")
-        positions = np.clip(np.searchsorted(self.classes_, labels), 0, len(self.classes_) - 1)
-        unknown = self.classes_[positions] != labels
-        if np.any(unknown):
-            raise ValueError(f"y holds label {labels[unknown][0]!r}, unknown to the model "
-                             f"(classes_: {self.classes_.tolist()})")
-        return positions.astype(np.int64)
 
     def _base_learner_name(self) -> str:
         return DEFAULT_BASE_LEARNER if self.base_estimator is None else repr(self.base_estimator)
@@ -576,7 +546,7 @@ class DPA(_VotingEnsembleBase):
     def certify(self, X: np.ndarray, y: np.ndarray) -> CertificationResult:
         """Certified poisoning sizes of the test set (general threat model; -1 for misclassified inputs)."""
         votes = self.vote_counts(X)
-        y_index = self._encode_test_labels(y, votes.shape[0])
+        y_index = encode_test_labels(self.classes_, y, votes.shape[0])
         prediction = dpa_predict(votes)
         correct = prediction == y_index
         general = np.where(correct, dpa_certified_size(votes, "general"), NOT_CERTIFIED)
@@ -667,7 +637,7 @@ class Bagging(_VotingEnsembleBase):
     def certify(self, X: np.ndarray, y: np.ndarray) -> CertificationResult:
         """Certified poisoning sizes (general threat model, each with probability >= 1 - alpha); -1 if none."""
         votes = self.vote_counts(X)
-        y_index = self._encode_test_labels(y, votes.shape[0])
+        y_index = encode_test_labels(self.classes_, y, votes.shape[0])
         prediction = dpa_predict(votes)
         # The top label is chosen from the same votes, so a union bound must cover both one-sided bounds of
         # every label (2 * n_classes events): each is taken at alpha / (2 * n_classes) to make 1 - alpha hold.

@@ -15,41 +15,13 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from . import certify as _certify
-from ._validation import check_features, check_metric, check_positive_int
+from ._validation import check_features, check_metric, check_positive_int, check_training_set, encode_test_labels
 from .results import NOT_CERTIFIED, CertificationResult
 from .votes import knn_votes_from_labels, predict
 
 # How many neighbours the kNN deletion-only certificate looks at, as a multiple of k: deletions pull later
 # examples into the window. Beyond that the certificate stops (soundly) at what it could verify.
 _DELETION_WINDOW_FACTOR = 3
-
-
-def encode_labels(y: Any, name: str = "y") -> tuple[np.ndarray, np.ndarray]:
-    """Map labels to indices ``0..c-1`` through their sorted unique values, as scikit-learn does.
-
-    Integer and string labels are accepted (gaps and negative integers are fine: they are mapped);
-    float labels must be whole numbers; NaN, booleans mixed with numbers, and 2-D arrays are refused.
-    """
-    labels = np.asarray(y)
-    if labels.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one label per sample), got shape {labels.shape}")
-    if labels.size == 0:
-        raise ValueError(f"{name} is empty")
-    if labels.dtype.kind == "f":
-        if not np.all(np.isfinite(labels)):
-            raise ValueError(f"{name} contains NaN or infinite labels")
-        if not np.all(labels == np.round(labels)):
-            raise ValueError(f"{name} holds non-integer labels such as {labels[labels != np.round(labels)][0]}")
-        labels = labels.astype(np.int64)
-    elif labels.dtype.kind == "O":
-        kinds = {type(value) for value in labels.tolist()}
-        if not (kinds <= {str} or kinds <= {int}):
-            raise TypeError(f"{name} must hold integers or strings, found {sorted(k.__name__ for k in kinds)}")
-        labels = labels.astype(str if kinds <= {str} else np.int64)
-    elif labels.dtype.kind not in "iuUSb":
-        raise TypeError(f"{name} must hold integer or string labels, got dtype {labels.dtype}")
-    classes, indices = np.unique(labels, return_inverse=True)
-    return classes, indices.astype(np.int64)
 
 
 class _CertifiedNeighborsBase(ClassifierMixin, BaseEstimator):
@@ -74,12 +46,7 @@ class _CertifiedNeighborsBase(ClassifierMixin, BaseEstimator):
             Integer or string labels; at least two distinct classes.
         """
         self._validate_params_()
-        X = check_features(X, "X")
-        classes, y_index = encode_labels(y)
-        if len(y_index) != X.shape[0]:
-            raise ValueError(f"X has {X.shape[0]} samples but y has {len(y_index)} labels")
-        if len(classes) < 2:
-            raise ValueError(f"y has a single class ({classes[0]!r}); certification needs at least 2 classes")
+        X, classes, y_index = check_training_set(X, y)
         self._check_training_size(X.shape[0])
         from .neighbours import NeighbourIndex
 
@@ -105,23 +72,6 @@ class _CertifiedNeighborsBase(ClassifierMixin, BaseEstimator):
     def _check_X(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "index_")
         return check_features(X, "X", n_features=self.n_features_in_)
-
-    def _encode_test_labels(self, y: np.ndarray, n_rows: int) -> np.ndarray:
-        labels = np.asarray(y)
-        if labels.ndim != 1:
-            raise ValueError(f"y must be 1-D, got shape {labels.shape}")
-        if len(labels) != n_rows:
-            raise ValueError(f"X has {n_rows} samples but y has {len(labels)} labels")
-        if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
-            raise ValueError("y contains NaN or infinite labels")
-        positions = np.searchsorted(self.classes_, labels)
-        positions = np.clip(positions, 0, len(self.classes_) - 1)
-        unknown = self.classes_[positions] != labels
-        if np.any(unknown):
-            raise ValueError(
-                f"y holds label {labels[unknown][0]!r}, unknown to the model (classes_: {self.classes_.tolist()})"
-            )
-        return positions.astype(np.int64)
 
     def vote_counts(self, X: np.ndarray) -> np.ndarray:
         """Neighbour votes per class, shape (n_test, n_classes), columns in the order of ``classes_``."""
@@ -251,7 +201,7 @@ class CertifiedKNeighborsClassifier(_CertifiedNeighborsBase):
     ) -> dict[int, CertificationResult]:
         """:meth:`certify` for many k from one distance pass; returns ``{k: result}``."""
         X = self._check_X(X)
-        y_index = self._encode_test_labels(y, X.shape[0])
+        y_index = encode_test_labels(self.classes_, y, X.shape[0])
         ks = [check_positive_int(k, "n_neighbors") for k in n_neighbors]
         if not ks:
             raise ValueError("n_neighbors is empty: give at least one k")
@@ -348,7 +298,7 @@ class CertifiedRadiusNeighborsClassifier(_CertifiedNeighborsBase):
     ) -> dict[float, CertificationResult]:
         """:meth:`certify` for many radii from one distance pass; returns ``{r: result}``."""
         X = self._check_X(X)
-        y_index = self._encode_test_labels(y, X.shape[0])
+        y_index = encode_test_labels(self.classes_, y, X.shape[0])
         threat_model = _certify._check_threat_model(threat_model)
         radii = _check_radii(radii)
         all_votes = self.index_.radius_votes(X, radii, len(self.classes_))

@@ -23,7 +23,6 @@ Determinism and precision
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 import numbers
@@ -35,6 +34,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from ._io import example_digests
 from ._validation import check_features, check_metric, check_positive_int
 
 __all__ = [
@@ -90,16 +90,7 @@ def training_ranks(X_train: np.ndarray, y_train: np.ndarray) -> np.ndarray:
 
 
 def _ranks(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    # Canonical bytes: float64 little-endian, -0.0 folded into 0.0 (adding +0.0 does exactly that).
-    features = np.ascontiguousarray(X.astype("<f8") + 0.0, dtype="<f8")
-    labels = np.ascontiguousarray(y, dtype="<i8")
-    row_bytes = features.shape[1] * 8
-    buffer = np.empty((len(features), row_bytes + 8), dtype=np.uint8)
-    buffer[:, :row_bytes] = features.view(np.uint8).reshape(len(features), row_bytes)
-    buffer[:, row_bytes:] = labels.view(np.uint8).reshape(len(labels), 8)
-    # One hash per training example (not per test input): a one-off cost of about a microsecond per row.
-    digests = b"".join(hashlib.sha256(row).digest() for row in buffer)
-    words = np.frombuffer(digests, dtype=">u8").reshape(len(features), 4).astype(np.uint64)
+    words = example_digests(X, y).view(">u8").astype(np.uint64)  # 256-bit big-endian, as 4 words
     _, inverse = np.unique(words, axis=0, return_inverse=True)
     return inverse.reshape(-1).astype(np.int64)
 
