@@ -154,7 +154,7 @@ def test_clip_missing_dependency_or_checkpoint(tmp_path, monkeypatch):
     checkpoint = tmp_path / "weights.pt"
     checkpoint.write_bytes(b"x")
     monkeypatch.setitem(sys.modules, "open_clip", None)  # makes `import open_clip` fail
-    with pytest.raises(ImportError, match=r"pip install poisoncert\[clip\]"):
+    with pytest.raises(ImportError, match=r"pip install poisoncert\[clip-openclip\]"):
         F.clip_features(images, checkpoint)
 
 

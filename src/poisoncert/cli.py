@@ -142,7 +142,8 @@ def certify(
     features: Annotated[str, typer.Option(help="Feature extractor for --dataset: hog, raw or clip.")] = "hog",
     data_path: Annotated[Path | None, typer.Option(help="Local file/folder for datasets that need one "
                                                         "(CIFAR10, Fashion-MNIST).")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Local CLIP checkpoint for --features clip.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Local CLIP checkpoint for --features clip: a Hugging "
+                                                         "Face CLIP folder or an open_clip file.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default: $POISONCERT_CACHE or the "
                                                         "user cache dir).")] = None,
     knn: Annotated[list[int], typer.Option(help="kNN with this k (repeat for a sweep).")] = [],  # noqa: B006

@@ -417,8 +417,8 @@ def clip_features(
     checkpoint = _check_clip_checkpoint(checkpoint)
     if checkpoint.is_dir():
         return _hf_clip_features(images, checkpoint, int(batch_size), device, normalize, progress)
-    open_clip = _optional_import("open_clip", "clip")
-    torch = _optional_import("torch", "clip")
+    open_clip = _optional_import("open_clip", "clip-openclip")
+    torch = _optional_import("torch", "clip-openclip")
     from PIL import Image
     from tqdm.auto import tqdm
 

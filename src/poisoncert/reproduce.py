@@ -11,7 +11,7 @@ figure4    kNN for k in (100, 1000, 3000, 5000, 7000), individual certificates, 
            plus our global certificate for the paper's k=5000.
 figure5    rNN for r in (3, 3.5, 4, 4.5, 5), ISLAND joint certificates, one sweep; plus our global for r=4.
 figure6    CIFAR10, kNN (k=5000) and rNN with HOG vs CLIP features. Needs a local CIFAR10
-           (``--data-path`` or ``$POISONCERT_CIFAR10``) and a local open_clip checkpoint (``--clip-checkpoint``
+           (``--data-path`` or ``$POISONCERT_CIFAR10``) and a local CLIP checkpoint (``--clip-checkpoint``
            or ``$POISONCERT_CLIP_CHECKPOINT``); without them it is skipped with a message saying what is
            missing, and the other figures still run.
 =========  ==============================================================================================
@@ -77,7 +77,7 @@ FIGURES = ("figure2", "figure3", "figure4", "figure5", "figure6")
 QUICK_N_TEST = 500
 #: Bagging base classifiers used by ``quick=True``.
 QUICK_BAGGING_N = 100
-#: Environment variable naming a local open_clip checkpoint for figure 6.
+#: Environment variable naming a local CLIP checkpoint (Hugging Face folder or open_clip file) for figure 6.
 CLIP_CHECKPOINT_ENV_VAR = "POISONCERT_CLIP_CHECKPOINT"
 # Bumped whenever the outputs for the same settings change, so complete figures from older code are redone.
 _FORMAT_VERSION = 1
@@ -198,17 +198,22 @@ def _figure6_missing(data_path: Any, clip_checkpoint: Any, cache_dir: Any) -> li
             f"CIFAR10 {where}: download the python version (cifar-10-python.tar.gz) from "
             f"https://www.cs.toronto.edu/~kriz/cifar.html and pass --data-path FILE or set {CIFAR10_ENV_VAR}=FILE"
         )
-    if clip_checkpoint is None or not Path(clip_checkpoint).is_file():
+    checkpoint = None if clip_checkpoint is None else Path(clip_checkpoint)
+    usable = checkpoint is not None and (checkpoint.is_file() or (checkpoint / "config.json").is_file())
+    if not usable:
         where = f"at {clip_checkpoint}" if clip_checkpoint is not None else f"(${CLIP_CHECKPOINT_ENV_VAR} is unset)"
         missing.append(
-            f"a local CLIP checkpoint {where}: an open_clip ViT-B-32 state dict such as "
-            f"open_clip_pytorch_model.bin; pass --clip-checkpoint FILE or set {CLIP_CHECKPOINT_ENV_VAR}=FILE "
-            "(weights are never downloaded)"
+            f"a local CLIP checkpoint {where}: a Hugging Face CLIP folder (config.json + weights, e.g. a saved "
+            f"openai/clip-vit-base-patch32) or an open_clip ViT-B-32 state dict file; pass --clip-checkpoint PATH "
+            f"or set {CLIP_CHECKPOINT_ENV_VAR}=PATH (weights are never downloaded)"
         )
+    # A folder is read with transformers, a file with open_clip (see poisoncert.features.clip_features).
+    backend = "open_clip" if checkpoint is not None and checkpoint.is_file() else "transformers"
     try:
-        import open_clip  # noqa: F401
+        __import__(backend)
     except ImportError:
-        missing.append("the open_clip package: pip install 'poisoncert[clip]'")
+        extra = "clip-openclip" if backend == "open_clip" else "clip"
+        missing.append(f"the {backend} package: pip install 'poisoncert[{extra}]'")
     return missing
 
 
@@ -656,7 +661,8 @@ def run_figure(
     data_path : path-like or None
         Local dataset source (CIFAR10 archive for figure 6; see :func:`poisoncert.datasets.load`).
     clip_checkpoint : path-like or None
-        Local open_clip checkpoint for figure 6 (default ``$POISONCERT_CLIP_CHECKPOINT``).
+        Local CLIP checkpoint for figure 6: a Hugging Face CLIP folder or an open_clip file (default
+        ``$POISONCERT_CLIP_CHECKPOINT``).
     features : dict of str to FeatureSet, optional
         Injected features instead of loading ``dataset``: key ``"hog"`` for figures 2-5, ``"hog"`` and
         ``"clip"`` for figure 6. For tests and for users with their own features.
@@ -1121,8 +1127,9 @@ def register_cli(app: typer.Typer) -> None:
         progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress.")] = False,
         data_path: Annotated[Path | None, typer.Option(help="Local CIFAR10 archive or folder for figure 6 (or "
                                                             "$POISONCERT_CIFAR10).")] = None,
-        clip_checkpoint: Annotated[Path | None, typer.Option(help="Local open_clip ViT-B-32 checkpoint for figure "
-                                                                  f"6 (or ${CLIP_CHECKPOINT_ENV_VAR}).")] = None,
+        clip_checkpoint: Annotated[Path | None, typer.Option(
+            help=f"Local CLIP checkpoint (Hugging Face folder or open_clip file) for figure 6 "
+                 f"(or ${CLIP_CHECKPOINT_ENV_VAR}).")] = None,
     ) -> None:
         """Reproduce the paper's figures 2-6: CSV, PNG and JSON per figure, plus report.md and report.html."""
         if figure != "all" and figure not in FIGURES:
