@@ -37,6 +37,10 @@ def test_demo_writes_table_csv_plot_and_json(tmp_path):
     meta = json.loads((tmp_path / "curves.json").read_text())
     assert meta["settings"]["dataset"].startswith("digits")
     assert {r["metadata"]["method"] for r in meta["results"]} == {"knn", "rnn"}
+    rnn = next(r for r in meta["results"] if r["metadata"]["method"] == "rnn")
+    removals = np.array(rnn["global_worst_case_removals"]["removals"])
+    assert removals.shape == (len(rnn["global_worst_case_removals"]["e"]), 10)
+    assert np.all(removals.sum(axis=1) <= np.array(rnn["global_worst_case_removals"]["e"]))
 
 
 @pytest.fixture

@@ -133,7 +133,19 @@ def write_outputs(
         {
             "poisoncert_version": __version__,
             "settings": settings,
-            "results": [{"metadata": result.describe(), "curves": result.curve_rows(e)} for result in results],
+            "results": [_result_record(result, e) for result in results],
         },
     )
     return paths
+
+
+def _result_record(result: CertificationResult, e: np.ndarray) -> dict[str, Any]:
+    record: dict[str, Any] = {"metadata": result.describe(), "curves": result.curve_rows(e)}
+    if result.method == "rnn" and result.threat_model == "general":
+        record["global_worst_case_removals"] = {
+            "meaning": "removals per label of the label-level attacker behind the global joint certificate",
+            "classes": np.asarray(result.classes).tolist(),
+            "e": e.tolist(),
+            "removals": result.worst_case_removals(e).tolist(),
+        }
+    return record

@@ -132,6 +132,17 @@ class CertificationResult:
             )
         return certify.certified_accuracy(self.votes, self.y_true, e, method=method, seed=self.seed)
 
+    def worst_case_removals(self, e: np.ndarray | list[int] | int) -> np.ndarray:
+        """rNN only: removals per label (columns ordered as ``classes``) of the worst-case label-level attacker
+        behind the global joint certificate (spec 5b), one row per entry of ``e``. Shows where the model is
+        weakest: the labels whose predictions a shared removal budget flips most cheaply.
+        """
+        if self.method != "rnn" or self.threat_model != "general":
+            raise ValueError("worst-case removals per label exist for rNN under the general threat model only")
+        from .joint import global_attack_allocation
+
+        return global_attack_allocation(self.votes, self.y_true, check_poisoning_sizes(e))
+
     def describe(self) -> dict[str, Any]:
         """Metadata saying exactly what the numbers are."""
         return {
