@@ -198,3 +198,18 @@ def test_knn_variants_equal_general_for_label_flip_and_are_bounded():
 def test_bad_input_is_refused_with_a_clear_message(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def test_truncated_neighbour_tables_never_give_optimistic_certificates():
+    # Clean order 0,0,0,1,1,1 and k = 3: deleting two 0s pulls in 0,1,1 -> flipped, so the exact size is 1.
+    full = np.array([[0, 0, 0, 1, 1, 1]])
+    assert certify.knn_certified_poisoning_size(full, 3, 2, "deletion", n_train=6).tolist() == [1]
+    # Only the first k columns and no n_train: the table is not assumed complete, so the result stays sound.
+    assert certify.knn_certified_poisoning_size(full[:, :3], 3, 2, "deletion")[0] <= 1
+    # A table narrower than k is refused unless n_train says the training set really is that small.
+    with pytest.raises(ValueError, match="pass n_train"):
+        certify.knn_certified_poisoning_size(full[:, :2], 3, 2)
+    order = np.array([[0, 0, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="pass n_train"):
+        certify.knn_joint_certified_accuracy(order[:, :2], [0], [0], 2, n_neighbors=4)
+    assert certify.knn_joint_certified_accuracy(order, [0], [0], 2, n_neighbors=4).tolist() == [0.0]

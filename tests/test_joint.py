@@ -296,7 +296,7 @@ def test_knn_joint_with_r_equal_e_is_the_individual_certificate(case):
 def test_knn_joint_curve_invariants(case, seed):
     table, y, n_classes, k = case
     e = np.arange(0, k + 3)
-    joint_ca = knn_joint_certified_accuracy(table, y, e, n_classes, n_neighbors=k)
+    joint_ca = knn_joint_certified_accuracy(table, y, e, n_classes, n_neighbors=k, n_train=table.shape[1])
     votes = knn_votes_from_labels(table, min(k, table.shape[1]), n_classes)
     assert joint_ca[0] == pytest.approx(np.mean(predict(votes) == y))  # CA(0) = clean accuracy
     assert np.all(np.diff(joint_ca) <= 1e-12)
@@ -304,7 +304,9 @@ def test_knn_joint_curve_invariants(case, seed):
     # Within k poisoned examples the attacker can replace the whole neighbourhood.
     assert np.all(joint_ca[e >= k] == 0)
     perm = np.random.default_rng(seed).permutation(len(y))
-    np.testing.assert_array_equal(knn_joint_certified_accuracy(table[perm], y[perm], e, n_classes, k), joint_ca)
+    np.testing.assert_array_equal(
+        knn_joint_certified_accuracy(table[perm], y[perm], e, n_classes, k, table.shape[1]), joint_ca
+    )
     # Columns beyond k are never read.
     if table.shape[1] > k:
         np.testing.assert_array_equal(knn_joint_certified_accuracy(table[:, :k], y, e, n_classes), joint_ca)
@@ -315,7 +317,7 @@ def test_knn_joint_curve_invariants(case, seed):
 def test_knn_joint_equals_brute_force_label_attacker(case):
     table, y, n_classes, k = case
     e = np.arange(0, 5)
-    joint_ca = knn_joint_certified_accuracy(table, y, e, n_classes, n_neighbors=k)
+    joint_ca = knn_joint_certified_accuracy(table, y, e, n_classes, n_neighbors=k, n_train=table.shape[1])
     a = predict(knn_votes_from_labels(table, min(k, table.shape[1]), n_classes))
     correct = np.flatnonzero(a == y)
     for position, budget in enumerate(e.tolist()):
@@ -333,7 +335,7 @@ def test_knn_joint_small_training_set_is_not_looser_than_k_equal_n():
     table = np.where(rng.random((200, 9)) < 0.7, y[:, None], rng.integers(0, 3, (200, 9)))
     e = np.arange(0, 12)
     short = knn_joint_certified_accuracy(table, y, e, 3)
-    longer = knn_joint_certified_accuracy(table, y, e, 3, n_neighbors=15)
+    longer = knn_joint_certified_accuracy(table, y, e, 3, n_neighbors=15, n_train=9)
     assert np.all(longer >= short) and np.any(longer > short)
 
 

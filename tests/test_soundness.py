@@ -179,8 +179,10 @@ def _knn_joint_bounds(inst: Instance, es: np.ndarray) -> dict[str, np.ndarray]:
     individual = np.array([np.mean(correct & (sizes >= e)) for e in es])
     return {
         "individual": individual,
-        "5c": certify.knn_joint_certified_accuracy(labels[:, : min(k, len(inst.train))], y, es, c, n_neighbors=k),
-        "5c-full-table": certify.knn_joint_certified_accuracy(labels, y, es, c, n_neighbors=k),
+        "5c": certify.knn_joint_certified_accuracy(
+            labels[:, : min(k, len(inst.train))], y, es, c, n_neighbors=k, n_train=len(inst.train)
+        ),
+        "5c-full-table": certify.knn_joint_certified_accuracy(labels, y, es, c, n_neighbors=k, n_train=len(inst.train)),
     }
 
 

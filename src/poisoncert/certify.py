@@ -253,7 +253,9 @@ def knn_certified_poisoning_size(
     n_classes : int
     threat_model : {"general", "label-flip", "insertion", "deletion"}
     n_train : int, optional
-        Size of the clean training set; defaults to ``K`` (the table then is assumed complete).
+        Size of the clean training set. Needed when the table is narrower than k (the training set is
+        smaller than k) and for the exact deletion-only certificate; when omitted the table is never assumed
+        to hold the whole training set.
     chunk_size : int
         Test inputs processed at once by the insertion/deletion variants (memory ~ chunk * K * n_classes).
 
@@ -268,9 +270,16 @@ def knn_certified_poisoning_size(
     k = check_positive_int(n_neighbors, "n_neighbors")
     n_classes = check_positive_int(n_classes, "n_classes", minimum=2)
     width = labels.shape[1]
-    n_train = width if n_train is None else check_positive_int(n_train, "n_train")
-    if width > n_train:
-        raise ValueError(f"neighbor_labels has {width} columns but n_train is {n_train}")
+    if n_train is None:
+        if width < k:
+            raise ValueError(f"neighbor_labels has {width} columns but k={k}: pass n_train={width} if the training "
+                             f"set has only {width} examples, else give the first k neighbours")
+        # Unknown training-set size: never assume the table is complete (deletion stops, soundly, at K - k).
+        n_train = width + 1 if threat_model == "deletion" else width
+    else:
+        n_train = check_positive_int(n_train, "n_train")
+        if width > n_train:
+            raise ValueError(f"neighbor_labels has {width} columns but n_train is {n_train}")
     if width < min(k, n_train):
         raise ValueError(f"neighbor_labels has {width} columns; kNN with k={k} needs {min(k, n_train)}")
     if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
@@ -343,6 +352,7 @@ def knn_joint_certified_accuracy(
     e: np.ndarray | list[int] | int,
     n_classes: int,
     n_neighbors: int | None = None,
+    n_train: int | None = None,
 ) -> np.ndarray:
     """Joint certified accuracy of kNN with one removal budget shared by all test inputs (spec 5c, ours).
 
@@ -360,8 +370,10 @@ def knn_joint_certified_accuracy(
         Poisoning sizes.
     n_classes : int
     n_neighbors : int, optional
-        k; defaults to ``K``. A table with fewer columns than k means the training set has fewer than k examples.
+        k; defaults to ``K``.
+    n_train : int, optional
+        Size of the clean training set; required when the table is narrower than k (then ``n_train == K``).
     """
     from .joint import knn_joint_certified_accuracy as _joint
 
-    return _joint(neighbor_labels, y, e, n_classes, n_neighbors=n_neighbors)
+    return _joint(neighbor_labels, y, e, n_classes, n_neighbors=n_neighbors, n_train=n_train)

@@ -342,6 +342,7 @@ def knn_joint_certified_accuracy(
     e: np.ndarray | list[int] | int,
     n_classes: int,
     n_neighbors: int | None = None,
+    n_train: int | None = None,
 ) -> np.ndarray:
     """Global joint certified accuracy of kNN (spec 5c): one attack, one removal budget for all test inputs.
 
@@ -366,6 +367,9 @@ def knn_joint_certified_accuracy(
     n_classes : int
     n_neighbors : int, optional
         k; defaults to ``K``.
+    n_train : int, optional
+        Size of the clean training set. Required when the table is narrower than k, which is only right when
+        the training set has exactly ``K`` examples: a table merely cut short would give wrong predictions.
 
     Returns
     -------
@@ -394,6 +398,11 @@ def knn_joint_certified_accuracy(
     y = check_label_indices(y, labels.shape[0], n_classes)
     e = check_poisoning_sizes(e)
     k = labels.shape[1] if n_neighbors is None else check_positive_int(n_neighbors, "n_neighbors")
+    if labels.shape[1] < k and n_train != labels.shape[1]:
+        raise ValueError(
+            f"neighbor_labels has {labels.shape[1]} columns but k={k}: give the first k neighbours, or pass "
+            f"n_train={labels.shape[1]} if the training set has only {labels.shape[1]} examples"
+        )
     # A(m) is only read at m <= k (r <= e), so columns beyond k never matter.
     labels = labels[:, : min(k, labels.shape[1])]
     votes = knn_votes_from_labels(labels, labels.shape[1], n_classes)

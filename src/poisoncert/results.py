@@ -128,7 +128,8 @@ class CertificationResult:
             return certify.accuracy_from_certified_sizes(self.certified_size, e)
         if self.method == "knn":
             return certify.knn_joint_certified_accuracy(
-                self.neighbor_labels, self.y_true, e, n_classes=self.votes.shape[1]
+                self.neighbor_labels, self.y_true, e, n_classes=self.votes.shape[1],
+                n_neighbors=self.params.get("k"), n_train=self.metadata.get("n_train"),
             )
         return certify.certified_accuracy(self.votes, self.y_true, e, method=method, seed=self.seed)
 
