@@ -86,6 +86,21 @@ def test_certify_on_npy_and_csv_files(user_files):
     assert {row["threat_model"] for row in _csv_rows(out / "curves.csv")} == {"deletion"}
 
 
+def test_labels_are_read_alike_across_files_and_single_row_csv(tmp_path):
+    rng = np.random.default_rng(1)
+    y = rng.integers(1, 3, 40)
+    X = y[:, None] * 2.0 + rng.normal(scale=0.3, size=(40, 2))
+    with open(tmp_path / "train.csv", "w") as handle:  # float-formatted labels
+        handle.writelines(f"{a:.4f},{b:.4f},{label:.1f}\n" for (a, b), label in zip(X, y, strict=True))
+    with open(tmp_path / "test.csv", "w") as handle:  # one row, integer label, no header
+        handle.write(f"{X[0, 0]:.4f},{X[0, 1]:.4f},{y[0]}\n")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["certify", "--train", str(tmp_path / "train.csv"), "--test",
+                                 str(tmp_path / "test.csv"), "--knn", "3", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "curves.json").read_text())["results"][0]["metadata"]["n_test"] == 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

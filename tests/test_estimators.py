@@ -164,3 +164,12 @@ def test_bad_test_input_is_refused(blobs):
         model.certify(X_test, y_test).certified_accuracy([-1])
     with pytest.raises(ValueError, match="not available"):
         model.certify(X_test, y_test).certified_accuracy([0], method="island")
+
+
+def test_object_dtype_labels_work_for_fit_and_certify(blobs):
+    # pandas string columns arrive as object arrays.
+    X_train, y_train, X_test, y_test = blobs
+    names = np.array(["cat", "dog", "emu"], dtype=object)
+    model = CertifiedKNeighborsClassifier(n_neighbors=5).fit(X_train, names[y_train])
+    result = model.certify(X_test, names[y_test])
+    assert result.clean_accuracy == pytest.approx(model.score(X_test, names[y_test].astype(str)))

@@ -110,17 +110,13 @@ def check_metric(metric: str) -> str:
     return METRIC_ALIASES[metric.lower()]
 
 
-def encode_labels(y: Any, name: str = "y") -> tuple[np.ndarray, np.ndarray]:
-    """Map labels to indices ``0..c-1`` through their sorted unique values, as scikit-learn does.
-
-    Integer and string labels are accepted (gaps and negative integers are fine: they are mapped);
-    float labels must be whole numbers; NaN, booleans mixed with numbers, and 2-D arrays are refused.
+def normalise_labels(y: Any, name: str = "y") -> np.ndarray:
+    """Labels as a 1-D integer or string array: whole-number floats become int64, object arrays of str or int
+    become str or int64; NaN, fractional values, mixed types and 2-D arrays are refused.
     """
     labels = np.asarray(y)
     if labels.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one label per sample), got shape {labels.shape}")
-    if labels.size == 0:
-        raise ValueError(f"{name} is empty")
     if labels.dtype.kind == "f":
         if not np.all(np.isfinite(labels)):
             raise ValueError(f"{name} contains NaN or infinite labels")
@@ -134,6 +130,18 @@ def encode_labels(y: Any, name: str = "y") -> tuple[np.ndarray, np.ndarray]:
         labels = labels.astype(str if kinds <= {str} else np.int64)
     elif labels.dtype.kind not in "iuUSb":
         raise TypeError(f"{name} must hold integer or string labels, got dtype {labels.dtype}")
+    return labels
+
+
+def encode_labels(y: Any, name: str = "y") -> tuple[np.ndarray, np.ndarray]:
+    """Map labels to indices ``0..c-1`` through their sorted unique values, as scikit-learn does.
+
+    Integer and string labels are accepted (gaps and negative integers are fine: they are mapped);
+    float labels must be whole numbers (see :func:`normalise_labels`).
+    """
+    labels = normalise_labels(y, name)
+    if labels.size == 0:
+        raise ValueError(f"{name} is empty")
     classes, indices = np.unique(labels, return_inverse=True)
     return classes, indices.astype(np.int64)
 
@@ -151,13 +159,9 @@ def check_training_set(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def encode_test_labels(classes: np.ndarray, y: Any, n_rows: int) -> np.ndarray:
     """Index into ``classes`` of each test label; unknown labels, NaN and mismatched lengths are refused."""
-    labels = np.asarray(y)
-    if labels.ndim != 1:
-        raise ValueError(f"y must be 1-D, got shape {labels.shape}")
+    labels = normalise_labels(y)
     if len(labels) != n_rows:
         raise ValueError(f"X has {n_rows} samples but y has {len(labels)} labels")
-    if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
-        raise ValueError("y contains NaN or infinite labels")
     if (labels.dtype.kind in "US") != (classes.dtype.kind in "US"):
         raise TypeError(f"y holds {labels.dtype} labels but the model was fitted on {classes.dtype} labels "
                         f"(classes_: {classes.tolist()})")

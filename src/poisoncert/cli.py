@@ -109,7 +109,7 @@ def _load_table(path: Path, labels: Path | None, role: str):
         y = np.load(labels, allow_pickle=False) if labels.suffix == ".npy" else np.loadtxt(labels, dtype=str)
         return X, y
     if suffix in (".csv", ".txt"):
-        rows = np.genfromtxt(path, delimiter=",", dtype=str)
+        rows = np.genfromtxt(path, delimiter=",", dtype=str, ndmin=2)
         if rows.ndim != 2 or rows.shape[1] < 2:
             _fail(f"{path} must be a CSV with feature columns and the label in the last column")
         try:
@@ -120,14 +120,28 @@ def _load_table(path: Path, labels: Path | None, role: str):
             X = rows[:, :-1].astype(np.float64)
         except ValueError as error:
             _fail(f"{path}: feature columns must be numeric ({error})")
-        y = rows[:, -1]
-        try:
-            y = y.astype(np.int64)
-        except ValueError:
-            pass
-        return X, y
+        return X, rows[:, -1]
     _fail(f"{path}: unsupported file type {suffix!r}; use .npz (X, y), .npy (+ labels) or .csv (label last)")
     raise AssertionError
+
+
+def _harmonise_labels(y_train, y_test):
+    """Read train and test labels the same way: integers when every label of both is a whole number, else text.
+
+    Files are parsed separately, so without this "1.0" in one file and "1" in the other would be different labels.
+    """
+    import numpy as np
+
+    text = np.concatenate([np.asarray(y_train).astype(str), np.asarray(y_test).astype(str)])
+    try:
+        numbers = text.astype(np.float64)
+    except ValueError:
+        labels = text
+    else:
+        if not np.all(np.isfinite(numbers)):
+            _fail("labels contain NaN or infinite values")
+        labels = numbers.astype(np.int64) if np.all(numbers == np.round(numbers)) else text
+    return labels[: len(y_train)], labels[len(y_train):]
 
 
 @app.command()
@@ -183,6 +197,7 @@ def certify(
             _fail("give --train and --test files (or --dataset NAME)")
         X_train, y_train = _load_table(train, train_labels, "train")
         X_test, y_test = _load_table(test, test_labels, "test")
+        y_train, y_test = _harmonise_labels(y_train, y_test)
         info = {"dataset": f"user files: {train}, {test}", "features": "as given"}
         source = f"{train.name} / {test.name}"
     settings = {**info, "metric": metric, "threat_model": threat_model, "alpha": alpha if bagging else None}

@@ -87,8 +87,15 @@ def default_e_grid(results: Sequence[CertificationResult], n_points: int = 101) 
     """An even grid of poisoning sizes from 0 to just past where every curve has reached zero."""
     largest = 0
     for result in results:
-        # Joint certificates can reach up to the largest vote margin, about twice the individual size.
-        largest = max(largest, 2 * int(np.max(result.certified_size, initial=0)) + 2)
+        # rNN joint certificates reach zero by the largest vote margin, at most 2 * (individual size + 1).
+        end = 2 * int(np.max(result.certified_size, initial=0)) + 2
+        if result.method == "knn" and "global" in result.available_methods:
+            # kNN's joint curve can outlast that (an input becomes free to flip only near (k - M + 1) / 2);
+            # it is zero for every e >= k.
+            k = int(result.params["k"])
+            while end < k and result.certified_accuracy([end], method="global")[0] > 0:
+                end = min(k, int(end * 1.5) + 1)
+        largest = max(largest, end)
     step = max(1, int(np.ceil(largest / (n_points - 1))))
     return np.arange(0, largest + step, step, dtype=np.int64)
 
@@ -125,22 +132,24 @@ def write_outputs(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / f"{stem}.csv", "png": out_dir / f"{stem}.png", "json": out_dir / f"{stem}.json"}
-    write_curves_csv(paths["csv"], list(results), e, extra_metadata=settings)
-    rows = [row for result in results for row in result.curve_rows(e)]
+    curves = [result.curve_rows(e) for result in results]  # computed once for the CSV, the plot and the JSON
+    rows = [row for result_rows in curves for row in result_rows]
+    write_curves_csv(paths["csv"], list(results), e, extra_metadata=settings, rows=rows)
     plot_curves(rows, paths["png"], title=title, subtitle=subtitle)
     write_json(
         paths["json"],
         {
             "poisoncert_version": __version__,
             "settings": settings,
-            "results": [_result_record(result, e) for result in results],
+            "results": [_result_record(result, e, result_rows) for result, result_rows in zip(results, curves,
+                                                                                            strict=True)],
         },
     )
     return paths
 
 
-def _result_record(result: CertificationResult, e: np.ndarray) -> dict[str, Any]:
-    record: dict[str, Any] = {"metadata": result.describe(), "curves": result.curve_rows(e)}
+def _result_record(result: CertificationResult, e: np.ndarray, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {"metadata": result.describe(), "curves": rows}
     if result.method == "rnn" and result.threat_model == "general":
         record["global_worst_case_removals"] = {
             "meaning": "removals per label of the label-level attacker behind the global joint certificate",

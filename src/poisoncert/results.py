@@ -228,23 +228,26 @@ def write_curves_csv(
     e: np.ndarray | list[int],
     methods: dict[int, list[str] | None] | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    rows: list[dict[str, Any]] | None = None,
 ) -> None:
     """One tidy CSV for several results (one row per classifier, certification method and e), atomically.
 
     The header is preceded by ``#`` comment lines holding each result's metadata, so the file says what its
-    numbers are; ``pandas.read_csv(path, comment="#")`` reads it.
+    numbers are; ``pandas.read_csv(path, comment="#")`` reads it. ``rows`` may pass curve rows already computed.
     """
     buffer = io.StringIO()
     buffer.write(f"# poisoncert {__version__}: certified accuracy, a provable lower bound of CA(e)\n")
     for key, value in (extra_metadata or {}).items():
         buffer.write(f"# {key}: {value}\n")
-    rows: list[dict[str, Any]] = []
+    computed: list[dict[str, Any]] = []
     for result in results:
         meta = result.describe()
         buffer.write(f"# {result.label()}: " + "; ".join(
             f"{k}={v}" for k, v in meta.items()
             if k not in ("classes", "params") and not isinstance(v, list | tuple | dict)) + "\n")
-        rows.extend(result.curve_rows(e, (methods or {}).get(id(result))))
+        if rows is None:
+            computed.extend(result.curve_rows(e, (methods or {}).get(id(result))))
+    rows = computed if rows is None else rows
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()
