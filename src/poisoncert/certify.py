@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 
 from ._validation import check_label_indices, check_poisoning_sizes, check_positive_int, check_votes
-from .votes import margin_terms, predict, runner_up
+from .votes import margin_terms, predict, rival_counts, runner_up
 
 __all__ = [
     "JOINT_METHODS",
@@ -106,8 +106,8 @@ def accuracy_from_certified_sizes(certified_size: np.ndarray, e: np.ndarray | li
     return (len(sorted_sizes) - below) / len(sorted_sizes)
 
 
-def _correct_sizes(votes: np.ndarray, y: np.ndarray, threat_model: str = "general") -> np.ndarray:
-    sizes = certified_poisoning_size(votes, threat_model)
+def _correct_sizes(votes: np.ndarray, y: np.ndarray) -> np.ndarray:
+    sizes = certified_poisoning_size(votes)
     return np.where(predict(votes) == y, sizes, -1)
 
 
@@ -306,23 +306,13 @@ def knn_certified_poisoning_size(
     return out
 
 
-def _best_rival(counts_at: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """``max over c != a of (C + [c > a])`` for counts of shape (rows, steps, n_classes)."""
-    n_classes = counts_at.shape[-1]
-    tie_bit = (np.arange(n_classes)[None, :] > a[:, None]).astype(np.int32)  # (rows, classes)
-    rival = counts_at + tie_bit[:, None, :]
-    rows = np.arange(len(a))
-    rival[rows, :, a] = np.iinfo(np.int32).min
-    return rival.max(axis=2)
-
-
 def _knn_insertion_size(counts: np.ndarray, a: np.ndarray, k: int, n_train: int) -> np.ndarray:
     """q insertions at distance 0 with label c push the last neighbours out: s_a' = A(k-q), s_c' = C(k-q) + q."""
     q = np.arange(1, k + 1)
     window = np.minimum(k - q, n_train)  # clean examples still inside the top k
     at = counts[:, window, :]  # (rows, k, classes)
     own = np.take_along_axis(at, a[:, None, None], axis=2)[..., 0]
-    flipped = _best_rival(at, a) + q[None, :] > own
+    flipped = rival_counts(at, a) + q[None, :] > own
     # q = k always flips (the window holds only insertions), so every row has a first flipping q.
     return np.argmax(flipped, axis=1).astype(np.int64)  # first flipping q minus 1
 
@@ -339,7 +329,7 @@ def _knn_deletion_size(counts: np.ndarray, a: np.ndarray, k: int, n_train: int) 
     at = counts[:, span, :]
     own_in_span = np.take_along_axis(at, a[:, None, None], axis=2)[..., 0]
     own = own_in_span - np.minimum(j[None, :], own_in_span)
-    flipped = _best_rival(at, a) > own
+    flipped = rival_counts(at, a) > own
     first = np.argmax(flipped, axis=1)
     never = ~flipped[np.arange(len(a)), first]
     # Unflipped within the known columns: certified up to the last verified j.

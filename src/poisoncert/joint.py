@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from ._validation import check_label_indices, check_poisoning_sizes, check_positive_int, check_votes
-from .votes import knn_votes_from_labels, margin_terms, predict, prefix_label_counts
+from .votes import knn_votes_from_labels, margin_terms, predict, prefix_label_counts, rival_counts
 
 __all__ = [
     "UNFLIPPABLE",
@@ -407,8 +407,7 @@ def knn_joint_certified_accuracy(
     labels = labels[:, : min(k, labels.shape[1])]
     votes = knn_votes_from_labels(labels, labels.shape[1], n_classes)
     a = predict(votes)
-    classes = np.arange(n_classes)[None, :]
-    rival = np.where(classes == a[:, None], -1, votes + (classes > a[:, None])).max(axis=1)
+    rival = rival_counts(votes, a)
     correct = np.flatnonzero(a == y)
     costs = np.empty((len(e), len(correct)), dtype=np.int64)
     for start in range(0, len(correct), _KNN_CHUNK_ROWS):

@@ -560,7 +560,7 @@ def _figure6(ctx: _Context) -> tuple[list[dict[str, Any]], str, str]:
     for name in ("hog", "clip"):
         fs = ctx.features[name]
         timings: dict[str, float] = {}
-        knn = _knn_results(fs, [s.k], s.k, ctx.cache_dir, ctx.progress, timings)[s.k]
+        knn = _knn_results(fs, [s.k], ctx.knn_width, ctx.cache_dir, ctx.progress, timings)[s.k]  # shared table
         radius, tried = _matched_radius(fs, knn.clean_accuracy, s.k, ctx.cache_dir, ctx.progress, timings)
         rnn = _rnn_results(fs, [radius], [radius], ctx.cache_dir, ctx.progress, timings)[radius]
         chosen[name] = {"r": radius, "candidates": tried}

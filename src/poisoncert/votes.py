@@ -52,6 +52,19 @@ def runner_up(votes: np.ndarray, prediction: np.ndarray | None = None) -> np.nda
     return _argmax_larger_label(masked).astype(np.int64)
 
 
+def rival_counts(counts: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """``max over l != a of (s_l + [l > a])`` along the last axis: the count a rival label needs to beat ``a``.
+
+    ``counts`` has shape (n, ..., n_classes) and ``prediction`` shape (n,); ``a`` keeps its prediction exactly
+    while ``s_a >= rival``. Works for one vote matrix and for stacks of them (e.g. one per window length).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    a = np.asarray(prediction).reshape((-1,) + (1,) * (counts.ndim - 1))
+    classes = np.arange(counts.shape[-1])
+    rival = np.where(classes == a, np.iinfo(np.int64).min, counts + (classes > a))
+    return rival.max(axis=-1)
+
+
 def margin_terms(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prediction ``a``, runner-up ``b`` and the tie-aware margin ``s_a - s_b + [a > b]`` per row.
 
