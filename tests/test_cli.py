@@ -121,3 +121,13 @@ def test_certify_errors_are_clear_and_write_nothing(user_files, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "e_max, expected",
+    [(2600, [0, 500, 1000, 1500, 2000]), (124, [0, 20, 40, 60, 80]), (10, [0, 2, 4, 6, 8]), (1, [0]), (0, [0])],
+)
+def test_table_points_are_round_and_inside_the_grid(e_max, expected):
+    from poisoncert.experiments import table_points
+
+    assert table_points(np.arange(e_max + 1)) == expected

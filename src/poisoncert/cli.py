@@ -45,7 +45,7 @@ def _report(results: list, e_max: int | None, e_step: int | None, out: Path, tit
             settings: dict) -> None:
     import numpy as np
 
-    from .experiments import default_e_grid, summary_table, write_outputs
+    from .experiments import default_e_grid, summary_table, table_points, write_outputs
 
     if e_max is not None and e_max < 0:
         _fail(f"--e-max must be >= 0, got {e_max}")
@@ -56,7 +56,7 @@ def _report(results: list, e_max: int | None, e_step: int | None, out: Path, tit
     else:
         step = e_step or max(1, e_max // 100)
         e = np.arange(0, e_max + 1, step, dtype=np.int64)
-    points = sorted({int(e[int(round(q * (len(e) - 1)))]) for q in (0, 0.1, 0.2, 0.35, 0.5)})
+    points = table_points(e)
     typer.echo(f"\n{title} -- {subtitle}")
     typer.echo("certified accuracy (%), a provable lower bound; threat model: "
                f"{settings.get('threat_model', 'general')}\n")

@@ -100,6 +100,22 @@ def default_e_grid(results: Sequence[CertificationResult], n_points: int = 101) 
     return np.arange(0, largest + step, step, dtype=np.int64)
 
 
+def table_points(e: np.ndarray, n_columns: int = 5) -> list[int]:
+    """Round poisoning sizes for a printed table: 0 and multiples of a 1-2-2.5-5 step up to half the grid.
+
+    The grid of :func:`default_e_grid` runs to where every curve is zero; its first half is where the curves
+    differ, so the table spreads ``n_columns`` round values (e.g. 0, 500, ..., 2000) over it.
+    """
+    half = int(np.max(e, initial=0)) / 2
+    if half < 1:
+        return [0]
+    raw = half / (n_columns - 1)
+    magnitude = 10.0 ** np.floor(np.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    step = max(1, int(round(step)))
+    return [i * step for i in range(n_columns) if i * step <= 2 * half]
+
+
 def summary_table(results: Sequence[CertificationResult], e_points: Sequence[int]) -> str:
     """Plain-text table of certified accuracy (%) at a few poisoning sizes, one row per curve."""
     header = ["classifier", "certification", "CA(0) clean"] + [f"e={e}" for e in e_points]

@@ -905,8 +905,9 @@ def _qualitative_rows(records: dict[str, dict[str, Any] | None]) -> list[list[st
                              f"{name} >= max(Bagging, DPA) at every e > 0 of the grid"])
                 continue
             e, v, b, d = below[-1]
-            detail = (f"{name} below a baseline at {len(below)} of {len(points) - 1} grid points, e = "
-                      f"{below[0][0]}..{e} (at e = {e}: {name.split()[0]} {100 * v:.1f}, Bagging {100 * b:.1f}, DPA "
+            where = f"e = {e}" if below[0][0] == e else f"e = {below[0][0]}..{e}"
+            detail = (f"{name} below a baseline at {len(below)} of {len(points) - 1} grid points, {where} "
+                      f"(at e = {e}: {name.split()[0]} {100 * v:.1f}, Bagging {100 * b:.1f}, DPA "
                       f"{100 * d:.1f} %); above both at every larger e")
             small = e < f2["settings"]["stated_e"] / 4
             if small:
