@@ -383,6 +383,36 @@ def test_dpa_partitions_depend_on_content_not_position(digits) -> None:
     np.testing.assert_array_equal(model.partition_, parts)
 
 
+@pytest.mark.parametrize("offset", [0, 100])
+def test_dpa_partitions_survive_the_removal_of_a_whole_class(digits, offset) -> None:
+    """Deleting the only example of class 0 re-encodes the label indices but must move no other example."""
+    X_train, y_train, _, _ = digits
+    keep = y_train != 0
+    X = np.vstack([X_train[~keep][:1], X_train[keep]])
+    y = np.r_[y_train[~keep][:1], y_train[keep]] + offset  # integer labels with and without a gap
+    names = np.array([f"class {v}" for v in y])
+    for labels in (y, names):
+        clean = DPA(n_partitions=31).fit(X, labels)
+        poisoned = DPA(n_partitions=31).fit(X[1:], labels[1:])  # poisoning size 1: one class fewer
+        assert len(poisoned.classes_) == len(clean.classes_) - 1
+        np.testing.assert_array_equal(poisoned.partition_, clean.partition_[1:])
+
+
+def test_dpa_custom_learner_is_a_function_of_its_partition(digits) -> None:
+    """Refitting on a row permutation of D (poisoning size 0) must give the same base classifiers."""
+    from sklearn.linear_model import SGDClassifier
+
+    X_train, y_train, X_test, _ = digits
+    order = np.random.default_rng(1).permutation(len(y_train))
+    for base in (SGDClassifier(random_state=None, max_iter=20, tol=None), SGDClassifier(random_state=3)):
+        model = DPA(n_partitions=15, base_estimator=base).fit(X_train, y_train)
+        shuffled = DPA(n_partitions=15, base_estimator=base).fit(X_train[order], y_train[order])
+        np.testing.assert_array_equal(model.base_predictions(X_test), shuffled.base_predictions(X_test))
+        assert base.get_params()["random_state"] in (None, 3)  # the user's estimator is left as it was
+        fitted_seeds = {m.get_params()["random_state"] for m in model.models_ if hasattr(m, "get_params")}
+        assert fitted_seeds == {0 if base.random_state is None else 3}
+
+
 def test_empty_and_one_class_partitions_abstain_or_vote_their_class() -> None:
     # 3 training examples, 200 partitions: at most 3 partitions are non-empty, each holds one class.
     X = np.array([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]])

@@ -173,3 +173,18 @@ def test_object_dtype_labels_work_for_fit_and_certify(blobs):
     model = CertifiedKNeighborsClassifier(n_neighbors=5).fit(X_train, names[y_train])
     result = model.certify(X_test, names[y_test])
     assert result.clean_accuracy == pytest.approx(model.score(X_test, names[y_test].astype(str)))
+
+
+@pytest.mark.parametrize("labels", [np.array([0, 1, 2, 2, 1, 1, 2, 1, 2, 2]), np.array(list("abccbbcbcc"))])
+def test_tie_ranks_survive_the_removal_of_a_whole_class(labels):
+    """Deleting the only example of the first class shifts the label indices but no other example's rank."""
+    X = np.array([[0.0], [1.0], [1.0], [1.0], [2.0], [1.0], [1.0], [1.0], [1.0], [2.0]])  # many distance ties
+    X_test = np.array([[1.0], [1.4]])
+    clean = CertifiedKNeighborsClassifier(n_neighbors=5).fit(X, labels)
+    poisoned = CertifiedKNeighborsClassifier(n_neighbors=5).fit(X[1:], labels[1:])
+    assert len(poisoned.classes_) == 2
+    # The surviving examples keep their relative order (index_.order_ holds rows, best rank first).
+    survivors = clean.index_.order_[clean.index_.order_ != 0] - 1
+    np.testing.assert_array_equal(poisoned.index_.order_, survivors)
+    np.testing.assert_array_equal(poisoned.classes_[poisoned.neighbor_labels(X_test)],
+                                  clean.classes_[clean.neighbor_labels(X_test)][:, :5])

@@ -79,15 +79,45 @@ def array_digest(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def example_digests(X: np.ndarray, y_index: np.ndarray) -> np.ndarray:
+def label_codes(classes: np.ndarray) -> np.ndarray:
+    """Canonical int64 code of each label value: the label part of an example's content hash.
+
+    Integer labels (and booleans) are their own code, so label indices ``0..c-1`` hash as themselves; string
+    labels get the first 8 bytes (little-endian) of a SHA-256 of their UTF-8 text. A code depends on the label
+    value alone, never on which other labels occur: a poisoned training set that removes every example of a
+    class, or adds a new class, re-encodes the label *indices* but changes no other example's hash, so tie
+    ranks and DPA partitions stay where they were.
+
+    Examples
+    --------
+    >>> label_codes(np.array([3, 7])).tolist()
+    [3, 7]
+    >>> bool(label_codes(np.array(["cat", "dog"]))[0] == label_codes(np.array(["cat"]))[0])
+    True
+    """
+    values = np.asarray(classes)
+    if values.ndim != 1:
+        raise ValueError(f"classes must be 1-D, got shape {values.shape}")
+    if values.dtype.kind in "biu" and (values.size == 0 or int(values.max()) <= np.iinfo(np.int64).max):
+        return values.astype(np.int64)
+    codes = []
+    for value in values.tolist():
+        text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+        digest = hashlib.sha256(b"poisoncert-label\0" + text.encode("utf-8", "surrogatepass")).digest()
+        codes.append(int.from_bytes(digest[:8], "little", signed=True))
+    return np.array(codes, dtype=np.int64)
+
+
+def example_digests(X: np.ndarray, label_code: np.ndarray) -> np.ndarray:
     """SHA-256 of each training example's canonical bytes, shape (n, 32) uint8 (spec section 2).
 
     The bytes are the features as little-endian float64 (``-0.0`` folded into ``0.0`` so equal vectors hash
-    equally) followed by the label index as little-endian int64: a function of the example alone, never of its
-    row position or of the other examples. Neighbour tie ranks and DPA partitions are both derived from it.
+    equally) followed by the label's code as little-endian int64 (:func:`label_codes`; for integer labels, the
+    label itself): a function of the example alone, never of its row position or of the other examples.
+    Neighbour tie ranks and DPA partitions are both derived from it.
     """
     features = np.ascontiguousarray(np.asarray(X, dtype=np.float64) + 0.0, dtype="<f8")
-    labels = np.ascontiguousarray(y_index, dtype="<i8")
+    labels = np.ascontiguousarray(label_code, dtype="<i8")
     row_bytes = features.shape[1] * 8
     buffer = np.empty((len(features), row_bytes + 8), dtype=np.uint8)
     buffer[:, :row_bytes] = features.view(np.uint8).reshape(len(features), row_bytes)

@@ -28,7 +28,7 @@ from scipy.stats import beta
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from ._io import example_digests
+from ._io import example_digests, label_codes
 from ._validation import check_features, check_positive_int, check_training_set, check_votes, encode_test_labels
 from .results import NOT_CERTIFIED, CertificationResult
 
@@ -310,10 +310,14 @@ def example_hashes(X: np.ndarray, y_index: np.ndarray) -> list[int]:
     return [int.from_bytes(digest.tobytes(), "big") for digest in example_digests(X, y_index)]
 
 
-def dpa_partitions(X: np.ndarray, y_index: np.ndarray, n_partitions: int) -> np.ndarray:
-    """Partition of each training example: its SHA-256 content hash (:func:`example_hashes`) mod ζ."""
+def dpa_partitions(X: np.ndarray, hash_labels: np.ndarray, n_partitions: int) -> np.ndarray:
+    """Partition of each training example: its SHA-256 content hash (:func:`example_hashes`) mod ζ.
+
+    ``hash_labels`` are integer labels or label codes (:func:`poisoncert._io.label_codes`); :class:`DPA`
+    passes the codes of the label values, so that the partitions never depend on which classes occur.
+    """
     zeta = check_positive_int(n_partitions, "n_partitions")
-    return np.array([h % zeta for h in example_hashes(X, y_index)], dtype=np.int64)
+    return np.array([h % zeta for h in example_hashes(X, hash_labels)], dtype=np.int64)
 
 
 class _CentroidEnsemble:
@@ -392,8 +396,11 @@ class _VotingEnsembleBase(ClassifierMixin, BaseEstimator):
 
     _method = ""
 
-    def _groups(self, X: np.ndarray, y_index: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """(group_of, rows, n_groups): membership pairs, one per (group, drawn row)."""
+    def _groups(self, X: np.ndarray, hash_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """(group_of, rows, n_groups): membership pairs, one per (group, drawn row).
+
+        ``hash_labels`` are the label codes (:func:`poisoncert._io.label_codes`) of the training examples.
+        """
         raise NotImplementedError
 
     def _validate_params_(self) -> None:
@@ -419,7 +426,7 @@ class _VotingEnsembleBase(ClassifierMixin, BaseEstimator):
         """
         self._validate_params_()
         X, classes, y_index = check_training_set(X, y)
-        group_of, rows, n_groups = self._groups(X, y_index)
+        group_of, rows, n_groups = self._groups(X, label_codes(classes)[y_index])
         self.classes_ = classes
         self.n_features_in_ = X.shape[1]
         self.n_train_ = X.shape[0]
@@ -430,9 +437,13 @@ class _VotingEnsembleBase(ClassifierMixin, BaseEstimator):
             order = np.argsort(group_of, kind="stable")
             bounds = np.searchsorted(group_of[order], np.arange(n_groups + 1))
             members = [rows[order[bounds[g]:bounds[g + 1]]] for g in range(n_groups)]
-            self.models_ = self._parallel(
-                lambda idx: _fit_one(self.base_estimator, X[idx], y_index[idx]), members, "fit")
+            base = self._pinned_base_estimator()
+            self.models_ = self._parallel(lambda idx: _fit_one(base, X[idx], y_index[idx]), members, "fit")
         return self
+
+    def _pinned_base_estimator(self) -> Any:
+        """The custom base learner as it is fitted (DPA pins unset seeds; Bagging fits it as given)."""
+        return self.base_estimator
 
     def _parallel(self, function: Any, items: list[Any], what: str) -> list[Any]:
         from joblib import Parallel, delayed
@@ -492,10 +503,13 @@ class DPA(_VotingEnsembleBase):
     probability involved.
 
     Training example ``i`` goes to partition
-    ``SHA-256(features as float64 LE, label index as int64 LE) mod ζ`` (:func:`dpa_partitions`), never to
-    one chosen by its row position, so inserting or deleting an example changes exactly one partition.
-    The certificate assumes the label set (``classes_``) is the same for the
-    clean and the poisoned set, as the threat model does (labels ``0..c-1``).
+    ``SHA-256(features as float64 LE, label code as int64 LE) mod ζ`` (:func:`dpa_partitions`; the code of an
+    integer label is the label itself, see :func:`poisoncert._io.label_codes`), never to one chosen by its row
+    position or by which other labels occur, so inserting or deleting an example changes exactly one partition.
+
+    The certificate needs each base classifier to be a deterministic function of its partition: a custom
+    ``base_estimator`` is given its partition's examples in content-hash order, and every ``random_state``
+    parameter it leaves unset (None) is pinned to 0. A learner with other hidden randomness voids the guarantee.
 
     Parameters
     ----------
@@ -538,10 +552,23 @@ class DPA(_VotingEnsembleBase):
         self.n_jobs = n_jobs
         self.progress = progress
 
-    def _groups(self, X: np.ndarray, y_index: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    def _groups(self, X: np.ndarray, hash_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         zeta = check_positive_int(self.n_partitions, "n_partitions")
-        self.partition_ = dpa_partitions(X, y_index, zeta)
-        return self.partition_, np.arange(X.shape[0]), zeta
+        hashes = example_hashes(X, hash_labels)
+        self.partition_ = np.array([h % zeta for h in hashes], dtype=np.int64)
+        # Members in content-hash order: a base learner sees its partition in an order fixed by the examples'
+        # content, so an unchanged partition trains the same model whatever the row order of D or D*.
+        rows = np.array(sorted(range(len(hashes)), key=hashes.__getitem__), dtype=np.int64)
+        return self.partition_[rows], rows, zeta
+
+    def _pinned_base_estimator(self) -> Any:
+        # The certificate needs each base classifier to be a function of its partition alone: a learner with
+        # an unset seed would train a different model on the same partition after a refit.
+        if self.base_estimator is None:
+            return None
+        unset = {name: 0 for name, value in self.base_estimator.get_params(deep=True).items()
+                 if name.split("__")[-1] == "random_state" and value is None}
+        return clone(self.base_estimator).set_params(**unset) if unset else self.base_estimator
 
     def certify(self, X: np.ndarray, y: np.ndarray) -> CertificationResult:
         """Certified poisoning sizes of the test set (general threat model; -1 for misclassified inputs)."""
@@ -556,7 +583,9 @@ class DPA(_VotingEnsembleBase):
             "certificate": "DPA: gap = n_a - max_{l != a}(n_l + [l < a]); general = floor(gap/4)",
             "native_accounting": "insertions and deletions each count 1, a modification 2: floor(gap/2)",
             "native_certified_size": native.tolist(),
-            "partitioning": "SHA-256(features float64 LE + label index int64 LE) mod n_partitions",
+            "partitioning": "SHA-256(features float64 LE + label code int64 LE) mod n_partitions; the code of "
+                            "an integer label is the label, of a string label the first 8 bytes of its SHA-256",
+            "base_learner_input": "each partition in content-hash order; unset random_state pinned to 0",
         })
         return CertificationResult(
             method="dpa", params={"n_partitions": int(self.n_partitions)}, prediction_indices=prediction,
@@ -628,7 +657,7 @@ class Bagging(_VotingEnsembleBase):
             raise ValueError(f"alpha must be a number in (0, 1), got {self.alpha!r}")
         check_positive_int(self.random_state, "random_state", minimum=0)
 
-    def _groups(self, X: np.ndarray, y_index: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    def _groups(self, X: np.ndarray, hash_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         rng = np.random.default_rng(self.random_state)
         self.subsamples_ = rng.integers(0, X.shape[0], size=(self.n_estimators, self.subsample_size))
         group_of = np.repeat(np.arange(self.n_estimators), self.subsample_size)

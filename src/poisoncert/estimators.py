@@ -15,6 +15,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from . import certify as _certify
+from ._io import label_codes
 from ._validation import check_features, check_metric, check_positive_int, check_training_set, encode_test_labels
 from .results import NOT_CERTIFIED, CertificationResult
 from .votes import knn_votes_from_labels, predict
@@ -56,7 +57,7 @@ class _CertifiedNeighborsBase(ClassifierMixin, BaseEstimator):
         self._y_index = y_index
         self.index_ = NeighbourIndex(
             X, y_index, metric=self.metric, backend=self.backend, max_memory_mb=self.max_memory_mb,
-            progress=self.progress,
+            progress=self.progress, hash_labels=label_codes(classes)[y_index],
         )
         return self
 

@@ -451,6 +451,10 @@ class NeighbourIndex:
         on top of it.
     progress : bool, default False
         Show a tqdm progress bar over chunks.
+    hash_labels : array-like of shape (n_train,), int, optional
+        The label part of each example's content hash (default: ``y_train``). The estimators pass the codes of
+        the label *values* (:func:`poisoncert._io.label_codes`), so that a poisoned set that removes a whole
+        class (and so shifts the label indices) leaves every other example's tie rank unchanged.
 
     Examples
     --------
@@ -475,9 +479,17 @@ class NeighbourIndex:
         chunk_size: int | None = None,
         max_memory_mb: float = 512,
         progress: bool = False,
+        hash_labels: np.ndarray | None = None,
     ) -> None:
         X = check_features(X_train, "X_train")
         y = _check_train_labels(y_train, X.shape[0])
+        if hash_labels is None:
+            hash_labels = y
+        else:
+            hash_labels = np.asarray(hash_labels)
+            if hash_labels.shape != y.shape or hash_labels.dtype.kind not in "iu":
+                raise ValueError(f"hash_labels must be {len(y)} integer codes, got {hash_labels.dtype} "
+                                 f"{hash_labels.shape}")
         self.metric = check_metric(metric)
         if backend not in _BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(_BACKENDS)}")
@@ -495,7 +507,7 @@ class NeighbourIndex:
         self.max_memory_mb = float(max_memory_mb)
         self.progress = bool(progress)
 
-        self.ranks_ = _ranks(X, y)
+        self.ranks_ = _ranks(X, hash_labels)
         # Rank descending, identical examples (equal rank) by original row: later ties become "smaller position".
         self.order_ = np.lexsort((np.arange(len(X)), -self.ranks_))
         self.dtype_ = X.dtype
