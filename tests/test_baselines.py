@@ -295,6 +295,10 @@ def test_bagging_rejects_bad_arguments() -> None:
         bagging_certified_size(np.array([[3, 1]]), 0, 2, alpha=0.1)
     with pytest.raises(TypeError, match="subsample_size"):
         bagging_certified_size(np.array([[3, 1]]), 10, 2.5, alpha=0.1)
+    with pytest.raises(ValueError, match="e must"):
+        bagging_worst_case(-3, 100, 5)
+    with pytest.raises(ValueError, match="n_train"):
+        bagging_worst_case(3, 0, 5)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ Both are ensembles of base classifiers whose certificates are functions of a vot
 
 * :func:`dpa_certified_size` (deterministic) for Deep Partition Aggregation (Levine & Feizi): one base
   classifier per partition of the training set, partitions chosen by a content hash of each example;
-* :func:`bagging_certified_size` (probabilistic, confidence ``1 - alpha``) for Bagging (Jia, Cao & Gong,
-  "Intrinsic certified robustness of bagging against data poisoning attacks", Theorem 1).
+* :func:`bagging_certified_size` for Bagging (Jia, Cao & Gong, "Intrinsic certified robustness of bagging
+  against data poisoning attacks", Theorem 1). Probabilistic: confidence ``1 - 2 alpha`` with ``alpha / c`` per
+  bound (see its Notes); the :class:`Bagging` estimator halves alpha so that it states ``1 - alpha``.
 
 Poisoning sizes are counted as in spec section 1 (the **general** model): ``max(|D*|, |D|) - |D* ∩ D|``, so a
 modified example counts once. DPA's native accounting (each insertion or deletion counts once, a modification
@@ -199,8 +200,10 @@ def bagging_worst_case(e: np.ndarray | int, n_train: int, subsample_size: int) -
     stable for n = 60,000 and ξ = 27.
     """
     e = np.asarray(e, dtype=np.float64)
-    n = float(n_train)
-    xi = float(subsample_size)
+    if e.size and (not np.all(np.isfinite(e)) or e.min() < 0):
+        raise ValueError("e must hold finite poisoning sizes >= 0")
+    n = float(check_positive_int(n_train, "n_train"))
+    xi = float(check_positive_int(subsample_size, "subsample_size"))
     # n* = e matters only when e > n: below it the overlap is empty and the value grows with n*.
     candidates = [np.full_like(e, n), n + e, e]
     if subsample_size > 1:
@@ -225,7 +228,8 @@ def bagging_certified_size(
     """Certified poisoning size of Bagging's top label for each test input; -1 if not certified at 0.
 
     What is proved (Jia, Cao & Gong, Theorem 1, general threat model of spec section 1): with probability at
-    least ``1 - alpha`` over the draw of the N subsamples, for every poisoned training set ``D*`` within the
+    least ``1 - 2 alpha`` over the draw of the N subsamples (``1 - alpha`` when called with ``alpha / 2``, as
+    :class:`Bagging` does; see Notes), for every poisoned training set ``D*`` within the
     returned size e, the bagged classifier on ``D*`` (the label with the largest probability of being
     predicted by a base classifier trained on ξ examples drawn uniformly with replacement from ``D*``) is the
     top label of ``votes``. Per test input; the bounds are not corrected for the number of test inputs, so the
@@ -262,9 +266,10 @@ def bagging_certified_size(
     Confidence accounting, stated precisely: the top label ``a`` is chosen from the same votes. The union bound
     over the ``n_classes`` lower bounds covers that choice for ``p_a_lower`` (hence for ``1 - p_a_lower``),
     but the upper bounds are then used for a vote-dependent set of labels; a plain union bound over all
-    ``2 * n_classes`` one-sided events bounds the failure probability by ``2 * alpha`` only. This follows the
-    Bagging paper and spec section 6 (``alpha / n_classes`` per bound). Pass ``alpha / 2`` for a guarantee
-    that rests on the union bound alone.
+    ``2 * n_classes`` one-sided events bounds the failure probability by ``2 * alpha`` only, and simulation
+    confirms that the failure rate can exceed ``alpha``. The level ``alpha / n_classes`` per bound follows the
+    Bagging paper and spec section 6; pass ``alpha / 2`` for a ``1 - alpha`` guarantee that rests on the union
+    bound alone.
 
     Examples
     --------
