@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -293,6 +295,11 @@ def test_fashion_mnist_default_debian_location(tmp_path, monkeypatch):
     _write_fashion(tmp_path / "usr-share")
     assert D.available("fashion-mnist")
     assert D.load("fashion-mnist").X_train.shape == (9, 28, 28)
+    # A wrong environment variable is an error that names it, not a silent fallback to the Debian folder.
+    monkeypatch.setenv(D.FASHION_MNIST_ENV_VAR, str(tmp_path / "elsewhere"))
+    assert not D.available("fashion-mnist")
+    with pytest.raises(D.DatasetUnavailableError, match=r"POISONCERT_FASHION_MNIST=.*elsewhere"):
+        D.load("fashion-mnist")
 
 
 @pytest.mark.skipif(not D.available("fashion-mnist"), reason="dataset-fashion-mnist is not installed")
@@ -375,12 +382,18 @@ def _check_cifar(data: D.Dataset, batches) -> None:
     assert list(data.class_names) == CIFAR_NAMES
 
 
+# Our tiny fixtures are in the real format but are not the official files: the loader says so, once per load.
+pytestmark = pytest.mark.filterwarnings("ignore:.*not byte-identical to the official files:UserWarning")
+
+
 def test_cifar10_from_tar_gz_dir_and_env(tmp_path, monkeypatch):
     batches, meta = _cifar_batches()
     archive = _write_cifar_tar(tmp_path / "cifar-10-python.tar.gz", batches, meta)
-    from_tar = D.load("cifar10", path=archive, cache_dir=tmp_path / "cache")
+    with pytest.warns(UserWarning, match="not byte-identical to the official files"):
+        from_tar = D.load("cifar10", path=archive, cache_dir=tmp_path / "cache")
     _check_cifar(from_tar, batches)
     assert from_tar.checksum == sha256_file(archive)
+    assert from_tar.metadata()["official_files"].startswith("NO")
 
     folder = _write_cifar_dir(tmp_path / "x" / "cifar-10-batches-py", batches, meta)
     _check_cifar(D.load("cifar10", path=folder, cache_dir=tmp_path / "cache"), batches)
@@ -390,11 +403,42 @@ def test_cifar10_from_tar_gz_dir_and_env(tmp_path, monkeypatch):
     _check_cifar(D.load("cifar10", cache_dir=tmp_path / "cache"), batches)
 
 
+def test_cifar10_official_md5_is_recognised(tmp_path, monkeypatch):
+    batches, meta = _cifar_batches()
+    folder = _write_cifar_dir(tmp_path / "cifar-10-batches-py", batches, meta)
+    official = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in D._CIFAR_OFFICIAL_MD5}
+    monkeypatch.setattr(D, "_CIFAR_OFFICIAL_MD5", official)  # pretend our fixture is the published data
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = D.load("cifar10", path=folder, cache_dir=tmp_path / "cache")
+    assert data.metadata()["official_files"].startswith("yes")
+
+
+def test_cifar10_corrupted_or_truncated_archive_is_refused(tmp_path):
+    batches, meta = _cifar_batches(per_batch=200)  # random pixels: the gzip stream is as long as the data
+    archive = _write_cifar_tar(tmp_path / "good.tar.gz", batches, meta)
+    raw = bytearray(archive.read_bytes())
+    flipped = tmp_path / "flipped.tar.gz"
+    middle = len(raw) // 2
+    flipped.write_bytes(bytes(raw[:middle]) + bytes(b ^ 0xFF for b in raw[middle:middle + 8]) + bytes(raw[middle + 8:]))
+    with pytest.raises(ValueError, match="damaged or truncated"):
+        D.load("cifar10", path=flipped, cache_dir=tmp_path / "cache")
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(bytes(raw[: len(raw) - 20]))
+    with pytest.raises(ValueError, match="damaged or truncated"):
+        D.load("cifar10", path=truncated, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.npz"))  # nothing was cached from a damaged source
+
+
 def test_cifar10_missing_and_malicious(tmp_path, monkeypatch):
     monkeypatch.delenv(D.CIFAR10_ENV_VAR, raising=False)
     assert not D.available("cifar10")
     with pytest.raises(D.DatasetUnavailableError, match="POISONCERT_CIFAR10"):
         D.load("cifar10", cache_dir=tmp_path)
+    monkeypatch.setenv(D.CIFAR10_ENV_VAR, str(tmp_path / "wrong"))
+    with pytest.raises(D.DatasetUnavailableError, match=r"POISONCERT_CIFAR10=.*wrong"):
+        D.load("cifar10", cache_dir=tmp_path)
+    monkeypatch.delenv(D.CIFAR10_ENV_VAR)
 
     batches, meta = _cifar_batches()
     folder = _write_cifar_dir(tmp_path / "cifar-10-batches-py", batches, meta)

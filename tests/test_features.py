@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -124,6 +125,13 @@ def test_extract_caches_and_recomputes_only_on_key_change(tmp_path, monkeypatch)
     F.extract(data, "train", "hog", cache_dir=tmp_path)  # other poisoncert version
     assert len(calls) == 5
     assert calls[2]["orientations"] == 6 and calls[0]["pixels_per_cell"] == (8, 8)
+    # Same name and checksum but other images (a subset, another split rule): never the cached features.
+    subset = dataclasses.replace(data, X_train=data.X_train[:12], y_train=data.y_train[:12])
+    features = F.extract(subset, "train", "hog", cache_dir=tmp_path)
+    assert len(calls) == 6 and features.shape[0] == 12
+    monkeypatch.setitem(F._EXTRACTOR_LIBRARIES, "hog", ("numpy",))  # another library version in the key
+    F.extract(data, "train", "hog", cache_dir=tmp_path)
+    assert len(calls) == 7
 
 
 def test_dataset_features_on_digits(tmp_path):

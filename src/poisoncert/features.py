@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._io import sha256_file
+from ._io import array_digest, sha256_file
 from .cache import cached_arrays
 
 if TYPE_CHECKING:
@@ -610,9 +610,12 @@ def extract(
 ) -> np.ndarray:
     """Features of ``dataset``'s ``split`` ("train" or "test") by a named extractor, cached on disk.
 
-    The cache key is (dataset name, dataset checksum, split, extractor, :func:`resolve_params` of
-    ``params``, poisoncert version), plus the checkpoint's SHA-256 for CLIP; features are recomputed only
-    when one of these changes. ``n_jobs`` (HOG) is passed through but not part of the key.
+    The cache key is (dataset name, dataset checksum, split, a SHA-256 of the split's images themselves,
+    extractor, :func:`resolve_params` of ``params``, poisoncert version and the versions of the libraries the
+    extractor computes with), plus the weights' SHA-256 for CLIP and EfficientNet; features are recomputed only
+    when one of these changes. Hashing the images keeps a subset, another split rule or an edited copy of a
+    dataset from ever being served another array's features. ``n_jobs`` (HOG) is passed through but not part
+    of the key.
 
     Returns
     -------
@@ -627,9 +630,11 @@ def extract(
         "dataset": dataset.name,
         "dataset_checksum": dataset.checksum,
         "split": split,
+        "images_sha256": array_digest(X),
         "extractor": extractor,
         "params": resolved,
         "poisoncert_version": __version__,
+        "library_versions": _library_versions(extractor),
     }
     # A path alone could point at different weights later; the file's hash pins them.
     if extractor == "clip":
@@ -645,7 +650,33 @@ def extract(
             kwargs.update(progress=progress)
         return {"features": EXTRACTORS[extractor](X, **kwargs)}
 
-    return cached_arrays(key, compute, cache_dir)["features"]
+    features = cached_arrays(key, compute, cache_dir)["features"]
+    if features.shape[0] != X.shape[0]:
+        raise ValueError(f"feature cache entry for {dataset.name}/{split} has {features.shape[0]} rows for "
+                         f"{X.shape[0]} images: delete the cache folder and run again")
+    return features
+
+
+#: Libraries whose numerics each extractor's output depends on (their versions join the cache key).
+_EXTRACTOR_LIBRARIES = {
+    "hog": ("skimage",),
+    "raw": (),
+    "clip": ("torch", "transformers", "open_clip"),
+    "efficientnet-lite0": ("torch",),
+}
+
+
+def _library_versions(extractor: str) -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    distributions = {"skimage": "scikit-image", "open_clip": "open_clip_torch"}
+    versions: dict[str, str | None] = {}
+    for module in _EXTRACTOR_LIBRARIES.get(extractor, ()):
+        try:
+            versions[module] = version(distributions.get(module, module))
+        except PackageNotFoundError:
+            versions[module] = None
+    return versions
 
 
 def dataset_features(
