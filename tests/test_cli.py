@@ -123,6 +123,83 @@ def test_certify_errors_are_clear_and_write_nothing(user_files, args, message):
     assert not out.exists()
 
 
+def _bad_files(folder):
+    rng = np.random.default_rng(3)
+    X, y = rng.random((20, 3)), rng.integers(0, 2, 20)
+    np.savez(folder / "objects.npz", X=X, y=np.array(["a", "b"], dtype=object)[y])
+    (folder / "garbage.npz").write_text("not a zip file")
+    (folder / "garbage.npy").write_bytes(b"\x00\x01 not numpy")
+    (folder / "ragged.csv").write_text("1,2,3,0\n1,2,0\n4,5,6,1\n")
+    (folder / "empty_label.csv").write_text("f1,f2,label\n0.1,0.2,a\n0.3,0.4,\n")
+    np.save(folder / "features.npy", X)
+    np.savez(folder / "four_features.npz", X=rng.random((5, 4)), y=y[:5])
+    np.savez(folder / "three_d.npz", X=rng.random((5, 2, 2)), y=y[:5])
+    (folder / "a_folder.npz").mkdir()
+
+
+@pytest.mark.parametrize(
+    ("train", "extra", "message"),
+    [
+        ("objects.npz", [], "holds object arrays"),
+        ("garbage.npz", [], "not a valid .npz file"),
+        ("garbage.npy", ["--train-labels", "TEST"], "not a valid .npy file"),
+        ("ragged.csv", [], "not a regular CSV"),
+        ("empty_label.csv", [], "line 3 has an empty label"),
+        ("features.npy", ["--train-labels", "missing_labels.npy"], "train labels file not found"),
+        ("four_features.npz", [], "has 3 features but --train"),
+        ("three_d.npz", [], "must be a 2-D array"),
+        ("a_folder.npz", [], "is a folder, not a file"),
+    ],
+)
+def test_bad_files_give_one_line_errors(user_files, train, extra, message):
+    _bad_files(user_files)
+    out = user_files / "never"
+    extra = [str(user_files / "test.npz") if a == "TEST" else a for a in extra]
+    result = runner.invoke(app, ["certify", "--train", str(user_files / train), "--test", str(user_files / "test.npz"),
+                                 *extra, "--knn", "3", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_unwritable_output_fails_before_work_and_never_mixes_old_and_new_files(user_files):
+    args = ["certify", "--train", str(user_files / "train.npz"), "--test", str(user_files / "test.npz"),
+            "--knn", "3", "--no-progress"]
+    (user_files / "a_file").write_text("x")
+    result = runner.invoke(app, [*args, "--out", str(user_files / "a_file" / "out")])
+    assert result.exit_code == 2 and "is not a folder" in result.output
+    assert "kNN (k=3)" not in result.output  # nothing was certified
+    out = user_files / "out"
+    (out / "curves.png").mkdir(parents=True)
+    (out / "curves.json").write_text("old")
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 2 and "not a regular file" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["curves.json", "curves.png"]
+    assert (out / "curves.json").read_text() == "old"
+
+
+def test_per_example_results_and_empty_neighbourhoods_are_reported(user_files):
+    out = user_files / "out"
+    result = runner.invoke(app, ["certify", "--train", str(user_files / "train.npz"), "--test",
+                                 str(user_files / "test.npz"), "--knn", "3", "--rnn", "0.01", "--out", str(out),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "30 of 30 test inputs have no training example within the radius" in result.output
+    rows = _csv_rows(out / "examples.csv")
+    assert len(rows) == 60 and {row["classifier"] for row in rows} == {"kNN (k=3)", "rNN (r=0.01)"}
+    knn = [row for row in rows if row["classifier"] == "kNN (k=3)"]
+    assert all(sum(int(row[f"votes_{c}"]) for c in range(3)) == 3 for row in knn)
+    assert all((row["prediction"] == row["y_true"]) == (int(row["certified_size"]) >= 0) for row in knn)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_demo_refuses_bad_parameters_before_work(tmp_path):
+    for args, message in ((["--knn", "0"], "must be >= 1"), (["--knn", "5000"], "larger than the training set"),
+                          (["--rnn", "-1"], "> 0")):
+        result = runner.invoke(app, ["demo", *args, "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.parametrize(
     "e_max, expected",
     [(2600, [0, 500, 1000, 1500, 2000]), (124, [0, 20, 40, 60, 80]), (10, [0, 2, 4, 6, 8]), (1, [0]), (0, [0])],

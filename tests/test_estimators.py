@@ -188,3 +188,38 @@ def test_tie_ranks_survive_the_removal_of_a_whole_class(labels):
     np.testing.assert_array_equal(poisoned.index_.order_, survivors)
     np.testing.assert_array_equal(poisoned.classes_[poisoned.neighbor_labels(X_test)],
                                   clean.classes_[clean.neighbor_labels(X_test)][:, :5])
+
+
+def test_unfitted_changed_params_sparse_and_boolean_labels(blobs, tmp_path):
+    from scipy import sparse
+    from sklearn.exceptions import NotFittedError
+
+    X, y, X_test, y_test = blobs
+    for model in (CertifiedKNeighborsClassifier(), CertifiedRadiusNeighborsClassifier()):
+        with pytest.raises(NotFittedError):
+            model.predict(X_test)
+        with pytest.raises(TypeError, match="sparse matrix"):
+            model.fit(sparse.csr_matrix(X), y)
+    model = CertifiedKNeighborsClassifier(n_neighbors=3, metric="l1").fit(X, y)
+    model.set_params(n_neighbors=len(X) + 1)  # read at prediction time, as in scikit-learn: checked there too
+    with pytest.raises(ValueError, match="larger than the training set"):
+        model.predict(X_test)
+    model.set_params(n_neighbors=3, metric="cosine")  # the metric takes effect at the next fit only
+    assert model.certify(X_test, y_test).metadata["metric"] == "l1"
+    flags = CertifiedKNeighborsClassifier(n_neighbors=3).fit(X, y == y[0])
+    flags.certify(X_test, y_test == y[0]).to_json(tmp_path / "flags.json", e=[0, 1])
+    assert json.loads((tmp_path / "flags.json").read_text())["metadata"]["classes"] == [False, True]
+
+
+def test_extreme_feature_values_keep_their_direction_or_are_refused():
+    rng = np.random.default_rng(4)
+    X, y = rng.random((30, 3)), rng.integers(0, 3, 30)
+    model = CertifiedKNeighborsClassifier(n_neighbors=5, metric="cosine").fit(X, y)
+    direction = np.array([[1.0, 2.0, 3.0]])
+    for scale in (1e-170, 1e200):
+        np.testing.assert_array_equal(model.vote_counts(direction * scale), model.vote_counts(direction))
+    with pytest.raises(ValueError, match="too large for float64 distances"):
+        CertifiedKNeighborsClassifier(n_neighbors=5, metric="l2").fit(X * 1e200, y)
+    small = CertifiedKNeighborsClassifier(n_neighbors=5).fit(X.astype(np.float32), y)
+    with pytest.raises(ValueError, match="too large for float32 distances"):
+        small.predict(np.array([[1e300, 0.0, 0.0]]))

@@ -32,14 +32,20 @@ def reference_ranks(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.array([position[d] for d in digests], dtype=np.int64)
 
 
+def _unit(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit Euclidean norm in float64, after dividing by their largest |entry| (no overflow)."""
+    X = np.asarray(X, dtype=np.float64)
+    X = X / np.abs(X).max(axis=1, keepdims=True)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
 def reference_distances(X_train: np.ndarray, X_test: np.ndarray, metric: str) -> np.ndarray:
     """Distances in the engine's dtype, summed feature by feature in column order (the documented definition)."""
     dtype = np.float32 if X_train.dtype == np.float32 else np.float64
     A = np.asarray(X_test, dtype=dtype)
     B = np.asarray(X_train, dtype=dtype)
     if metric == "cosine":
-        A = (A / np.sqrt(np.einsum("ij,ij->i", A, A))[:, None]).astype(dtype)
-        B = (B / np.sqrt(np.einsum("ij,ij->i", B, B))[:, None]).astype(dtype)
+        A, B = _unit(A).astype(dtype), _unit(B).astype(dtype)
     D = np.zeros((len(A), len(B)), dtype=dtype)
     for f in range(A.shape[1]):
         if metric == "l1":

@@ -128,6 +128,8 @@ def example_digests(X: np.ndarray, label_code: np.ndarray) -> np.ndarray:
 
 
 def _json_default(value: Any) -> Any:
+    if isinstance(value, np.bool_):
+        return bool(value)
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, np.floating):

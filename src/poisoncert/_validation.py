@@ -71,6 +71,8 @@ def check_label_indices(y: np.ndarray, n_rows: int, n_classes: int, name: str = 
 
 def check_features(X: np.ndarray, name: str = "X", n_features: int | None = None) -> np.ndarray:
     """A finite, 2-D, non-empty float array (float32 kept, everything else converted to float64)."""
+    if hasattr(X, "tocsr") and hasattr(X, "nnz"):  # a SciPy sparse matrix or array
+        raise TypeError(f"{name} is a sparse matrix; poisoncert needs dense features (use {name}.toarray())")
     array = np.asarray(X)
     if array.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be numeric, got dtype {array.dtype}")
@@ -153,7 +155,7 @@ def check_training_set(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarr
     if len(y_index) != X.shape[0]:
         raise ValueError(f"X has {X.shape[0]} samples but y has {len(y_index)} labels")
     if len(classes) < 2:
-        raise ValueError(f"y has a single class ({classes[0]!r}); certification needs at least 2 classes")
+        raise ValueError(f"y has a single class ({classes[0].item()!r}); certification needs at least 2 classes")
     return X, classes, y_index
 
 
@@ -168,5 +170,6 @@ def encode_test_labels(classes: np.ndarray, y: Any, n_rows: int) -> np.ndarray:
     positions = np.clip(np.searchsorted(classes, labels), 0, len(classes) - 1)
     unknown = classes[positions] != labels
     if np.any(unknown):
-        raise ValueError(f"y holds label {labels[unknown][0]!r}, unknown to the model (classes_: {classes.tolist()})")
+        raise ValueError(f"y holds label {labels[unknown][0].item()!r}, unknown to the model "
+                         f"(classes_: {classes.tolist()})")
     return positions.astype(np.int64)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,6 +34,43 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    text = str(error) or type(error).__name__
+    plain = (ValueError, TypeError, ImportError, FileNotFoundError, FileExistsError, NotADirectoryError,
+             PermissionError)
+    return text if isinstance(error, plain) else f"{type(error).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn bad input and bad files (not bugs) into a one-line ``error: ...`` and exit code 2.
+
+    Set ``POISONCERT_DEBUG=1`` to see the traceback instead.
+    """
+    import pickle
+    import tarfile
+    import zipfile
+
+    try:
+        yield
+    except (ValueError, TypeError, OSError, EOFError, ImportError, pickle.UnpicklingError, tarfile.TarError,
+            zipfile.BadZipFile) as error:
+        if os.environ.get("POISONCERT_DEBUG"):
+            raise
+        _fail(_describe(error))
+
+
+def _friendly(command: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        with user_errors():
+            command(*args, **kwargs)
+
+    return wrapper
+
+
 def _parse_bagging(specs: list[str]) -> list[tuple[int, int]]:
     parsed = []
     for spec in specs:
@@ -41,16 +82,20 @@ def _parse_bagging(specs: list[str]) -> list[tuple[int, int]]:
     return parsed
 
 
+def _check_e_grid(e_max: int | None, e_step: int | None) -> None:
+    if e_max is not None and e_max < 0:
+        _fail(f"--e-max must be >= 0, got {e_max}")
+    if e_step is not None and e_step < 1:
+        _fail(f"--e-step must be >= 1, got {e_step}")
+
+
 def _report(results: list, e_max: int | None, e_step: int | None, out: Path, title: str, subtitle: str,
             settings: dict) -> None:
     import numpy as np
 
     from .experiments import default_e_grid, summary_table, table_points, write_outputs
 
-    if e_max is not None and e_max < 0:
-        _fail(f"--e-max must be >= 0, got {e_max}")
-    if e_step is not None and e_step < 1:
-        _fail(f"--e-step must be >= 1, got {e_step}")
+    _check_e_grid(e_max, e_step)
     if e_max is None:
         e = default_e_grid(results)
     else:
@@ -61,11 +106,17 @@ def _report(results: list, e_max: int | None, e_step: int | None, out: Path, tit
     typer.echo("certified accuracy (%), a provable lower bound; threat model: "
                f"{settings.get('threat_model', 'general')}\n")
     typer.echo(summary_table(results, points))
+    for result in results:
+        empty = int(result.metadata.get("n_no_neighbour", 0))
+        if empty:
+            typer.secho(f"note: {result.label()}: {empty} of {result.n_test} test inputs have no training example "
+                        "within the radius; they predict the largest label by the tie rule", fg="yellow", err=True)
     paths = write_outputs(results, e, out, title=title, subtitle=subtitle, settings=settings)
     typer.echo("\nwrote " + ", ".join(str(path) for path in paths.values()))
 
 
 @app.command()
+@_friendly
 def demo(
     out: OutOption = Path("poisoncert-out"),
     knn: Annotated[list[int], typer.Option(help="k values (repeat the option for a sweep).")] = [50],  # noqa: B006
@@ -74,9 +125,10 @@ def demo(
 ) -> None:
     """Certify kNN and rNN on scikit-learn's bundled digits (embedded data, seconds), print a table, write CSV+PNG."""
     from .datasets import load
-    from .experiments import certify_methods
+    from .experiments import certify_methods, prepare_output_folder
     from .features import raw_pixels
 
+    prepare_output_folder(out)
     data = load("digits")
     X_train, X_test = raw_pixels(data.X_train), raw_pixels(data.X_test)
     raw = raw_pixels(data.X_train[:1])
@@ -90,32 +142,76 @@ def demo(
             settings)
 
 
-def _load_table(path: Path, labels: Path | None, role: str):
+_OBJECT_ARRAYS = ("{path} holds object arrays (such as labels from pandas), which poisoncert does not unpickle; "
+                  "save them as strings or integers, e.g. np.asarray(y, dtype=str)")
+
+
+def _load_array(path: Path):
     import numpy as np
 
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as error:
+        if "Object arrays" in str(error):
+            _fail(_OBJECT_ARRAYS.format(path=path))
+        # numpy reads anything without its magic number as a pickle, which allow_pickle=False refuses.
+        reason = "not a NumPy file" if "pickled" in str(error) else str(error)
+        _fail(f"{path} is not a valid {path.suffix} file ({reason})")
+    except (OSError, EOFError) as error:
+        _fail(f"{path} is not a valid {path.suffix} file ({_describe(error)})")
+
+
+def _check_file(path: Path, what: str) -> None:
     if not path.exists():
-        _fail(f"{role} file not found: {path}")
+        _fail(f"{what} file not found: {path}")
+    if not path.is_file():
+        _fail(f"{what} {path} is a folder, not a file")
+
+
+def _load_table(path: Path, labels: Path | None, role: str):
+    import zipfile
+
+    import numpy as np
+
+    _check_file(path, role)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            keys = set(archive.files)
-            if {"X", "y"} <= keys:
+        try:
+            archive = _load_array(path)
+            with archive:
+                keys = set(archive.files)
+                if not {"X", "y"} <= keys:
+                    _fail(f"{path} must hold arrays named X and y, found {sorted(keys)}")
                 return archive["X"], archive["y"]
-            _fail(f"{path} must hold arrays named X and y, found {sorted(keys)}")
+        except ValueError as error:
+            if "Object arrays" in str(error):
+                _fail(_OBJECT_ARRAYS.format(path=path))
+            raise
+        except zipfile.BadZipFile as error:
+            _fail(f"{path} is not a valid .npz file ({error})")
     if suffix == ".npy":
-        X = np.load(path, allow_pickle=False)
+        X = _load_array(path)
         if labels is None:
-            _fail(f"{role} features {path} are a .npy file: give the labels with --{role}-labels FILE.npy")
-        y = np.load(labels, allow_pickle=False) if labels.suffix == ".npy" else np.loadtxt(labels, dtype=str)
-        return X, y
+            _fail(f"{role} features {path} are a .npy file: give the labels with --{role}-labels FILE")
+        _check_file(labels, f"{role} labels")
+        if labels.suffix.lower() == ".npy":
+            return X, _load_array(labels)
+        return X, _read_text_labels(labels)
     if suffix in (".csv", ".txt"):
-        rows = np.genfromtxt(path, delimiter=",", dtype=str, ndmin=2)
-        if rows.ndim != 2 or rows.shape[1] < 2:
+        try:
+            rows = np.genfromtxt(path, delimiter=",", dtype=str, ndmin=2)
+        except ValueError as error:
+            _fail(f"{path} is not a regular CSV (every row needs the same number of columns): {error}")
+        if rows.ndim != 2 or rows.shape[1] < 2 or rows.shape[0] == 0:
             _fail(f"{path} must be a CSV with feature columns and the label in the last column")
+        header = 0
         try:
             float(rows[0, 0])
         except ValueError:
-            rows = rows[1:]  # header
+            rows, header = rows[1:], 1
+        empty = np.flatnonzero(np.char.strip(rows[:, -1]) == "")
+        if empty.size:
+            _fail(f"{path}: line {int(empty[0]) + 1 + header} has an empty label (last column)")
         try:
             X = rows[:, :-1].astype(np.float64)
         except ValueError as error:
@@ -123,6 +219,17 @@ def _load_table(path: Path, labels: Path | None, role: str):
         return X, rows[:, -1]
     _fail(f"{path}: unsupported file type {suffix!r}; use .npz (X, y), .npy (+ labels) or .csv (label last)")
     raise AssertionError
+
+
+def _read_text_labels(path: Path):
+    import numpy as np
+
+    labels = np.array([line.strip() for line in path.read_text().splitlines()])
+    if labels.size == 0:
+        _fail(f"{path} holds no labels")
+    if np.any(labels == ""):
+        _fail(f"{path}: line {int(np.flatnonzero(labels == '')[0]) + 1} is empty (one label per line)")
+    return labels
 
 
 def _harmonise_labels(y_train, y_test):
@@ -145,15 +252,19 @@ def _harmonise_labels(y_train, y_test):
 
 
 @app.command()
+@_friendly
 def certify(
     train: Annotated[Path | None, typer.Option(help="Training set: .npz with X and y, .csv (label in the last "
                                                       "column) or .npy features (then --train-labels).")] = None,
     test: Annotated[Path | None, typer.Option(help="Test set, same formats as --train.")] = None,
-    train_labels: Annotated[Path | None, typer.Option(help="Labels (.npy) for .npy training features.")] = None,
-    test_labels: Annotated[Path | None, typer.Option(help="Labels (.npy) for .npy test features.")] = None,
+    train_labels: Annotated[Path | None, typer.Option(help="Labels for .npy training features: .npy, or a text "
+                                                             "file with one label per line.")] = None,
+    test_labels: Annotated[Path | None, typer.Option(help="Labels for .npy test features (as --train-labels)."
+                                                            )] = None,
     dataset: Annotated[str | None, typer.Option(help="A registry dataset instead of files (see `poisoncert "
                                                      "datasets`): mnist, fashion-mnist, cifar10, digits.")] = None,
-    features: Annotated[str, typer.Option(help="Feature extractor for --dataset: hog, raw or clip.")] = "hog",
+    features: Annotated[str, typer.Option(help="Feature extractor for --dataset: hog, raw, clip or "
+                                               "efficientnet-lite0.")] = "hog",
     data_path: Annotated[Path | None, typer.Option(help="Local file/folder for datasets that need one "
                                                         "(CIFAR10, Fashion-MNIST).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Local CLIP checkpoint for --features clip: a Hugging "
@@ -176,37 +287,39 @@ def certify(
     """Certify classifiers on your own features/labels or on a registry dataset; write curves as CSV, PNG, JSON."""
     import numpy as np
 
-    from .experiments import certify_methods
+    from .experiments import certify_methods, check_methods, prepare_output_folder
 
     if not (knn or rnn or dpa or bagging):
         _fail("choose at least one classifier: --knn K, --rnn R, --dpa ZETA or --bagging N:XI")
     bagging_specs = _parse_bagging(bagging)
+    _check_e_grid(e_max, e_step)
+    prepare_output_folder(out)  # an output folder that cannot be written fails before any work
+    methods = {"knn": knn, "rnn": rnn, "dpa": dpa, "bagging": bagging_specs, "alpha": alpha, "metric": metric,
+               "threat_model": threat_model}
+    check_methods(None, **methods)  # every parameter is checked before any data is read
     if dataset is not None:
         if train is not None or test is not None:
             _fail("give either --dataset or --train/--test files, not both")
         from .features import dataset_features
 
-        try:
-            X_train, y_train, X_test, y_test, info = dataset_features(
-                dataset, features, path=data_path, checkpoint=checkpoint, cache_dir=cache_dir, progress=progress)
-        except (FileNotFoundError, ValueError, ImportError) as error:
-            _fail(str(error))
+        X_train, y_train, X_test, y_test, info = dataset_features(
+            dataset, features, path=data_path, checkpoint=checkpoint, cache_dir=cache_dir, progress=progress)
         source = f"{dataset} ({features} features)"
     else:
         if train is None or test is None:
             _fail("give --train and --test files (or --dataset NAME)")
         X_train, y_train = _load_table(train, train_labels, "train")
         X_test, y_test = _load_table(test, test_labels, "test")
+        for path, X in ((train, X_train), (test, X_test)):
+            if np.ndim(X) != 2:
+                _fail(f"{path}: features must be a 2-D array (n_samples, n_features), got shape {np.shape(X)}")
+        if X_train.shape[1] != X_test.shape[1]:
+            _fail(f"--test {test} has {X_test.shape[1]} features but --train {train} has {X_train.shape[1]}")
         y_train, y_test = _harmonise_labels(y_train, y_test)
         info = {"dataset": f"user files: {train}, {test}", "features": "as given"}
         source = f"{train.name} / {test.name}"
     settings = {**info, "metric": metric, "threat_model": threat_model, "alpha": alpha if bagging else None}
-    try:
-        results = certify_methods(X_train, y_train, X_test, y_test, knn=knn, rnn=rnn, dpa=dpa,
-                                  bagging=bagging_specs, alpha=alpha, metric=metric, threat_model=threat_model,
-                                  progress=progress, metadata=info)
-    except (ValueError, TypeError) as error:
-        _fail(str(error))
+    results = certify_methods(X_train, y_train, X_test, y_test, **methods, progress=progress, metadata=info)
     _report(results, e_max, e_step, out, "Certified accuracy under data poisoning",
             f"{source}, n_train={len(np.asarray(X_train))}, n_test={len(np.asarray(X_test))}, {metric}, "
             f"{threat_model} threat model", settings)
@@ -217,6 +330,7 @@ CacheOption = Annotated[Path | None, typer.Option(help="Cache folder (default: $
 
 
 @app.command("datasets")
+@_friendly
 def list_datasets(cache_dir: CacheOption = None) -> None:
     """List the datasets poisoncert can load and whether each is available on this machine now."""
     from .datasets import registry
@@ -230,6 +344,7 @@ def list_datasets(cache_dir: CacheOption = None) -> None:
 
 
 @app.command("features")
+@_friendly
 def materialise_features(
     dataset: Annotated[str, typer.Argument(help="mnist, fashion-mnist, cifar10 or digits.")],
     extractor: Annotated[str, typer.Option(help="hog, raw, clip or efficientnet-lite0.")] = "hog",
@@ -241,11 +356,8 @@ def materialise_features(
     """Extract (or reuse) the cached features of both splits of DATASET."""
     from .features import dataset_features
 
-    try:
-        X_train, _, X_test, _, info = dataset_features(dataset, extractor, path=data_path, checkpoint=checkpoint,
-                                                       cache_dir=cache_dir, progress=progress)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        _fail(str(error))
+    X_train, _, X_test, _, info = dataset_features(dataset, extractor, path=data_path, checkpoint=checkpoint,
+                                                   cache_dir=cache_dir, progress=progress)
     typer.echo(json.dumps({**info, "train_shape": list(X_train.shape), "test_shape": list(X_test.shape)},
                           indent=2))
 

@@ -80,11 +80,12 @@ class _CertifiedNeighborsBase(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Majority label of the neighbours, ties to the larger class index (spec section 2)."""
-        return self.classes_[predict(self.vote_counts(X))]
+        votes = self.vote_counts(X)
+        return self.classes_[predict(votes)]
 
     def _metadata(self, n_test: int) -> dict[str, Any]:
         return {
-            "metric": check_metric(self.metric),
+            "metric": self.index_.metric,  # the one the index was built with, even after set_params
             "n_train": int(self.n_train_),
             "n_features": int(self.n_features_in_),
             "backend": self.index_.backend if hasattr(self.index_, "backend") else self.backend,
@@ -171,11 +172,18 @@ class CertifiedKNeighborsClassifier(_CertifiedNeighborsBase):
     def neighbor_labels(self, X: np.ndarray, n_neighbors: int | None = None) -> np.ndarray:
         """Label indices of each input's nearest training examples in order, shape (n_test, n_neighbors)."""
         X = self._check_X(X)
-        count = self.n_neighbors if n_neighbors is None else check_positive_int(n_neighbors, "n_neighbors")
+        count = self._current_k() if n_neighbors is None else check_positive_int(n_neighbors, "n_neighbors")
         return self.index_.ordered_labels(X, min(count, self.n_train_))
 
+    def _current_k(self) -> int:
+        # n_neighbors is read at prediction time (as in scikit-learn), so set_params after fit is checked here.
+        k = check_positive_int(self.n_neighbors, "n_neighbors")
+        self._check_training_size(self.n_train_)
+        return k
+
     def vote_counts(self, X: np.ndarray) -> np.ndarray:
-        return knn_votes_from_labels(self.neighbor_labels(X), self.n_neighbors, len(self.classes_))
+        labels = self.neighbor_labels(X)
+        return knn_votes_from_labels(labels, self.n_neighbors, len(self.classes_))
 
     def vote_counts_sweep(self, X: np.ndarray, n_neighbors: Sequence[int]) -> np.ndarray:
         """Votes for many k from one distance pass: shape (len(n_neighbors), n_test, n_classes)."""

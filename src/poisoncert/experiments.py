@@ -5,6 +5,10 @@ The CLI and the paper reproduction are thin wrappers over these functions.
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +19,43 @@ import numpy as np
 from . import __version__
 from ._io import write_json
 from .results import CertificationResult, write_curves_csv
+
+
+def check_methods(
+    n_train: int | None,
+    *,
+    knn: Sequence[int] = (),
+    rnn: Sequence[float] = (),
+    dpa: Sequence[int] = (),
+    bagging: Sequence[tuple[int, int]] = (),
+    alpha: float = 0.001,
+    metric: str = "l1",
+    threat_model: str = "general",
+) -> None:
+    """Check every parameter of a :func:`certify_methods` call, so that bad input fails before any work.
+
+    ``n_train`` (None: not known yet) adds the check that no k exceeds the training set.
+    """
+    from ._validation import check_metric, check_positive_int
+    from .certify import _check_threat_model
+    from .estimators import _check_radii
+
+    for k in knn:
+        check_positive_int(k, "k (--knn)")
+        if n_train is not None and k > n_train:
+            raise ValueError(f"k={k} is larger than the training set ({n_train} examples)")
+    if rnn:
+        _check_radii(list(rnn))
+    for zeta in dpa:
+        check_positive_int(zeta, "DPA partitions (--dpa)")
+    for n_estimators, subsample_size in bagging:
+        check_positive_int(n_estimators, "Bagging base classifiers N")
+        check_positive_int(subsample_size, "Bagging subsample size XI")
+    if bagging and (isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1):
+        raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
+    check_metric(metric)
+    if _check_threat_model(threat_model) != "general" and (dpa or bagging):
+        raise ValueError("DPA and Bagging are certified under the general threat model only")
 
 
 def certify_methods(
@@ -41,6 +82,8 @@ def certify_methods(
     """
     from .estimators import CertifiedKNeighborsClassifier, CertifiedRadiusNeighborsClassifier
 
+    check_methods(len(X_train), knn=knn, rnn=rnn, dpa=dpa, bagging=bagging, alpha=alpha, metric=metric,
+                  threat_model=threat_model)
     results: list[CertificationResult] = []
     if knn:
         start = time.perf_counter()
@@ -56,8 +99,6 @@ def certify_methods(
         sweep = model.certify_sweep(X_test, y_test, list(rnn), threat_model=threat_model)
         _stamp(sweep.values(), time.perf_counter() - start, "rNN sweep over all r", metadata)
         results.extend(sweep.values())
-    if (dpa or bagging) and threat_model != "general":
-        raise ValueError("DPA and Bagging are certified under the general threat model only")
     for n_partitions in dpa:
         from .baselines import DPA
 
@@ -142,26 +183,90 @@ def write_outputs(
     settings: dict[str, Any],
     stem: str = "curves",
 ) -> dict[str, Path]:
-    """Write ``<stem>.csv`` (tidy curves + metadata), ``<stem>.png`` and ``<stem>.json``, each atomically."""
+    """Write ``<stem>.csv`` (tidy curves + metadata), ``<stem>.png``, ``<stem>.json`` and ``examples.csv``.
+
+    The files are written as a set: all of them go to a staging folder inside ``out_dir`` first and are
+    renamed into place only when every one is complete, so a failure leaves the previous outputs as they were
+    (never a new CSV next to an old JSON).
+    """
     from .plots import plot_curves
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out_dir / f"{stem}.csv", "png": out_dir / f"{stem}.png", "json": out_dir / f"{stem}.json"}
+    names = _output_names(stem)
+    paths = prepare_output_folder(out_dir, stem, create=True)
     curves = [result.curve_rows(e) for result in results]  # computed once for the CSV, the plot and the JSON
     rows = [row for result_rows in curves for row in result_rows]
-    write_curves_csv(paths["csv"], list(results), e, extra_metadata=settings, rows=rows)
-    plot_curves(rows, paths["png"], title=title, subtitle=subtitle)
-    write_json(
-        paths["json"],
-        {
-            "poisoncert_version": __version__,
-            "settings": settings,
-            "results": [_result_record(result, e, result_rows) for result, result_rows in zip(results, curves,
-                                                                                            strict=True)],
-        },
-    )
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".poisoncert-staging-") as staging:
+        staged = {kind: Path(staging) / name for kind, name in names.items()}
+        write_curves_csv(staged["csv"], list(results), e, extra_metadata=settings, rows=rows)
+        plot_curves(rows, staged["png"], title=title, subtitle=subtitle)
+        write_json(
+            staged["json"],
+            {
+                "poisoncert_version": __version__,
+                "settings": settings,
+                "results": [_result_record(result, e, result_rows)
+                            for result, result_rows in zip(results, curves, strict=True)],
+            },
+        )
+        write_examples_csv(staged["examples"], results)
+        for kind, path in staged.items():
+            os.replace(path, paths[kind])
     return paths
+
+
+def _output_names(stem: str) -> dict[str, str]:
+    return {"csv": f"{stem}.csv", "png": f"{stem}.png", "json": f"{stem}.json", "examples": "examples.csv"}
+
+
+def prepare_output_folder(out_dir: str | Path, stem: str = "curves", create: bool = False) -> dict[str, Path]:
+    """Check that :func:`write_outputs` can write into ``out_dir`` (and create it if asked); return the paths.
+
+    Called before any work as well (``create=False``: nothing is written), so that an output folder that cannot
+    exist, or holds a folder where a result file goes, fails at once rather than after the certification.
+    """
+    out_dir = Path(out_dir)
+    paths = {kind: out_dir / name for kind, name in _output_names(stem).items()}
+    blocked = [str(path) for path in paths.values() if path.exists() and not path.is_file()]
+    if blocked:
+        raise FileExistsError(f"cannot write results over {', '.join(blocked)}: not a regular file")
+    existing = out_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot create the output folder {out_dir}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write the output folder {out_dir}: {existing} is not writable")
+    if create:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def write_examples_csv(path: str | Path, results: Sequence[CertificationResult]) -> None:
+    """Per-example certificates of every result, one row per (classifier, test input), atomically.
+
+    Columns: classifier, index, y_true, prediction, certified_size (individual, general or the chosen threat
+    model; -1 where misclassified or not certified), then one vote count per class (``votes_<class>``).
+    """
+    from ._io import atomic_write
+
+    buffer = io.StringIO()
+    buffer.write(f"# poisoncert {__version__}: per-example individual certificates; certified_size -1 = "
+                 "misclassified or not certified; votes are neighbour (kNN/rNN) or base-classifier (DPA, Bagging) "
+                 "counts\n")
+    writer: csv.DictWriter | None = None
+    for result in results:
+        for row in result.per_example_rows():
+            votes = row.pop("votes")
+            record = {"classifier": result.label(), "threat_model": result.threat_model, **row}
+            record.update({f"votes_{name}": count
+                           for name, count in zip(np.asarray(result.classes).tolist(), votes, strict=True)})
+            if writer is None:
+                writer = csv.DictWriter(buffer, fieldnames=list(record), extrasaction="ignore", restval="")
+                writer.writeheader()
+            writer.writerow(record)
+    with atomic_write(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(buffer.getvalue())
 
 
 def _result_record(result: CertificationResult, e: np.ndarray, rows: list[dict[str, Any]]) -> dict[str, Any]:

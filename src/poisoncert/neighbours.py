@@ -15,7 +15,8 @@ Determinism and precision
   plain IEEE operations (no fused multiply-add, no re-association, no BLAS), identically in the Numba and the
   PyTorch backends, so equal inputs give bit-identical distances, and therefore identical neighbours, on every run
   and on both backends. l1: ``sum |x_f - t_f|``; l2: ``sqrt(sum (x_f - t_f)**2)``; cosine: ``max(0, 1 - sum
-  u_f v_f)`` with ``u, v`` the rows divided by their Euclidean norm (computed once with NumPy).
+  u_f v_f)`` with ``u, v`` the rows scaled to unit Euclidean norm (computed once with NumPy, in float64, after
+  dividing each row by its largest absolute entry so that neither huge nor tiny rows lose their direction).
 - Neighbours are ordered by the computed distance value; ties (equal computed distance) go to the larger rank.
 - A radius ``r`` counts a training example when its computed distance ``d`` satisfies ``d <= r`` as real numbers
   (float32 distances are compared against the largest float32 not above ``r``, which is the same test).
@@ -512,6 +513,8 @@ class NeighbourIndex:
         self.order_ = np.lexsort((np.arange(len(X)), -self.ranks_))
         self.dtype_ = X.dtype
         self.n_train_, self.n_features_in_ = X.shape
+        self._train_peak = float(np.max(np.abs(X)))
+        _check_distance_range(self._train_peak, X, self.metric, self.dtype_, "X_train")
         X_sorted = X[self.order_]
         if self.metric == "cosine":
             X_sorted = _unit_rows(X_sorted, "X_train")
@@ -621,6 +624,7 @@ class NeighbourIndex:
             raise ValueError(
                 f"X_test has {Q.shape[1]} features but X_train has {self.n_features_in_}"
             )
+        _check_distance_range(self._train_peak, Q, self.metric, self.dtype_, "X_test")
         Q = np.ascontiguousarray(Q, dtype=self.dtype_)
         if self.metric == "cosine":
             Q = _unit_rows(Q, "X_test")
@@ -717,10 +721,27 @@ def _resolve_backend(backend: str) -> str:
 
 
 def _unit_rows(X: np.ndarray, name: str) -> np.ndarray:
-    norms = np.sqrt(np.einsum("ij,ij->i", X, X))
-    if np.any(norms == 0):
+    # Rows are scaled by their largest entry first, so that neither 1e200 (whose square overflows) nor 1e-170
+    # (whose square underflows to 0) loses its direction.
+    wide = np.asarray(X, dtype=np.float64)
+    peak = np.max(np.abs(wide), axis=1)
+    if np.any(peak == 0):
         raise ValueError(f"{name} has a row of zeros, for which the cosine distance is undefined")
-    return np.ascontiguousarray(X / norms[:, None], dtype=X.dtype)
+    scaled = wide / peak[:, None]
+    return np.ascontiguousarray(scaled / np.sqrt(np.einsum("ij,ij->i", scaled, scaled))[:, None], dtype=X.dtype)
+
+
+def _check_distance_range(train_peak: float, X: np.ndarray, metric: str, dtype: np.dtype, name: str) -> None:
+    """Refuse features so large that a distance could overflow to inf in ``dtype`` (neighbours would be arbitrary)."""
+    if metric == "cosine":
+        return
+    peak = train_peak + float(np.max(np.abs(X), initial=0.0))
+    largest = float(np.finfo(dtype).max)
+    bound = X.shape[1] * peak if metric == "l1" else X.shape[1] * peak * peak
+    if not np.isfinite(bound) or bound >= largest:
+        raise ValueError(f"{name} is too large for {np.dtype(dtype).name} distances (values up to "
+                         f"{float(np.max(np.abs(X))):.3g} over {X.shape[1]} features could overflow); rescale the "
+                         "features")
 
 
 def _radii_in_dtype(radii: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -1139,13 +1139,12 @@ def register_cli(app: typer.Typer) -> None:
         if dataset not in SETTINGS:
             typer.secho(f"error: unknown dataset {dataset!r}; choose {', '.join(SETTINGS)}", fg="red", err=True)
             raise typer.Exit(code=2)
+        from .cli import user_errors
+
         figures = FIGURES if figure == "all" else (figure,)
-        try:
+        with user_errors():
             results = run_all(dataset=dataset, quick=quick, out=out, cache_dir=cache_dir, progress=progress,
                               force=force, data_path=data_path, clip_checkpoint=clip_checkpoint, figures=figures)
-        except (FileNotFoundError, ValueError, ImportError) as error:
-            typer.secho(f"error: {error}", fg="red", err=True)
-            raise typer.Exit(code=2) from None
         unavailable = False
         for name in figures:
             result = results[name]

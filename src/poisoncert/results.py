@@ -193,12 +193,13 @@ class CertificationResult:
         return f"{names.get(self.method, self.method)} ({_format_params(self.params)})"
 
     def per_example_rows(self) -> list[dict[str, Any]]:
-        classes = np.asarray(self.classes)
+        """One dict per test input: index, true label, prediction, individual certified size, vote counts."""
+        classes = np.asarray(self.classes).tolist()
         return [
-            {"index": i, "y_true": classes[t], "prediction": classes[p], "certified_size": int(s)}
-            for i, (t, p, s) in enumerate(
+            {"index": i, "y_true": classes[t], "prediction": classes[p], "certified_size": int(s), "votes": v}
+            for i, (t, p, s, v) in enumerate(
                 zip(self.y_true.tolist(), self.prediction_indices.tolist(), self.certified_size.tolist(),
-                    strict=True)
+                    self.votes.tolist(), strict=True)
             )
         ]
 
