@@ -250,6 +250,32 @@ def test_knn_joint_strictly_above_individual_and_sound() -> None:
     assert _brute_accuracy(inst, result)[1] == pytest.approx(0.5)
 
 
+def _three_clusters_knn() -> Instance:
+    """Three clusters, k = 6: each test input's top 6 is five of its own label, then one label-3 example.
+
+    Spec 5c at e = 2 by hand: A(m) = min(m, 5), M = 2, so ``A(4 + r) - r <= 3`` first holds at r = 2: each input
+    needs both removals of its own label, one attacker flips at most one of the three (bound 2/3), while the
+    individual certificate (margin 4, e* = 1) certifies none at e = 2.
+    """
+    train = []
+    for label, centre in enumerate((0, 20, 40)):
+        train += [clean_example((centre,), label)] * 5 + [clean_example((centre + 1,), 3)]
+    tests = [(0,), (20,), (40,)]
+    candidates = [(0,), (20,), (40,), (10,), (1,)]  # at, between and just past the clusters
+    return Instance(train, tests, [0, 1, 2], candidates, Classifier("knn", 6, 4), "three clusters, k=6")
+
+
+def test_knn_joint_strictly_above_individual_with_three_labels_sharing_the_budget() -> None:
+    inst = _three_clusters_knn()
+    result = brute_force(inst, 2, "general")
+    es = np.arange(3)
+    bounds = _knn_joint_bounds(inst, es)
+    _check_joint(inst, result, bounds)
+    np.testing.assert_allclose(bounds["individual"], [1, 1, 0])
+    np.testing.assert_allclose(bounds["5c"], [1, 1, 2 / 3])
+    assert _brute_accuracy(inst, result)[2] == pytest.approx(2 / 3)  # the bound is attained
+
+
 # Votes (c = 3), all correct; margins s_a - s_b + [a > b] = 4, 3, 4, 3, 3, so e* = 1 for every row.
 _GLOBAL_VOTES = np.array([[4, 0, 0], [3, 0, 0], [0, 4, 0], [0, 3, 0], [0, 0, 2]])
 _GLOBAL_Y = np.array([0, 0, 1, 1, 2])
