@@ -524,7 +524,9 @@ class DPA(_VotingEnsembleBase):
         Cloned and fitted per partition. None (default) uses a nearest-centroid classifier (Euclidean), fitted
         for all partitions at once: on partitions of ~10 HOG vectors it matched or beat a logistic regression
         and 1-NN (scikit-learn digits, HOG: DPA accuracy 0.882 vs 0.834 / 0.870 for C = 1 / 10, 1-NN 0.878)
-        and is about 10x faster than fitting one small model per partition.
+        and is several times faster than fitting one scikit-learn model per partition (at MNIST scale, 60,000 x 81
+        features and 10,000 test inputs on 2 cores: 8.8 s vs 24.8 s for ζ = 5500; ``benchmarks/baselines.py
+        --sklearn``).
     n_jobs : int or None
         joblib workers for a custom ``base_estimator`` (threads); ignored by the default learner.
     progress : bool
