@@ -146,19 +146,28 @@ _OBJECT_ARRAYS = ("{path} holds object arrays (such as labels from pandas), whic
                   "save them as strings or integers, e.g. np.asarray(y, dtype=str)")
 
 
-def _load_array(path: Path):
-    import numpy as np
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Report a .npy/.npz file that NumPy cannot read safely in one line, naming the file."""
+    import zipfile
 
     try:
-        return np.load(path, allow_pickle=False)
+        yield
     except ValueError as error:
         if "Object arrays" in str(error):
             _fail(_OBJECT_ARRAYS.format(path=path))
         # numpy reads anything without its magic number as a pickle, which allow_pickle=False refuses.
         reason = "not a NumPy file" if "pickled" in str(error) else str(error)
         _fail(f"{path} is not a valid {path.suffix} file ({reason})")
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
         _fail(f"{path} is not a valid {path.suffix} file ({_describe(error)})")
+
+
+def _load_array(path: Path):
+    import numpy as np
+
+    with _reading(path):
+        return np.load(path, allow_pickle=False)
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -169,26 +178,17 @@ def _check_file(path: Path, what: str) -> None:
 
 
 def _load_table(path: Path, labels: Path | None, role: str):
-    import zipfile
-
     import numpy as np
 
     _check_file(path, role)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        try:
-            archive = _load_array(path)
-            with archive:
-                keys = set(archive.files)
-                if not {"X", "y"} <= keys:
-                    _fail(f"{path} must hold arrays named X and y, found {sorted(keys)}")
-                return archive["X"], archive["y"]
-        except ValueError as error:
-            if "Object arrays" in str(error):
-                _fail(_OBJECT_ARRAYS.format(path=path))
-            raise
-        except zipfile.BadZipFile as error:
-            _fail(f"{path} is not a valid .npz file ({error})")
+        # Arrays are read lazily from the archive, so reading them is inside the same error report.
+        with _reading(path), np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            if not {"X", "y"} <= keys:
+                _fail(f"{path} must hold arrays named X and y, found {sorted(keys)}")
+            return archive["X"], archive["y"]
     if suffix == ".npy":
         X = _load_array(path)
         if labels is None:

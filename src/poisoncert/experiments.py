@@ -192,12 +192,11 @@ def write_outputs(
     from .plots import plot_curves
 
     out_dir = Path(out_dir)
-    names = _output_names(stem)
     paths = prepare_output_folder(out_dir, stem, create=True)
     curves = [result.curve_rows(e) for result in results]  # computed once for the CSV, the plot and the JSON
     rows = [row for result_rows in curves for row in result_rows]
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".poisoncert-staging-") as staging:
-        staged = {kind: Path(staging) / name for kind, name in names.items()}
+        staged = {kind: Path(staging) / path.name for kind, path in paths.items()}
         write_curves_csv(staged["csv"], list(results), e, extra_metadata=settings, rows=rows)
         plot_curves(rows, staged["png"], title=title, subtitle=subtitle)
         write_json(
