@@ -252,6 +252,29 @@ def random_instance(seed: int, kind: str, n_test: int | None = None) -> Instance
     return inst
 
 
+def clustered_knn_instance(seed: int) -> Instance:
+    """Tiny kNN instances of 2-3 well-separated clusters, each with a majority label and a few rival examples
+    just beside it; the test inputs sit at the cluster centres. Unlike uniform random instances, these often
+    make the split certificate (spec 5e) strictly better than 5c: the clusters' rivals differ, and removals
+    pull in rival examples whose labels are known.
+    """
+    rng = np.random.default_rng(seed)
+    n_clusters = int(rng.integers(2, 4))
+    n_classes = int(rng.integers(2, 4))
+    train, tests, y = [], [], []
+    for j in range(n_clusters):
+        centre = 20 * j
+        own = int(rng.integers(0, n_classes))
+        train += [clean_example((centre,), own)] * int(rng.integers(2, 4))
+        for _ in range(int(rng.integers(1, 3))):
+            train.append(clean_example((centre + int(rng.integers(1, 3)),), int(rng.integers(0, n_classes))))
+        tests.append((centre,))
+        y.append(own)
+    clf = Classifier("knn", int(rng.integers(2, 6)), n_classes)
+    candidates = list(dict.fromkeys([*tests, (10,), (1,)]))  # at, between and just past the clusters
+    return Instance(train, tests, y, candidates, clf, f"clustered seed={seed} k={clf.param} c={n_classes}")
+
+
 def describe(inst: Instance) -> str:
     """A readable dump of an instance, for failure messages."""
     rows = [inst.description, f"  classifier: {inst.clf}"]

@@ -204,8 +204,12 @@ def test_truncated_neighbour_tables_never_give_optimistic_certificates():
     # Clean order 0,0,0,1,1,1 and k = 3: deleting two 0s pulls in 0,1,1 -> flipped, so the exact size is 1.
     full = np.array([[0, 0, 0, 1, 1, 1]])
     assert certify.knn_certified_poisoning_size(full, 3, 2, "deletion", n_train=6).tolist() == [1]
-    # Only the first k columns and no n_train: the table is not assumed complete, so the result stays sound.
-    assert certify.knn_certified_poisoning_size(full[:, :3], 3, 2, "deletion")[0] <= 1
+    # Only the first k columns and no n_train: the table is not assumed complete, and no deletion within it
+    # flips the input, so the certificate is undecided: refused, with what to pass (never a silent cap).
+    with pytest.raises(ValueError, match="not decided within the 3 neighbours"):
+        certify.knn_certified_poisoning_size(full[:, :3], 3, 2, "deletion")
+    # Five columns decide it: two deletions of label 0 leave 0, 1, 1 in the window.
+    assert certify.knn_certified_poisoning_size(full[:, :5], 3, 2, "deletion").tolist() == [1]
     # A table narrower than k is refused unless n_train says the training set really is that small.
     with pytest.raises(ValueError, match="pass n_train"):
         certify.knn_certified_poisoning_size(full[:, :2], 3, 2)

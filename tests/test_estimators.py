@@ -80,7 +80,10 @@ def test_certify_result_is_consistent_and_exports_metadata(blobs, tmp_path):
         curve = result.certified_accuracy(e, method=method)
         assert curve[0] == pytest.approx(model.score(X_test, y_test))
         assert np.all(np.diff(curve) <= 0)
-    assert result.default_method == "global"
+    assert result.default_method == "split"
+    assert result.available_methods == ("individual", "global", "split")
+    split, glob = result.certified_accuracy(e, "split"), result.certified_accuracy(e, "global")
+    assert np.all(split >= glob - 1e-12) and np.all(glob >= result.certified_accuracy(e, "individual") - 1e-12)
     result.to_csv(tmp_path / "r.csv", e)
     result.to_json(tmp_path / "r.json", e)
     lines = (tmp_path / "r.csv").read_text().splitlines()
@@ -115,8 +118,16 @@ def test_threat_model_variants_are_labelled_and_at_least_general(blobs):
     for threat_model in ("insertion", "deletion", "label-flip"):
         variant = model.certify(X_test, y_test, threat_model=threat_model)
         assert variant.threat_model == threat_model
-        assert variant.available_methods == ("individual",)
+        assert variant.available_methods == ("individual", "split")
+        assert variant.default_method == "split"
         assert np.all(variant.certified_size >= general.certified_size)
+        e = np.arange(0, 8)
+        split = variant.certified_accuracy(e)
+        assert np.all(split >= variant.certified_accuracy(e, "individual") - 1e-12)
+        if threat_model == "label-flip":  # relabelling e examples is a general poisoning of size e
+            np.testing.assert_allclose(split, general.certified_accuracy(e, "split"))
+        else:  # one kind of poisoning only: never below the general certificate
+            assert np.all(split >= general.certified_accuracy(e, "split") - 1e-12)
 
 
 def test_get_params_and_clone():

@@ -5,10 +5,13 @@ independent reference classifier) and the certificates of ``poisoncert.certify``
 
 * individual (kNN, rNN; general, insertion, deletion, label-flip): no poisoned set of size ``<= e*`` changes
   the prediction, and for the exact variants one of size ``e* + 1`` does whenever the enumeration reaches it;
-* joint (rNN ISLAND, RD, global; kNN 5c): no single poisoned set leaves fewer correct predictions than
-  ``CA(e) * |T|``;
+* joint (rNN ISLAND, RD, global 5b, split 5d; kNN 5c, split 5e): no single poisoned set leaves fewer correct
+  predictions than ``CA(e) * |T|``; the split certificates under insertion-only, deletion-only and label-flip
+  enumeration too;
 * hand-built instances where the joint bounds are strictly above the individual / ISLAND ones, and the
-  ISLAND/RD sorting trap of spec section 5.
+  ISLAND/RD sorting trap of spec section 5;
+* generated instances where 5d is strictly above 5b and 5e strictly above 5c (random ones rarely are): both
+  bounds are computed first, only the strict ones are kept, and those are enumerated.
 
 Known gap, not a soundness issue: the rNN deletion-only certificate (from votes alone) is finite for inputs
 that no deletion can flip (largest label predicted, no neighbour of another label, or no neighbour at all);
@@ -30,6 +33,7 @@ from bruteforce import (
     Instance,
     brute_force,
     clean_example,
+    clustered_knn_instance,
     describe,
     describe_set,
     random_instance,
@@ -165,7 +169,8 @@ def _check_joint(inst: Instance, result: BruteForceResult, bounds: dict[str, np.
 
 
 def _rnn_joint_bounds(votes: np.ndarray, y: np.ndarray, es: np.ndarray) -> dict[str, np.ndarray]:
-    bounds = {m: certify.certified_accuracy(votes, y, es, method=m) for m in ("individual", "island", "global")}
+    methods = ("individual", "island", "global", "split")
+    bounds = {m: certify.certified_accuracy(votes, y, es, method=m) for m in methods}
     for s in RD_SEEDS:
         bounds[f"rd{s}"] = certify.certified_accuracy(votes, y, es, method="rd", seed=s)
     return bounds
@@ -183,6 +188,7 @@ def _knn_joint_bounds(inst: Instance, es: np.ndarray) -> dict[str, np.ndarray]:
             labels[:, : min(k, len(inst.train))], y, es, c, n_neighbors=k, n_train=len(inst.train)
         ),
         "5c-full-table": certify.knn_joint_certified_accuracy(labels, y, es, c, n_neighbors=k, n_train=len(inst.train)),
+        "5e": certify.knn_split_certified_accuracy(labels, y, es, k, n_classes=c, n_train=len(inst.train)),
     }
 
 
@@ -202,11 +208,12 @@ def test_rnn_joint_certificates_are_sound(seed: int) -> None:
     _check_joint(inst, result, bounds)
     _check_dominance(bounds, "island", "individual")
     _check_dominance(bounds, "global", "island")
+    _check_dominance(bounds, "split", "global")
     for s in RD_SEEDS:
         _check_dominance(bounds, "global", f"rd{s}")
     # ISLAND and global do not depend on the order of the test set.
     perm = np.random.default_rng(seed).permutation(len(y))
-    for method in ("island", "global"):
+    for method in ("island", "global", "split"):
         np.testing.assert_allclose(certify.certified_accuracy(votes[perm], y[perm], es, method=method), bounds[method])
 
 
@@ -218,7 +225,81 @@ def test_knn_joint_certificate_is_sound(seed: int) -> None:
     bounds = _knn_joint_bounds(inst, es)
     _check_joint(inst, result, bounds)
     _check_dominance(bounds, "5c", "individual")
+    _check_dominance(bounds, "5e", "5c")
     np.testing.assert_allclose(bounds["5c"], bounds["5c-full-table"])
+
+
+def _split_bound(inst: Instance, es: np.ndarray, threat_model: str) -> np.ndarray:
+    y = np.array(inst.y)
+    if inst.clf.kind == "rnn":
+        return certify.certified_accuracy(inst.votes(), y, es, method="split", threat_model=threat_model)
+    return certify.knn_split_certified_accuracy(inst.neighbour_labels(), y, es, inst.clf.param,
+                                                n_classes=inst.n_classes, n_train=len(inst.train),
+                                                threat_model=threat_model)
+
+
+@pytest.mark.parametrize("threat_model", ["insertion", "deletion", "label-flip"])
+@pytest.mark.parametrize(("kind", "seed"), [("knn", s) for s in KNN_SEEDS] + [("rnn", s) for s in RNN_SEEDS])
+def test_split_certificates_are_sound_under_every_threat_model(kind: str, seed: int, threat_model: str) -> None:
+    """5d/5e with insertion-only (r = 0), deletion-only (alpha = 0) and label-flip (the general bound)."""
+    inst = _instance(kind, seed)
+    result = _attack(kind, seed, threat_model)
+    es = np.arange(result.e_max + 1)
+    bound = _split_bound(inst, es, threat_model)
+    _check_joint(inst, result, {f"split ({threat_model})": bound})
+    general = _split_bound(inst, es, "general")
+    if threat_model == "label-flip":
+        np.testing.assert_allclose(bound, general)
+    else:
+        assert np.all(bound >= general - 1e-12), f"{threat_model} split below the general one: {bound} {general}"
+
+
+def _strict_instances(make, bounds, count: int, start: int) -> list[Instance]:
+    """The first ``count`` instances (seeds from ``start``) whose new bound is strictly above the older one at
+    some e <= 2; the search is deterministic."""
+    found, seed = [], start
+    while len(found) < count:
+        inst = make(seed)
+        new, old = bounds(inst)
+        if np.any(new > old + 1e-12):
+            found.append(inst)
+        seed += 1
+    return found
+
+
+def _rnn_split_vs_global(inst: Instance) -> tuple[np.ndarray, np.ndarray]:
+    votes, y, es = inst.votes(), np.array(inst.y), np.arange(3)
+    return (certify.certified_accuracy(votes, y, es, method="split"),
+            certify.certified_accuracy(votes, y, es, method="global"))
+
+
+def _knn_split_vs_joint(inst: Instance) -> tuple[np.ndarray, np.ndarray]:
+    if len(inst.train) > 12:  # keeps the enumeration quick
+        return np.zeros(1), np.ones(1)
+    bounds = _knn_joint_bounds(inst, np.arange(3))
+    return bounds["5e"], bounds["5c"]
+
+
+_STRICT_RNN = _strict_instances(lambda seed: random_instance(seed, "rnn"), _rnn_split_vs_global, 6, 10_000)
+_STRICT_KNN = _strict_instances(clustered_knn_instance, _knn_split_vs_joint, 6, 0)
+
+
+@pytest.mark.parametrize("index", range(len(_STRICT_RNN)))
+def test_rnn_split_strictly_above_global_and_sound(index: int) -> None:
+    inst = _STRICT_RNN[index]
+    result = brute_force(inst, 2, "general")
+    bounds = _rnn_joint_bounds(inst.votes(), np.array(inst.y), np.arange(3))
+    assert np.any(bounds["split"] > bounds["global"] + 1e-12)
+    _check_joint(inst, result, bounds)
+
+
+@pytest.mark.parametrize("index", range(len(_STRICT_KNN)))
+def test_knn_split_strictly_above_5c_and_sound(index: int) -> None:
+    inst = _STRICT_KNN[index]
+    result = brute_force(inst, 2, "general")
+    bounds = _knn_joint_bounds(inst, np.arange(3))
+    assert np.any(bounds["5e"] > bounds["5c"] + 1e-12)
+    _check_joint(inst, result, bounds)
 
 
 # --- hand-built instances ---------------------------------------------------------------------------------

@@ -577,12 +577,15 @@ class DPA(_VotingEnsembleBase):
                  if name.split("__")[-1] == "random_state" and value is None}
         return clone(self.base_estimator).set_params(**unset) if unset else self.base_estimator
 
-    def certify(self, X: np.ndarray, y: np.ndarray) -> CertificationResult:
-        """Certified poisoning sizes of the test set (general threat model; -1 for misclassified inputs)."""
+    def certify(self, X: np.ndarray, y: np.ndarray | None = None) -> CertificationResult:
+        """Certified poisoning sizes of the test set (general threat model; -1 for misclassified inputs).
+
+        Without true labels ``y`` the sizes certify the predictions (they need no label) and there is no curve.
+        """
         votes = self.vote_counts(X)
-        y_index = encode_test_labels(self.classes_, y, votes.shape[0])
+        y_index = None if y is None else encode_test_labels(self.classes_, y, votes.shape[0])
         prediction = dpa_predict(votes)
-        correct = prediction == y_index
+        correct = np.ones(len(prediction), dtype=bool) if y_index is None else prediction == y_index
         general = np.where(correct, dpa_certified_size(votes, "general"), NOT_CERTIFIED)
         native = np.where(correct, dpa_certified_size(votes, "native"), NOT_CERTIFIED)
         metadata = self._common_metadata()
@@ -670,15 +673,19 @@ class Bagging(_VotingEnsembleBase):
         group_of = np.repeat(np.arange(self.n_estimators), self.subsample_size)
         return group_of, self.subsamples_.ravel(), int(self.n_estimators)
 
-    def certify(self, X: np.ndarray, y: np.ndarray) -> CertificationResult:
-        """Certified poisoning sizes (general threat model, each with probability >= 1 - alpha); -1 if none."""
+    def certify(self, X: np.ndarray, y: np.ndarray | None = None) -> CertificationResult:
+        """Certified poisoning sizes (general threat model, each with probability >= 1 - alpha); -1 if none.
+
+        Without true labels ``y`` the sizes certify the predictions (-1: not certified even at e = 0).
+        """
         votes = self.vote_counts(X)
-        y_index = encode_test_labels(self.classes_, y, votes.shape[0])
+        y_index = None if y is None else encode_test_labels(self.classes_, y, votes.shape[0])
         prediction = dpa_predict(votes)
         # The top label is chosen from the same votes, so a union bound must cover both one-sided bounds of
         # every label (2 * n_classes events): each is taken at alpha / (2 * n_classes) to make 1 - alpha hold.
         sizes = bagging_certified_size(votes, self.n_train_, self.subsample_size, float(self.alpha) / 2)
-        sizes = np.where(prediction == y_index, sizes, NOT_CERTIFIED)
+        if y_index is not None:
+            sizes = np.where(prediction == y_index, sizes, NOT_CERTIFIED)
         metadata = self._common_metadata()
         metadata.update({
             "certificate": "Bagging (Jia, Cao, Gong, Theorem 1): p_a_lower - p_b_upper > "

@@ -7,8 +7,10 @@ to ``e`` clean training examples and adds up to ``e`` arbitrary ones; a modifica
 * **individual** (Theorems 1 and 2 of Jia, Cao, Gong): a test input whose certified poisoning size is ``e*`` keeps
   its prediction under every poisoned training set of size ``<= e*``. Deterministic, exact.
 * **joint, rNN only** (Theorems 3 and 4): ``"island"`` and ``"rd"`` groupings; ``"global"`` (spec 5b) shares one
-  removal budget across all test inputs and dominates every grouping. Deterministic.
-* **joint, kNN** (spec 5c): :func:`knn_joint_certified_accuracy`. Deterministic.
+  removal budget across all test inputs and dominates every grouping; ``"split"`` (spec 5d) also splits the
+  additions over labels, dominates ``"global"`` and is the default of the estimators. Deterministic.
+* **joint, kNN**: :func:`knn_joint_certified_accuracy` (spec 5c) and :func:`knn_split_certified_accuracy`
+  (spec 5e, with the real pulled-in labels; dominates 5c, the default). Deterministic.
 
 Label ties go to the larger label index everywhere (spec section 2).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numba
 import numpy as np
 
 from ._validation import check_label_indices, check_poisoning_sizes, check_positive_int, check_votes
@@ -29,14 +32,19 @@ __all__ = [
     "certified_accuracy",
     "certified_poisoning_size",
     "knn_certified_poisoning_size",
+    "knn_deletion_scan",
     "knn_joint_certified_accuracy",
+    "knn_split_certified_accuracy",
     "predict",
     "runner_up",
 ]
 
 ThreatModel = Literal["general", "insertion", "deletion", "label-flip"]
 THREAT_MODELS: tuple[str, ...] = ("general", "insertion", "deletion", "label-flip")
-JOINT_METHODS: tuple[str, ...] = ("individual", "rd", "island", "global")
+JOINT_METHODS: tuple[str, ...] = ("individual", "rd", "island", "global", "split")
+#: Methods defined for the general threat model only (Theorem 4 and spec 5b bound removals and additions
+#: together); label-flip attacks are general attacks of the same size, so they are covered too.
+_GENERAL_ONLY = ("rd", "island", "global")
 
 
 def _check_threat_model(threat_model: str) -> str:
@@ -106,19 +114,18 @@ def accuracy_from_certified_sizes(certified_size: np.ndarray, e: np.ndarray | li
     return (len(sorted_sizes) - below) / len(sorted_sizes)
 
 
-def _correct_sizes(votes: np.ndarray, y: np.ndarray) -> np.ndarray:
-    sizes = certified_poisoning_size(votes)
-    return np.where(predict(votes) == y, sizes, -1)
-
-
 def certified_accuracy(
     votes: np.ndarray,
     y: np.ndarray,
     e: np.ndarray | list[int] | int,
-    method: Literal["individual", "island", "rd", "global"] = "individual",
+    method: Literal["individual", "island", "rd", "global", "split"] = "individual",
     seed: int = 0,
+    threat_model: ThreatModel = "general",
+    *,
+    time_limit: float | None = None,
+    node_limit: int | None = None,
 ) -> np.ndarray:
-    """Provable lower bound of certified accuracy CA(e) for each poisoning size in ``e`` (general threat model).
+    """Provable lower bound of certified accuracy CA(e) for each poisoning size in ``e``.
 
     Parameters
     ----------
@@ -128,27 +135,54 @@ def certified_accuracy(
         True label indices.
     e : array-like of int
         Poisoning sizes (>= 0), any order.
-    method : {"individual", "island", "rd", "global"}
-        ``"individual"``: each test input faces its own attacker (valid for kNN and rNN votes).
-        ``"island"``, ``"rd"`` (Theorem 4 with ISLAND or random grouping) and ``"global"`` (spec 5b, one
-        shared attack, dominates every grouping) are joint certificates that hold for **rNN votes only**:
-        for kNN an insertion also pushes a neighbour out, which these bounds do not model (use
-        :func:`knn_joint_certified_accuracy` for kNN).
+    method : {"individual", "island", "rd", "global", "split"}
+        ``"individual"``: each test input faces its own attacker (spec 4; valid for kNN and rNN votes under the
+        general and label-flip models, for rNN votes under insertion/deletion).
+        ``"island"``, ``"rd"`` (Theorem 4 with ISLAND or random grouping), ``"global"`` (spec 5b, one shared
+        attack) and ``"split"`` (spec 5d, one attack whose additions are split over labels; dominates all the
+        others) are joint certificates that hold for **rNN votes only**: for kNN an insertion also pushes a
+        neighbour out, which these bounds do not model (use :func:`knn_joint_certified_accuracy` or
+        :func:`knn_split_certified_accuracy`).
     seed : int
         Seed of the random grouping (``"rd"`` only).
+    threat_model : {"general", "insertion", "deletion", "label-flip"}
+        ``"split"`` and ``"individual"`` take every model (split: insertion-only has no removals, deletion-only no
+        additions; label-flip uses the general bound, since relabelling e examples is a poisoning of size e);
+        ``"island"``, ``"rd"`` and ``"global"`` the general and label-flip models.
+    time_limit, node_limit : optional
+        ``"split"`` only: a limit per poisoning size on its branch and bound; see
+        :func:`poisoncert.joint_split.rnn_split_certificate` (the value stays sound; use that function to see
+        whether it is exact).
 
     Returns
     -------
     ndarray of float, one value per entry of ``e``: with every poisoned training set of poisoning size
     ``<= e``, at least this fraction of the test set is still classified correctly. Deterministic.
+
+    Examples
+    --------
+    Each input's runner-up is a different label; at e = 2 the global bound lets every runner-up gain two votes at
+    once, the split bound only as many as the attacker adds in total:
+
+    >>> import numpy as np
+    >>> votes, y = np.array([[4, 1, 0], [0, 4, 1], [1, 0, 4]]), np.array([0, 1, 2])
+    >>> [round(certified_accuracy(votes, y, [2], method=m).item(), 3) for m in ("individual", "global", "split")]
+    [0.0, 0.333, 0.667]
     """
     votes = check_votes(votes)
     y = check_label_indices(y, votes.shape[0], votes.shape[1])
     e = check_poisoning_sizes(e)
+    threat_model = _check_threat_model(threat_model)
     if votes.shape[0] == 0:
         raise ValueError("votes is empty: there are no test inputs")
+    if method not in JOINT_METHODS:
+        raise ValueError(f"unknown certification method {method!r}; choose one of {', '.join(JOINT_METHODS)}")
+    if method in _GENERAL_ONLY and threat_model in ("insertion", "deletion"):
+        raise ValueError(f"method {method!r} is defined for the general threat model only; use 'split' or "
+                         f"'individual' under the {threat_model} threat model")
     if method == "individual":
-        return accuracy_from_certified_sizes(_correct_sizes(votes, y), e)
+        sizes = certified_poisoning_size(votes, threat_model)
+        return accuracy_from_certified_sizes(np.where(predict(votes) == y, sizes, -1), e)
     if method == "island":
         return _grouped_accuracy(votes, y, e, grouping="island")
     if method == "rd":
@@ -157,7 +191,9 @@ def certified_accuracy(
         from .joint import global_rnn_certified_accuracy
 
         return global_rnn_certified_accuracy(votes, y, e)
-    raise ValueError(f"unknown certification method {method!r}; choose one of {', '.join(JOINT_METHODS)}")
+    from .joint_split import rnn_split_certificate
+
+    return rnn_split_certificate(votes, y, e, threat_model, time_limit=time_limit, node_limit=node_limit).accuracy
 
 
 def _grouped_accuracy(
@@ -238,43 +274,77 @@ def knn_certified_poisoning_size(
 
     The prediction (most votes among the first ``k`` neighbours, ties to the larger label) provably stays the
     same under every poisoned training set within the returned size, for the chosen threat model.
-    Deterministic and exact.
+    Deterministic and exact (no window is cut short: a table too narrow to decide raises instead).
 
     Parameters
     ----------
     neighbor_labels : ndarray of shape (n_test, K), integer
         Label index of each test input's clean training examples in the order of spec section 3 (distance
         ascending, hash rank descending). ``"general"``, ``"label-flip"`` and ``"insertion"`` need the first
-        ``min(k, n_train)`` columns; ``"deletion"`` pulls later examples into the window and needs more: with
-        ``K < n_train`` columns the certificate stops at ``K - k`` (a sound, possibly smaller value); pass all
-        ``n_train`` columns for the exact value.
+        ``min(k, n_train)`` columns. ``"deletion"`` pulls later examples into the window: each input needs the
+        columns up to where its first flip happens (:func:`knn_deletion_scan` says which are decided); an input
+        that no deletion within the table flips needs the whole training set (``K == n_train``).
     n_neighbors : int
         k.
     n_classes : int
     threat_model : {"general", "label-flip", "insertion", "deletion"}
     n_train : int, optional
         Size of the clean training set. Needed when the table is narrower than k (the training set is
-        smaller than k) and for the exact deletion-only certificate; when omitted the table is never assumed
-        to hold the whole training set.
+        smaller than k), and for deletion-only inputs that the table does not decide.
     chunk_size : int
-        Test inputs processed at once by the insertion/deletion variants (memory ~ chunk * K * n_classes).
+        Test inputs processed at once by the insertion variant (memory ~ chunk * k * n_classes).
 
     Returns
     -------
     ndarray of shape (n_test,), int64, ``>= 0``.
     """
     threat_model = _check_threat_model(threat_model)
+    labels, k, n_classes, n_train = _check_knn_table(neighbor_labels, n_neighbors, n_classes, n_train,
+                                                     threat_model)
+    window = min(k, n_train)
+    from .votes import knn_votes_from_labels
+
+    votes = knn_votes_from_labels(labels[:, :window], window, n_classes)
+    if threat_model in ("general", "label-flip"):
+        return certified_poisoning_size(votes, "general")
+    prediction = predict(votes)
+    if threat_model == "deletion":
+        sizes, decided = knn_deletion_scan(labels, prediction, k, n_classes, n_train)
+        if not np.all(decided):
+            bad = np.flatnonzero(~decided)
+            raise ValueError(
+                f"the deletion-only certificate of {len(bad)} test input(s) (first: {int(bad[0])}) is not decided "
+                f"within the {labels.shape[1]} neighbours given: no deletion inside that window flips them. Pass "
+                "n_train if the table holds the whole training set, or give more neighbours"
+            )
+        return sizes
+    out = np.empty(len(labels), dtype=np.int64)
+    width = labels.shape[1]
+    for start in range(0, len(labels), chunk_size):
+        stop = min(start + chunk_size, len(labels))
+        block = labels[start:stop, : min(width, k)]
+        # counts[i, m, l]: label-l examples among the first m clean neighbours of input i.
+        counts = np.zeros((stop - start, block.shape[1] + 1, n_classes), dtype=np.int32)
+        np.cumsum(np.eye(n_classes, dtype=np.int32)[block], axis=1, out=counts[:, 1:])
+        out[start:stop] = _knn_insertion_size(counts, prediction[start:stop], k, n_train)
+    return out
+
+
+def _check_knn_table(neighbor_labels: np.ndarray, n_neighbors: int, n_classes: int, n_train: int | None,
+                     threat_model: str) -> tuple[np.ndarray, int, int, int]:
     labels = np.asarray(neighbor_labels)
     if labels.ndim != 2:
         raise ValueError(f"neighbor_labels must be 2-D (n_test, K), got shape {labels.shape}")
     k = check_positive_int(n_neighbors, "n_neighbors")
     n_classes = check_positive_int(n_classes, "n_classes", minimum=2)
     width = labels.shape[1]
+    if labels.size and labels.dtype.kind not in "iu":
+        raise TypeError(f"neighbor_labels must hold integer label indices, got dtype {labels.dtype}")
     if n_train is None:
         if width < k:
             raise ValueError(f"neighbor_labels has {width} columns but k={k}: pass n_train={width} if the training "
                              f"set has only {width} examples, else give the first k neighbours")
-        # Unknown training-set size: never assume the table is complete (deletion stops, soundly, at K - k).
+        # Unknown size: only what the columns prove is used (deletion raises for inputs they do not decide).
         n_train = width + 1 if threat_model == "deletion" else width
     else:
         n_train = check_positive_int(n_train, "n_train")
@@ -284,26 +354,63 @@ def knn_certified_poisoning_size(
         raise ValueError(f"neighbor_labels has {width} columns; kNN with k={k} needs {min(k, n_train)}")
     if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"neighbor_labels must hold label indices in 0..{n_classes - 1}")
-    window = min(k, n_train)
-    from .votes import knn_votes_from_labels
+    return labels, k, n_classes, n_train
 
-    votes = knn_votes_from_labels(labels[:, :window], window, n_classes)
-    if threat_model in ("general", "label-flip"):
-        return certified_poisoning_size(votes, "general")
-    prediction = predict(votes)
-    out = np.empty(len(labels), dtype=np.int64)
-    for start in range(0, len(labels), chunk_size):
-        stop = min(start + chunk_size, len(labels))
-        block = labels[start:stop]
-        a = prediction[start:stop]
-        # counts[i, m, l]: label-l examples among the first m clean neighbours of input i.
-        counts = np.zeros((stop - start, width + 1, n_classes), dtype=np.int32)
-        np.cumsum(np.eye(n_classes, dtype=np.int32)[block], axis=1, out=counts[:, 1:])
-        if threat_model == "insertion":
-            out[start:stop] = _knn_insertion_size(counts, a, k, n_train)
+
+def knn_deletion_scan(
+    neighbor_labels: np.ndarray, prediction: np.ndarray, k: int, n_classes: int, n_train: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """kNN deletion-only certified sizes from a (possibly partial) neighbour table, and which are decided.
+
+    Spec section 4: ``j`` deletions, label ``a`` first, leave ``s_a' = A(k + j) - min(j, A(k + j))`` and
+    ``s_l' = C_l(k + j)`` (counts among the first ``min(k + j, n)`` neighbours); the size is the last ``j`` that
+    keeps ``a``. Each input is scanned until its first flip. ``decided[i]`` is False when the table ends first
+    and does not hold the whole training set (``K < n_train``): ``sizes[i] = K - k`` is then a sound value
+    (certified that far) but possibly below the exact one. With ``K == n_train`` every input is decided (an input
+    that no deletion flips gets ``n_train``).
+    """
+    labels = np.ascontiguousarray(neighbor_labels)
+    prediction = np.asarray(prediction, dtype=np.int64)
+    sizes = np.empty(len(labels), dtype=np.int64)
+    decided = np.empty(len(labels), dtype=np.bool_)
+    _deletion_scan(labels, prediction, int(k), int(n_classes), int(n_train), sizes, decided)
+    return sizes, decided
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _deletion_scan(labels, prediction, k, n_classes, n_train, sizes, decided):  # pragma: no cover - compiled
+    n_rows, width = labels.shape
+    complete = width >= n_train
+    window = min(k, n_train)
+    for i in numba.prange(n_rows):
+        a = prediction[i]
+        counts = np.zeros(n_classes, np.int64)
+        for j in range(window):
+            counts[labels[i, j]] += 1
+        rival = -1
+        for lab in range(n_classes):
+            if lab != a:
+                rival = max(rival, counts[lab] + (1 if lab > a else 0))
+        result = -1
+        # j deletions: the window spans the first min(k + j, n) clean neighbours.
+        limit = n_train if complete else width - k
+        for j in range(1, limit + 1):
+            position = k + j
+            if position <= min(width, n_train):
+                lab = labels[i, position - 1]
+                counts[lab] += 1
+                if lab != a:
+                    rival = max(rival, counts[lab] + (1 if lab > a else 0))
+            own = counts[a] - min(j, counts[a])
+            if rival > own:
+                result = j - 1
+                break
+        if result >= 0:
+            sizes[i] = result
+            decided[i] = True
         else:
-            out[start:stop] = _knn_deletion_size(counts, a, k, n_train)
-    return out
+            sizes[i] = max(limit, 0)
+            decided[i] = complete
 
 
 def _knn_insertion_size(counts: np.ndarray, a: np.ndarray, k: int, n_train: int) -> np.ndarray:
@@ -315,25 +422,6 @@ def _knn_insertion_size(counts: np.ndarray, a: np.ndarray, k: int, n_train: int)
     flipped = rival_counts(at, a) + q[None, :] > own
     # q = k always flips (the window holds only insertions), so every row has a first flipping q.
     return np.argmax(flipped, axis=1).astype(np.int64)  # first flipping q minus 1
-
-
-def _knn_deletion_size(counts: np.ndarray, a: np.ndarray, k: int, n_train: int) -> np.ndarray:
-    """j deletions (label a first) pull in later examples: s_a' = A(k+j) - min(j, A(k+j)), s_c' = C(k+j)."""
-    width = counts.shape[1] - 1
-    complete = width == n_train
-    max_j = n_train if complete else width - k
-    if max_j <= 0:
-        return np.zeros(len(a), dtype=np.int64)
-    j = np.arange(1, max_j + 1)
-    span = np.minimum(k + j, width)
-    at = counts[:, span, :]
-    own_in_span = np.take_along_axis(at, a[:, None, None], axis=2)[..., 0]
-    own = own_in_span - np.minimum(j[None, :], own_in_span)
-    flipped = rival_counts(at, a) > own
-    first = np.argmax(flipped, axis=1)
-    never = ~flipped[np.arange(len(a)), first]
-    # Unflipped within the known columns: certified up to the last verified j.
-    return np.where(never, max_j, first).astype(np.int64)
 
 
 def knn_joint_certified_accuracy(
@@ -367,3 +455,30 @@ def knn_joint_certified_accuracy(
     from .joint import knn_joint_certified_accuracy as _joint
 
     return _joint(neighbor_labels, y, e, n_classes, n_neighbors=n_neighbors, n_train=n_train)
+
+
+def knn_split_certified_accuracy(
+    neighbor_labels: np.ndarray,
+    y: np.ndarray,
+    e: np.ndarray | list[int] | int,
+    k: int,
+    n_classes: int | None = None,
+    n_train: int | None = None,
+    threat_model: ThreatModel = "general",
+    *,
+    time_limit: float | None = None,
+    node_limit: int | None = None,
+) -> np.ndarray:
+    """Split-budget joint certified accuracy of kNN with the real pulled-in labels (spec 5e, ours; the default).
+
+    With every poisoned training set of poisoning size ``<= e`` under ``threat_model``, kNN still classifies at
+    least the returned fraction of the test set correctly. Deterministic. Never below
+    :func:`knn_joint_certified_accuracy` (spec 5c) nor the individual certificate. ``neighbor_labels`` must hold
+    each input's first ``min(k + max(e), n_train)`` neighbours (removals pull later ones into the window); see
+    :func:`poisoncert.joint_split.knn_split_certificate` for the parameters, exactness flags and the worst-case
+    label-level attack. Proof: ``docs/split_joint_proof.md``.
+    """
+    from .joint_split import knn_split_certificate
+
+    return knn_split_certificate(neighbor_labels, y, e, k, n_classes, n_train, threat_model, time_limit=time_limit,
+                                 node_limit=node_limit).accuracy

@@ -20,10 +20,6 @@ from ._validation import check_features, check_metric, check_positive_int, check
 from .results import NOT_CERTIFIED, CertificationResult
 from .votes import knn_votes_from_labels, predict
 
-# How many neighbours the kNN deletion-only certificate looks at, as a multiple of k: deletions pull later
-# examples into the window. Beyond that the certificate stops (soundly) at what it could verify.
-_DELETION_WINDOW_FACTOR = 3
-
 
 class _CertifiedNeighborsBase(ClassifierMixin, BaseEstimator):
     """Shared fitting, validation and neighbour index for the kNN and rNN estimators."""
@@ -92,13 +88,17 @@ class _CertifiedNeighborsBase(ClassifierMixin, BaseEstimator):
             "tie_rule": "neighbours: distance asc, SHA-256 content rank desc; labels: larger label wins",
         }
 
+    def _test_labels(self, y: np.ndarray | None, n_rows: int) -> np.ndarray | None:
+        return None if y is None else encode_test_labels(self.classes_, y, n_rows)
+
     def _result(
         self,
         votes: np.ndarray,
-        y_index: np.ndarray,
+        y_index: np.ndarray | None,
         sizes: np.ndarray,
         threat_model: str,
         params: dict[str, Any],
+        split_options: dict[str, Any],
         **extra: Any,
     ) -> CertificationResult:
         prediction = predict(votes)
@@ -108,10 +108,12 @@ class _CertifiedNeighborsBase(ClassifierMixin, BaseEstimator):
             prediction_indices=prediction,
             y_true=y_index,
             votes=votes,
-            certified_size=np.where(prediction == y_index, sizes, NOT_CERTIFIED),
+            certified_size=sizes if y_index is None else np.where(prediction == y_index, sizes, NOT_CERTIFIED),
             classes=self.classes_,
             threat_model=threat_model,
-            metadata=self._metadata(len(y_index)),
+            metadata=self._metadata(len(prediction)),
+            default_method="split" if y_index is not None else "individual",
+            split_options=split_options,
             **extra,
         )
 
@@ -142,8 +144,8 @@ class CertifiedKNeighborsClassifier(_CertifiedNeighborsBase):
     >>> from poisoncert import CertifiedKNeighborsClassifier
     >>> X = np.array([[0.0], [0.1], [0.2], [1.0], [1.1]])
     >>> clf = CertifiedKNeighborsClassifier(n_neighbors=3).fit(X, ["a", "a", "a", "b", "b"])
-    >>> clf.predict([[0.05], [1.05]]).tolist()
-    ['a', 'a']
+    >>> clf.predict([[0.05], [1.05]]).tolist()  # 1.05: its three nearest are 1.1 (b), 1.0 (b), 0.2 (a)
+    ['a', 'b']
     >>> clf.certify([[0.05]], ["a"]).certified_size.tolist()
     [1]
     """
@@ -195,47 +197,107 @@ class CertifiedKNeighborsClassifier(_CertifiedNeighborsBase):
         labels = self.neighbor_labels(X, max(ks))
         return knn_votes_from_labels(labels, ks, len(self.classes_))
 
-    def certify(self, X: np.ndarray, y: np.ndarray, threat_model: str = "general") -> CertificationResult:
-        """Certify every test input individually and prepare the joint (global) certificate.
+    def certify(
+        self,
+        X: np.ndarray,
+        y: np.ndarray | None = None,
+        threat_model: str = "general",
+        *,
+        max_e: int | None = None,
+        time_limit: float | None = None,
+        node_limit: int | None = None,
+    ) -> CertificationResult:
+        """Certify every test input individually and prepare the joint certificates.
 
-        Under ``threat_model`` (default: general; also "insertion", "deletion", "label-flip"), each correctly
-        classified test input ``i`` keeps its prediction for every poisoned training set of poisoning size at most
-        ``result.certified_size[i]`` (deterministic). ``result.certified_accuracy(e)`` defaults to the global
-        joint certificate of spec 5c under the general threat model.
+        Under ``threat_model`` (default: general; also "insertion", "deletion", "label-flip"), each test input's
+        prediction provably stays the same for every poisoned training set of poisoning size at most
+        ``result.certified_size[i]`` (deterministic; with labels, misclassified inputs get -1). With true labels
+        ``y``, ``result.certified_accuracy(e)`` is the split-budget joint certificate of spec 5e (the default;
+        also "global" = spec 5c under the general model, and "individual").
+
+        Parameters
+        ----------
+        X : array-like of shape (n_test, n_features)
+        y : array-like of shape (n_test,), optional
+            True labels. Without them only the predictions are certified (no accuracy curves).
+        threat_model : str
+        max_e : int, optional
+            Largest poisoning size for the joint certificates: the split certificate at ``e`` reads each input's
+            first ``k + e`` neighbours, which are computed in the same pass. Default ``k``.
+        time_limit, node_limit : optional
+            Per poisoning size, for the branch and bound of the split certificate (a value it leaves open is
+            still sound, and marked not exact).
         """
-        return self.certify_sweep(X, y, [self.n_neighbors], threat_model=threat_model)[self.n_neighbors]
+        return self.certify_sweep(X, y, [self.n_neighbors], threat_model=threat_model, max_e=max_e,
+                                  time_limit=time_limit, node_limit=node_limit)[self.n_neighbors]
 
     def certify_sweep(
-        self, X: np.ndarray, y: np.ndarray, n_neighbors: Sequence[int], threat_model: str = "general"
+        self,
+        X: np.ndarray,
+        y: np.ndarray | None,
+        n_neighbors: Sequence[int],
+        threat_model: str = "general",
+        *,
+        max_e: int | None = None,
+        time_limit: float | None = None,
+        node_limit: int | None = None,
     ) -> dict[int, CertificationResult]:
         """:meth:`certify` for many k from one distance pass; returns ``{k: result}``."""
         X = self._check_X(X)
-        y_index = encode_test_labels(self.classes_, y, X.shape[0])
+        y_index = self._test_labels(y, X.shape[0])
         ks = [check_positive_int(k, "n_neighbors") for k in n_neighbors]
         if not ks:
             raise ValueError("n_neighbors is empty: give at least one k")
         if max(ks) > self.n_train_:
             raise ValueError(f"k={max(ks)} is larger than the training set ({self.n_train_} examples)")
         threat_model = _certify._check_threat_model(threat_model)
-        width = max(ks)
-        if threat_model == "deletion":
-            width = min(self.n_train_, _DELETION_WINDOW_FACTOR * max(ks))
-        labels = self.index_.ordered_labels(X, width)
+        if max_e is not None:
+            max_e = check_positive_int(max_e, "max_e", minimum=0)
         n_classes = len(self.classes_)
+        joint_e = max(ks) if max_e is None else max_e
+        width = min(self.n_train_, max(ks) + (joint_e if y_index is not None else 0))
+        labels = self.index_.ordered_labels(X, width)
         all_votes = knn_votes_from_labels(labels, ks, n_classes)
         results = {}
+        options = {"time_limit": time_limit, "node_limit": node_limit, "max_memory_mb": self.max_memory_mb}
         for k, votes in zip(ks, all_votes, strict=True):
-            sizes = _certify.knn_certified_poisoning_size(
-                labels if threat_model == "deletion" else labels[:, :k], k, n_classes, threat_model,
-                n_train=self.n_train_,
+            if threat_model == "deletion":
+                sizes = self._deletion_sizes(X, labels, predict(votes), k)
+            else:
+                sizes = _certify.knn_certified_poisoning_size(labels[:, :k], k, n_classes, threat_model,
+                                                              n_train=self.n_train_)
+            table_width = min(self.n_train_, k + joint_e)
+            result = self._result(
+                votes, y_index, sizes, threat_model, {"k": k}, options,
+                neighbor_labels=np.ascontiguousarray(labels[:, :table_width]) if y_index is not None else None,
+                max_e=None if table_width == self.n_train_ else joint_e,
             )
-            joint = threat_model == "general"
-            results[k] = self._result(
-                votes, y_index, sizes, threat_model, {"k": k},
-                neighbor_labels=np.ascontiguousarray(labels[:, :k]) if joint else None,
-                default_method="global" if joint else "individual",
-            )
+            result.metadata["neighbour_table_width"] = int(table_width)
+            results[k] = result
         return results
+
+    def _deletion_sizes(self, X: np.ndarray, labels: np.ndarray, prediction: np.ndarray, k: int) -> np.ndarray:
+        """Exact kNN deletion-only certified sizes (spec section 4), streamed.
+
+        Deletions pull later neighbours into the window, so an input's certificate is decided only at its first
+        flip, which may lie far out. Inputs the table does not decide get their neighbour order again, twice as
+        wide each round (in row chunks within ``max_memory_mb``), until decided or the whole training set is read.
+        """
+        n_classes = len(self.classes_)
+        sizes, decided = _certify.knn_deletion_scan(labels, prediction, k, n_classes, self.n_train_)
+        width = labels.shape[1]
+        undecided = np.flatnonzero(~decided)
+        while undecided.size:
+            width = min(self.n_train_, 2 * width)
+            # The label table (int16/int32) and the engine's own buffers per row; see NeighbourIndex.
+            rows_per_chunk = max(1, int(self.max_memory_mb * 2**20 // (width * 16)))
+            for start in range(0, len(undecided), rows_per_chunk):
+                rows = undecided[start : start + rows_per_chunk]
+                wider = self.index_.ordered_labels(X[rows], width)
+                sizes[rows], decided[rows] = _certify.knn_deletion_scan(wider, prediction[rows], k, n_classes,
+                                                                        self.n_train_)
+            undecided = undecided[~decided[undecided]]
+        return sizes
 
 
 class CertifiedRadiusNeighborsClassifier(_CertifiedNeighborsBase):
@@ -292,32 +354,52 @@ class CertifiedRadiusNeighborsClassifier(_CertifiedNeighborsBase):
         radii = _check_radii(radii)
         return self.index_.radius_votes(X, radii, len(self.classes_))
 
-    def certify(self, X: np.ndarray, y: np.ndarray, threat_model: str = "general") -> CertificationResult:
+    def certify(
+        self,
+        X: np.ndarray,
+        y: np.ndarray | None = None,
+        threat_model: str = "general",
+        *,
+        time_limit: float | None = None,
+        node_limit: int | None = None,
+    ) -> CertificationResult:
         """Certify every test input individually and jointly.
 
-        Under ``threat_model`` each correctly classified test input ``i`` keeps its prediction for every
-        poisoned training set of size at most ``result.certified_size[i]`` (deterministic). Under the general
-        threat model ``result.certified_accuracy(e, method=...)`` also offers the joint certificates
-        ``"rd"``, ``"island"`` and ``"global"`` (default).
+        Under ``threat_model`` each test input's prediction provably stays the same for every poisoned training
+        set of size at most ``result.certified_size[i]`` (deterministic; with labels, misclassified inputs get -1).
+        With true labels ``y``, ``result.certified_accuracy(e, method=...)`` offers the split-budget joint
+        certificate of spec 5d (the default, every threat model), and under the general model also ``"global"``
+        (spec 5b), ``"island"`` and ``"rd"`` (Theorem 4). ``time_limit`` and ``node_limit`` bound the split
+        certificate's branch and bound per poisoning size (values it leaves open stay sound, marked not exact).
         """
-        return self.certify_sweep(X, y, [self.radius], threat_model=threat_model)[float(self.radius)]
+        return self.certify_sweep(X, y, [self.radius], threat_model=threat_model, time_limit=time_limit,
+                                  node_limit=node_limit)[float(self.radius)]
 
     def certify_sweep(
-        self, X: np.ndarray, y: np.ndarray, radii: Sequence[float], threat_model: str = "general"
+        self,
+        X: np.ndarray,
+        y: np.ndarray | None,
+        radii: Sequence[float],
+        threat_model: str = "general",
+        *,
+        time_limit: float | None = None,
+        node_limit: int | None = None,
     ) -> dict[float, CertificationResult]:
         """:meth:`certify` for many radii from one distance pass; returns ``{r: result}``."""
         X = self._check_X(X)
-        y_index = encode_test_labels(self.classes_, y, X.shape[0])
+        y_index = self._test_labels(y, X.shape[0])
         threat_model = _certify._check_threat_model(threat_model)
         radii = _check_radii(radii)
         all_votes = self.index_.radius_votes(X, radii, len(self.classes_))
+        return self._results_from_votes(all_votes, radii, y_index, threat_model,
+                                        {"time_limit": time_limit, "node_limit": node_limit})
+
+    def _results_from_votes(self, all_votes: np.ndarray, radii: np.ndarray, y_index: np.ndarray | None,
+                            threat_model: str, options: dict[str, Any]) -> dict[float, CertificationResult]:
         results = {}
         for radius, votes in zip(radii.tolist(), all_votes, strict=True):
             sizes = _certify.certified_poisoning_size(votes, threat_model)
-            result = self._result(
-                votes, y_index, sizes, threat_model, {"r": radius},
-                default_method="global" if threat_model == "general" else "individual",
-            )
+            result = self._result(votes, y_index, sizes, threat_model, {"r": radius}, options)
             result.metadata["n_no_neighbour"] = int(np.count_nonzero(votes.sum(axis=1) == 0))
             results[float(radius)] = result
         return results

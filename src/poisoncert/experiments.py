@@ -125,20 +125,29 @@ def _stamp(results: Any, seconds: float, what: str, metadata: dict[str, Any] | N
 
 
 def default_e_grid(results: Sequence[CertificationResult], n_points: int = 101) -> np.ndarray:
-    """An even grid of poisoning sizes from 0 to just past where every curve has reached zero."""
+    """An even grid of poisoning sizes from 0 to just past where every curve has reached zero.
+
+    A kNN result whose neighbour table supports the split certificate only up to ``max_e`` caps the grid there.
+    """
     largest = 0
     for result in results:
-        # rNN joint certificates reach zero by the largest vote margin, at most 2 * (individual size + 1).
+        if not result.has_labels:
+            continue
+        # rNN joint certificates (5b, 5d) reach zero by the largest vote margin, at most 2 * (individual size + 1).
         end = 2 * int(np.max(result.certified_size, initial=0)) + 2
-        if result.method == "knn" and "global" in result.available_methods:
-            # kNN's joint curve can outlast that (an input becomes free to flip only near (k - M + 1) / 2);
-            # it is zero for every e >= k.
+        if result.method == "knn" and result.available_methods != ("individual",):
+            # kNN's joint curves can outlast that (an input becomes free to flip only near (k - M + 1) / 2).
+            method = "split" if "split" in result.available_methods else "global"
             k = int(result.params["k"])
-            while end < k and result.certified_accuracy([end], method="global")[0] > 0:
-                end = min(k, int(end * 1.5) + 1)
+            cap = 2 * k if result.max_e is None else min(2 * k, result.max_e)
+            end = min(end, cap)
+            while end < cap and result.certified_accuracy([end], method=method)[0] > 0:
+                end = min(cap, int(end * 1.5) + 1)
         largest = max(largest, end)
     step = max(1, int(np.ceil(largest / (n_points - 1))))
-    return np.arange(0, largest + step, step, dtype=np.int64)
+    grid = np.arange(0, largest + step, step, dtype=np.int64)
+    caps = [r.max_e for r in results if r.method == "knn" and r.max_e is not None and r.has_labels]
+    return grid[grid <= min(caps)] if caps else grid
 
 
 def table_points(e: np.ndarray, n_columns: int = 5) -> list[int]:
@@ -158,19 +167,30 @@ def table_points(e: np.ndarray, n_columns: int = 5) -> list[int]:
 
 
 def summary_table(results: Sequence[CertificationResult], e_points: Sequence[int]) -> str:
-    """Plain-text table of certified accuracy (%) at a few poisoning sizes, one row per curve."""
+    """Plain-text table of certified accuracy (%) at a few poisoning sizes, one row per curve.
+
+    The certification column names the spec section of each curve; a value marked ``*`` is sound but not exact
+    (a split certificate's search stopped at its time or node limit, or used a coarsened table).
+    """
     header = ["classifier", "certification", "CA(0) clean"] + [f"e={e}" for e in e_points]
     rows = []
+    loose = False
     for result in results:
         for method in result.available_methods:
-            curve = result.certified_accuracy(list(e_points), method=method)
-            name = method + (f" (prob. {result.confidence})" if result.guarantee == "probabilistic" else "")
-            rows.append([result.label(), name, f"{100 * result.clean_accuracy:.1f}"]
-                        + [f"{100 * value:.1f}" for value in curve])
+            values, exact = result.curve(list(e_points), method=method)
+            name = f"{method} ({result.spec_section(method)})"
+            if result.guarantee == "probabilistic":
+                name += f" prob. {result.confidence}"
+            cells = [f"{100 * v:.1f}" + ("" if ok else "*") for v, ok in zip(values, exact, strict=True)]
+            loose |= not exact.all()
+            rows.append([result.label(), name, f"{100 * result.clean_accuracy:.1f}", *cells])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
              for row in [header, *rows]]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+    table = "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+    if loose:
+        table += "\n* sound lower bound, not exact (search limit or coarsened table)"
+    return table
 
 
 def write_outputs(

@@ -10,14 +10,16 @@ from typing import Any
 from ._io import atomic_write
 
 _NAMES = {
-    "individual": "individual",
-    "rd": "joint RD (paper)",
-    "island": "joint ISLAND (paper)",
-    "global": "joint global (poisoncert)",
+    "individual": "individual (spec 4)",
+    "rd": "joint RD (paper, Thm 4)",
+    "island": "joint ISLAND (paper, Thm 4)",
+    "global": "joint global (poisoncert, spec {section})",
+    "split": "joint split (poisoncert, spec {section})",
 }
 _STYLES = {
     "individual": "-",
-    "global": "-",
+    "global": "-.",
+    "split": "-",
     "island": "--",
     "rd": ":",
 }
@@ -35,7 +37,9 @@ def plot_curves(
     ----------
     rows : iterable of dict
         Tidy rows as produced by :meth:`CertificationResult.curve_rows` (keys ``classifier``,
-        ``certification``, ``e``, ``certified_accuracy``, ``guarantee``, ``confidence``).
+        ``certification``, ``e``, ``certified_accuracy``, ``guarantee``, ``confidence``; optionally
+        ``spec_section`` and ``exact``). Values that are not exact (a split certificate stopped by a limit) are
+        marked with hollow circles.
     path : path-like
         PNG file to write (atomically).
     title, subtitle : str
@@ -46,26 +50,35 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[tuple[str, str], tuple[list[int], list[float], dict[str, Any]]] = {}
+    lines: dict[tuple[str, str], tuple[list[int], list[float], list[bool], dict[str, Any]]] = {}
     for row in rows:
         key = (str(row["classifier"]), str(row["certification"]))
-        xs, ys, _ = lines.setdefault(key, ([], [], row))
+        xs, ys, exact, _ = lines.setdefault(key, ([], [], [], row))
         xs.append(int(row["e"]))
         ys.append(float(row["certified_accuracy"]))
+        exact.append(bool(row.get("exact", True)))
     if not lines:
         raise ValueError("nothing to plot: no curve rows")
     figure, axes = plt.subplots(figsize=(8, 4.6 + 0.22 * ((len(lines) + 1) // 2)), dpi=120)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     classifier_colour: dict[str, str] = {}
-    for (classifier, certification), (xs, ys, row) in lines.items():
+    inexact_shown = False
+    for (classifier, certification), (xs, ys, exact, row) in lines.items():
         colour = classifier_colour.setdefault(classifier, colours[len(classifier_colour) % len(colours)])
         order = sorted(range(len(xs)), key=xs.__getitem__)
-        label = f"{classifier}, {_NAMES.get(certification, certification)}"
+        name = _NAMES.get(certification, certification).format(section=row.get("spec_section", "?"))
+        label = f"{classifier}, {name}"
         if row.get("guarantee") == "probabilistic":
             label += f" (prob. {row.get('confidence')})"
-        width = 2.2 if certification in ("global",) else 1.5
+        width = {"split": 2.4, "global": 1.6}.get(certification, 1.4)
         axes.plot([xs[i] for i in order], [ys[i] for i in order], _STYLES.get(certification, "-."),
                   color=colour, linewidth=width, label=label)
+        loose = [i for i in order if not exact[i]]
+        if loose:
+            axes.plot([xs[i] for i in loose], [ys[i] for i in loose], "o", markerfacecolor="none",
+                      markeredgecolor=colour, markersize=5,
+                      label=None if inexact_shown else "not exact (search limit): sound, possibly loose")
+            inexact_shown = True
     axes.set_xlabel("poisoning size e (training examples removed, added or modified)")
     axes.set_ylabel("certified accuracy CA(e)")
     axes.set_ylim(0, 1.0)

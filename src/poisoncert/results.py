@@ -37,13 +37,15 @@ class CertificationResult:
         Predicted labels, in the user's label space (``classes[prediction_indices]``).
     prediction_indices : ndarray of shape (n_test,)
         Predicted label indices into ``classes``.
-    y_true : ndarray of shape (n_test,)
-        True label indices into ``classes``.
+    y_true : ndarray of shape (n_test,) or None
+        True label indices into ``classes``; None when the test inputs came without labels (then only the
+        certified sizes of the predictions exist, no accuracy curves).
     votes : ndarray of shape (n_test, n_classes)
         Vote counts (neighbours for kNN/rNN, base classifiers for DPA/Bagging).
     certified_size : ndarray of shape (n_test,)
         Individual certified poisoning size of each test input under ``threat_model``;
-        ``NOT_CERTIFIED`` (-1) for misclassified inputs.
+        ``NOT_CERTIFIED`` (-1) for misclassified inputs. Without true labels: the certified size of each
+        prediction (it needs no label).
     classes : ndarray
         Label values; column ``l`` of ``votes`` is ``classes[l]``.
     threat_model : str
@@ -54,18 +56,24 @@ class CertificationResult:
         For probabilistic certificates, the probability ``1 - alpha`` with which they hold.
     metadata : dict
         Everything else worth recording (metric, n_train, dataset, features, timings, ...).
-    neighbor_labels : ndarray of shape (n_test, k) or None
-        kNN only: ordered neighbour label indices, needed by the kNN joint certificate.
+    neighbor_labels : ndarray of shape (n_test, K) or None
+        kNN only: ordered neighbour label indices, needed by the kNN joint certificates; the split certificate
+        at ``e`` reads the first ``k + e`` columns, so ``K = min(k + max_e, n_train)``.
     default_method : str
         The curve reported when no method is named.
     seed : int
         Seed for the RD grouping.
+    split_options : dict
+        ``time_limit`` / ``node_limit`` (per poisoning size) and ``max_memory_mb`` of the split certificates.
+    max_e : int or None
+        kNN: the largest poisoning size the stored neighbour table supports for the split certificate (None: no
+        limit, the table holds every training example).
     """
 
     method: str
     params: dict[str, Any]
     prediction_indices: np.ndarray
-    y_true: np.ndarray
+    y_true: np.ndarray | None
     votes: np.ndarray
     certified_size: np.ndarray
     classes: np.ndarray
@@ -76,6 +84,10 @@ class CertificationResult:
     neighbor_labels: np.ndarray | None = None
     default_method: str = "individual"
     seed: int = 0
+    split_options: dict[str, Any] = field(default_factory=dict)
+    max_e: int | None = None
+    _cache: dict[str, dict[int, tuple[float, bool]]] = field(default_factory=dict, repr=False)
+    _split: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -83,22 +95,40 @@ class CertificationResult:
 
     @property
     def n_test(self) -> int:
-        return int(len(self.y_true))
+        return int(len(self.prediction_indices))
+
+    @property
+    def has_labels(self) -> bool:
+        return self.y_true is not None
 
     @property
     def clean_accuracy(self) -> float:
-        return float(np.mean(self.prediction_indices == self.y_true)) if self.n_test else float("nan")
+        if self.y_true is None or not self.n_test:
+            return float("nan")
+        return float(np.mean(self.prediction_indices == self.y_true))
 
     @property
     def available_methods(self) -> tuple[str, ...]:
-        """Curves this result can compute."""
-        if self.threat_model != "general":
-            return ("individual",)
+        """Curves this result can compute (none without true labels)."""
+        if self.y_true is None:
+            return ()
         if self.method == "rnn":
-            return ("individual", "rd", "island", "global")
+            if self.threat_model == "general":
+                return ("individual", "rd", "island", "global", "split")
+            return ("individual", "split")
         if self.method == "knn" and self.neighbor_labels is not None:
-            return ("individual", "global")
+            if self.threat_model == "general":
+                return ("individual", "global", "split")
+            return ("individual", "split")
         return ("individual",)
+
+    def spec_section(self, method: str) -> str:
+        """The section of the certification contract that defines a curve (``../shared/spec/certification.md``)."""
+        if self.method in ("dpa", "bagging"):
+            return "6"
+        return {"individual": "4", "rd": "5 (Theorem 4)", "island": "5 (Theorem 4)",
+                "global": "5b" if self.method == "rnn" else "5c",
+                "split": "5d" if self.method == "rnn" else "5e"}[method]
 
     def certified_accuracy(self, e: np.ndarray | list[int] | int, method: str | None = None) -> np.ndarray:
         """Lower bound on certified accuracy CA(e) at each poisoning size in ``e``.
@@ -108,38 +138,101 @@ class CertificationResult:
         e : array-like of int
             Poisoning sizes (>= 0).
         method : str, optional
-            ``"individual"`` (per test input), or a joint certificate: ``"rd"``, ``"island"``, ``"global"``
-            for rNN, ``"global"`` for kNN. Defaults to ``default_method``.
+            ``"individual"`` (per test input), or a joint certificate: ``"rd"``, ``"island"``, ``"global"``,
+            ``"split"`` for rNN, ``"global"``, ``"split"`` for kNN. Defaults to ``default_method``.
 
         Returns
         -------
-        ndarray of float, one value per entry of ``e``.
+        ndarray of float, one value per entry of ``e``. Each value is computed once and kept, so a table, a
+        plot and a file written from the same result never recompute a curve.
         """
-        from . import certify
+        return self.curve(e, method)[0]
 
+    def curve(self, e: np.ndarray | list[int] | int, method: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(certified_accuracy, exact)`` at each poisoning size: ``exact[j]`` is False where the value is a sound
+        but looser bound than the certificate's definition (a split certificate stopped by its time or node limit,
+        or on a coarsened need table)."""
         e = check_poisoning_sizes(e)
         method = self.default_method if method is None else method
+        if self.y_true is None:
+            raise ValueError("accuracy curves need the true labels of the test inputs; this result certifies the "
+                             "predictions only (see certified_size)")
         if method not in self.available_methods:
             raise ValueError(
                 f"method {method!r} is not available for {self.method} under the {self.threat_model} "
                 f"threat model; choose one of {', '.join(self.available_methods)}"
             )
+        cache = self._cache.setdefault(method, {})
+        missing = np.array(sorted({int(v) for v in e.tolist()} - set(cache)), dtype=np.int64)
+        if missing.size:
+            for size, value, exact in zip(missing.tolist(), *self._compute(missing, method), strict=True):
+                cache[size] = (float(value), bool(exact))
+        return (np.array([cache[int(v)][0] for v in e.tolist()], dtype=np.float64),
+                np.array([cache[int(v)][1] for v in e.tolist()], dtype=bool))
+
+    def _compute(self, e: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+        from . import certify
+
+        exact = np.ones(len(e), dtype=bool)
         if method == "individual":
-            return certify.accuracy_from_certified_sizes(self.certified_size, e)
+            return certify.accuracy_from_certified_sizes(self.certified_size, e), exact
+        if method == "split":
+            from .joint_split import knn_split_certificate, rnn_split_certificate
+
+            options = dict(self.split_options)
+            if self.method == "knn":
+                if self.max_e is not None and int(e.max()) > self.max_e:
+                    raise ValueError(
+                        f"this kNN result holds each input's first {self.neighbor_labels.shape[1]} neighbours, enough "
+                        f"for the split certificate up to e = {self.max_e}; e = {int(e.max())} needs k + e "
+                        f"neighbours: certify again with max_e >= {int(e.max())}"
+                    )
+                details = knn_split_certificate(
+                    self.neighbor_labels, self.y_true, e, int(self.params["k"]), self.votes.shape[1],
+                    self.metadata.get("n_train"), self.threat_model, **options)
+            else:
+                options.pop("max_memory_mb", None)
+                details = rnn_split_certificate(self.votes, self.y_true, e, self.threat_model, **options)
+            for j, size in enumerate(e.tolist()):
+                self._split[size] = {"additions": details.additions[j].tolist(),
+                                     "removals": details.removals[j].tolist(),
+                                     "attack_flips": int(details.attack_flips[j]),
+                                     "max_flips": int(details.max_flips[j]), "nodes": int(details.nodes[j]),
+                                     "exact": bool(details.exact[j])}
+            return details.accuracy, details.exact
         if self.method == "knn":
+            k = int(self.params["k"])
+            table = self.neighbor_labels[:, : min(k, self.neighbor_labels.shape[1])]
             return certify.knn_joint_certified_accuracy(
-                self.neighbor_labels, self.y_true, e, n_classes=self.votes.shape[1],
-                n_neighbors=self.params.get("k"), n_train=self.metadata.get("n_train"),
-            )
-        return certify.certified_accuracy(self.votes, self.y_true, e, method=method, seed=self.seed)
+                table, self.y_true, e, n_classes=self.votes.shape[1], n_neighbors=k,
+                n_train=self.metadata.get("n_train"),
+            ), exact
+        return certify.certified_accuracy(self.votes, self.y_true, e, method=method, seed=self.seed), exact
+
+    def split_attack(self, e: np.ndarray | list[int] | int) -> dict[str, Any]:
+        """The label-level attacker behind the split certificate (spec 5d/5e) at each ``e``.
+
+        Returns a dict with ``classes``, ``e``, ``additions`` and ``removals`` (per label, columns ordered as
+        ``classes``), ``flips`` (inputs that attacker flips), ``max_flips`` (the proved bound) and ``exact``. It
+        describes the over-approximated attacker, which shows where the model is weakest; it is not necessarily a
+        poisoned training set that realises the bound.
+        """
+        e = check_poisoning_sizes(e)
+        self.curve(e, "split")
+        rows = [self._split[int(v)] for v in e.tolist()]
+        return {"classes": np.asarray(self.classes).tolist(), "e": e.tolist(),
+                "additions": [r["additions"] for r in rows], "removals": [r["removals"] for r in rows],
+                "flips": [r["attack_flips"] for r in rows], "max_flips": [r["max_flips"] for r in rows],
+                "exact": [r["exact"] for r in rows]}
 
     def worst_case_removals(self, e: np.ndarray | list[int] | int) -> np.ndarray:
         """rNN only: removals per label (columns ordered as ``classes``) of the worst-case label-level attacker
         behind the global joint certificate (spec 5b), one row per entry of ``e``. Shows where the model is
         weakest: the labels whose predictions a shared removal budget flips most cheaply.
         """
-        if self.method != "rnn" or self.threat_model != "general":
-            raise ValueError("worst-case removals per label exist for rNN under the general threat model only")
+        if self.method != "rnn" or self.threat_model != "general" or self.y_true is None:
+            raise ValueError("worst-case removals per label exist for labelled rNN results under the general "
+                             "threat model only")
         from .joint import global_attack_allocation
 
         return global_attack_allocation(self.votes, self.y_true, check_poisoning_sizes(e))
@@ -155,9 +248,13 @@ class CertificationResult:
             "n_test": self.n_test,
             "n_classes": int(self.votes.shape[1]),
             "classes": np.asarray(self.classes).tolist(),
-            "clean_accuracy": self.clean_accuracy,
+            "clean_accuracy": self.clean_accuracy if self.has_labels else None,
+            "labelled": self.has_labels,
             "default_method": self.default_method,
             "available_methods": list(self.available_methods),
+            "spec_sections": {m: self.spec_section(m) for m in self.available_methods},
+            "split_options": dict(self.split_options) if "split" in self.available_methods else None,
+            "max_e": self.max_e,
             "poisoncert_version": __version__,
             "python": platform.python_version(),
             **self.metadata,
@@ -170,19 +267,21 @@ class CertificationResult:
         label = self.label()
         rows = []
         for method in methods:
-            curve = self.certified_accuracy(e, method=method)
-            for size, value in zip(e.tolist(), curve.tolist(), strict=True):
+            values, exact = self.curve(e, method=method)
+            for size, value, is_exact in zip(e.tolist(), values.tolist(), exact.tolist(), strict=True):
                 rows.append(
                     {
                         "classifier": label,
                         "method": self.method,
                         "certification": method,
+                        "spec_section": self.spec_section(method),
                         "params": _format_params(self.params),
                         "threat_model": self.threat_model,
                         "guarantee": self.guarantee,
                         "confidence": "" if self.confidence is None else self.confidence,
                         "e": size,
                         "certified_accuracy": value,
+                        "exact": is_exact,
                     }
                 )
         return rows
@@ -195,11 +294,13 @@ class CertificationResult:
     def per_example_rows(self) -> list[dict[str, Any]]:
         """One dict per test input: index, true label, prediction, individual certified size, vote counts."""
         classes = np.asarray(self.classes).tolist()
+        truth = [None] * self.n_test if self.y_true is None else [classes[t] for t in self.y_true.tolist()]
         return [
-            {"index": i, "y_true": classes[t], "prediction": classes[p], "certified_size": int(s), "votes": v}
+            {"index": i, "y_true": "" if t is None else t, "prediction": classes[p], "certified_size": int(s),
+             "votes": v}
             for i, (t, p, s, v) in enumerate(
-                zip(self.y_true.tolist(), self.prediction_indices.tolist(), self.certified_size.tolist(),
-                    self.votes.tolist(), strict=True)
+                zip(truth, self.prediction_indices.tolist(), self.certified_size.tolist(), self.votes.tolist(),
+                    strict=True)
             )
         ]
 

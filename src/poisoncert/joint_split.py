@@ -1,0 +1,1307 @@
+"""Split-budget joint certificates: spec 5d (rNN) and 5e (kNN), the default joint certificates.
+
+The global certificates of spec 5b and 5c give every test input's rival the whole addition budget ``e`` at
+once. One poisoned training set adds at most ``e`` examples *in total*, each with one label. Here the attacker is
+over-approximated by label counts only: it removes ``r_l`` and adds ``alpha_l`` examples of label ``l``
+(``sum r <= e``, ``sum alpha <= e``). For a fixed addition split ``alpha`` each correctly classified input ``i``
+with prediction ``a_i`` gets a removal cost ``need_i(alpha)``: it can change its prediction only if
+``r_{a_i} >= need_i(alpha)``. One attack therefore flips at most
+
+    F* = max over alpha of  F(alpha),    F(alpha) = max over (r_l), sum r <= e, of
+                                                     sum_l #{i correct : a_i = l, need_i(alpha) <= r_l}
+
+inputs, and ``CA(e) >= (#correct - F*) / |T|`` for every poisoned training set of poisoning size ``<= e``
+(deterministic). ``F`` is non-decreasing in every ``alpha_l``, so the optimum uses the whole budget and a branch
+and bound over boxes of ``alpha``, each bounded by ``F`` at its capped upper corner, finds ``F*`` exactly
+(:func:`_maximise_flips`). Proofs and edge cases: ``docs/split_joint_proof.md``.
+
+* rNN (spec 5d): ``need_i(alpha) = max(0, min over l != a of (s_a - s_l + [a > l] - alpha_l))``.
+* kNN (spec 5e): removals pull the next clean neighbours, whose labels are known, into the window; ``need_i`` is
+  the smallest ``r_a`` satisfying the spec's condition (*), computed per (input, rival label) for every
+  ``alpha_l`` from prefix and suffix maxima of ``D(p) = C_l(p) - A(p)`` over positions ``k - e .. k + e``
+  (:func:`_knn_pair_needs`).
+
+Insertion-only joint: no removals (``r = 0``, and for kNN ``rho = 0``); deletion-only joint: no additions
+(``alpha = 0``, and for kNN ``N' = 0``). Under the label-flip model the general certificate applies unchanged
+(relabelling ``e`` examples is a poisoning of size ``e``), so it is what label-flip results report.
+
+Each certified value says whether it is exact: ``False`` only when the search hit ``time_limit`` or
+``node_limit`` (the value is then the bound of the open boxes), or when kNN need tables were coarsened to fit
+``max_memory_mb``; both keep the value sound.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numba
+import numpy as np
+from numba import prange
+
+from ._validation import check_label_indices, check_poisoning_sizes, check_positive_int, check_votes
+from .votes import knn_votes_from_labels, predict, rival_counts
+
+__all__ = [
+    "SPLIT_THREAT_MODELS",
+    "SplitCertificate",
+    "knn_split_certificate",
+    "knn_split_certified_accuracy",
+    "rnn_split_certificate",
+    "rnn_split_certified_accuracy",
+]
+
+#: Threat models with a split joint certificate (label-flip uses the general one).
+SPLIT_THREAT_MODELS = ("general", "insertion", "deletion", "label-flip")
+
+_NO_SLACK_LIMIT = 1 << 40  # exact DP whatever the gap between the LP bound and the threshold
+_LP_EXACT_GAP = 30  # run the exact DP while an evaluation's LP bound is within this many flips of the incumbent
+_NEG = -(1 << 40)
+_MARGIN_OWN = 1 << 40  # margin entry of an input's own label: never a rival
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The label knapsack, bounded: exact when it matters, an LP bound otherwise
+# --------------------------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _bound_flips(labels, costs, budget, n_classes, threshold, slack, hist, out):  # pragma: no cover - compiled
+    """Bounds on ``F = max over r, sum r <= budget, of #{i : costs[i] <= r[labels[i]]}``.
+
+    Writes ``out[0]`` an upper bound of F, ``out[1]`` a value attained by a feasible allocation, ``out[2]`` 1 when
+    both equal F. Guarantees: if ``out[0] <= threshold`` then ``F <= threshold``; if F > threshold and the LP bound
+    is within ``slack`` of ``max(threshold, out[1])``, the result is exact.
+
+    Method: per label the gains ``g_l(x) = #{cost <= x}`` at its distinct costs; the LP relaxation (upper concave
+    hulls, taken greedily by slope) gives the multiplier ``lam`` and the Lagrangian bound ``L = lam * budget +
+    sum_l max_x (g_l(x) - lam x)``; the greedy integral part of the LP is a feasible allocation. Any allocation
+    with more than ``thr`` flips has total Lagrangian loss below ``L - thr``, so a label's choices with a larger
+    loss are dropped (reduced-cost fixing) and the exact dynamic programme runs over the few that remain.
+    """
+    hist[:, :] = 0
+    free = 0
+    for i in range(labels.shape[0]):
+        x = costs[i]
+        if x == 0:
+            free += 1
+        elif x <= budget:
+            hist[labels[i], x] += 1
+    start = np.zeros(n_classes + 1, np.int64)
+    for lab in range(n_classes):
+        count = 0
+        for x in range(1, budget + 1):
+            if hist[lab, x] > 0:
+                count += 1
+        start[lab + 1] = start[lab] + count
+    n_points = start[n_classes]
+    px = np.empty(n_points, np.int64)
+    pg = np.empty(n_points, np.int64)
+    for lab in range(n_classes):
+        j = start[lab]
+        gain = 0
+        for x in range(1, budget + 1):
+            h = hist[lab, x]
+            if h > 0:
+                gain += h
+                px[j] = x
+                pg[j] = gain
+                j += 1
+    # Upper concave hull of each label's points, starting at (0, 0); its segments have decreasing slopes.
+    seg_dx = np.empty(n_points, np.int64)
+    seg_dg = np.empty(n_points, np.int64)
+    seg_label = np.empty(n_points, np.int64)
+    n_seg = 0
+    hx = np.empty(n_points + 1, np.int64)
+    hg = np.empty(n_points + 1, np.int64)
+    for lab in range(n_classes):
+        h = 1
+        hx[0] = 0
+        hg[0] = 0
+        for j in range(start[lab], start[lab + 1]):
+            x = px[j]
+            g = pg[j]
+            while h >= 2 and (hg[h - 1] - hg[h - 2]) * (x - hx[h - 2]) <= (g - hg[h - 2]) * (hx[h - 1] - hx[h - 2]):
+                h -= 1
+            hx[h] = x
+            hg[h] = g
+            h += 1
+        for j in range(1, h):
+            seg_dx[n_seg] = hx[j] - hx[j - 1]
+            seg_dg[n_seg] = hg[j] - hg[j - 1]
+            seg_label[n_seg] = lab
+            n_seg += 1
+    slopes = np.empty(n_seg)
+    for j in range(n_seg):
+        slopes[j] = seg_dg[j] / seg_dx[j]
+    order = np.argsort(-slopes)
+    remaining = budget
+    lam = 0.0
+    greedy = 0
+    greedy_left = budget
+    blocked = np.zeros(n_classes, np.bool_)
+    for t in range(n_seg):
+        j = order[t]
+        if remaining > 0:
+            lam = slopes[j]
+            remaining -= min(remaining, seg_dx[j])
+        lab = seg_label[j]
+        if not blocked[lab]:  # a label's hull segments must be taken in order to be an allocation
+            if seg_dx[j] <= greedy_left:
+                greedy_left -= seg_dx[j]
+                greedy += seg_dg[j]
+            else:
+                blocked[lab] = True
+    if remaining > 0:
+        lam = 0.0  # everything fits: the LP takes every segment
+    bound = lam * budget
+    best_reduced = np.empty(n_classes)
+    for lab in range(n_classes):
+        b = 0.0
+        for j in range(start[lab], start[lab + 1]):
+            v = pg[j] - lam * px[j]
+            if v > b:
+                b = v
+        best_reduced[lab] = b
+        bound += b
+    upper = free + int(math.floor(bound + 1e-7))
+    lower = free + greedy
+    out[1] = lower
+    if upper <= threshold or upper == lower:
+        out[0] = upper
+        out[2] = 1 if upper == lower else 0
+        return
+    thr = max(threshold, lower)
+    if upper - thr > slack:
+        out[0] = upper
+        out[2] = 0
+        return
+    # Exact DP over the choices whose Lagrangian loss leaves room for more than thr flips.
+    allowed = bound - (thr - free + 1) + 1e-7
+    best = np.full(budget + 1, _NEG, np.int64)
+    best[0] = 0
+    new = np.empty(budget + 1, np.int64)
+    reach = 0
+    for lab in range(n_classes):
+        keep_zero = best_reduced[lab] <= allowed
+        if keep_zero:
+            new[:] = best
+        else:
+            new[:] = _NEG
+        n_kept = 0
+        widest = 0
+        for j in range(start[lab], start[lab + 1]):
+            if best_reduced[lab] - (pg[j] - lam * px[j]) > allowed:
+                continue
+            n_kept += 1
+            x = px[j]
+            g = pg[j]
+            if x > widest:
+                widest = x
+            top = min(budget, reach + x)
+            for b in range(x, top + 1):
+                v = best[b - x] + g
+                if v > new[b]:
+                    new[b] = v
+        if n_kept == 0 and not keep_zero:
+            out[0] = thr
+            out[2] = 1 if thr == lower else 0
+            return
+        reach = min(budget, reach + widest)
+        best[:] = new
+    value = _NEG
+    for b in range(budget + 1):
+        if best[b] > value:
+            value = best[b]
+    if value >= 0 and free + value > thr:
+        out[0] = free + value
+        out[1] = free + value
+        out[2] = 1
+    else:
+        out[0] = thr
+        out[2] = 1 if thr == lower else 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-input removal costs need_i(alpha)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _rnn_needs(margins, alpha, budget, out, active):  # pragma: no cover - compiled
+    """Spec 5d: ``need_i = max(0, min_l (margin_il - alpha_l))``, ``budget + 1`` when above the budget.
+
+    ``active[l]`` counts the affordable inputs whose minimum is attained at label ``l`` (for branching).
+    """
+    active[:] = 0
+    for i in range(margins.shape[0]):
+        best = _MARGIN_OWN
+        arg = 0
+        for lab in range(margins.shape[1]):
+            v = margins[i, lab] - alpha[lab]
+            if v < best:
+                best = v
+                arg = lab
+        if best < 0:
+            best = 0
+        if best <= budget:
+            out[i] = best
+            active[arg] += 1
+        else:
+            out[i] = budget + 1
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _knn_needs(pair_start, pair_label, first, zero, offset, values, step, alpha, budget, out, winner):
+    """Spec 5e: ``need_i = min over its pairs (i, l) of h_il(alpha_l)`` from windowed tables.  # pragma: no cover
+
+    Pair ``p`` stores ``h`` on the grid ``alpha = j * step``: infinite for ``j < first[p]``, 0 for
+    ``j >= zero[p]``, ``values[offset[p] + j - first[p]]`` in between. ``alpha`` is rounded *up* to the grid, which
+    can only lower ``h`` (it is non-increasing), so a coarse grid (``step > 1``) stays sound.
+    """
+    for i in prange(pair_start.shape[0] - 1):
+        best = budget + 1
+        arg = -1
+        for p in range(pair_start[i], pair_start[i + 1]):
+            j = (alpha[pair_label[p]] + step - 1) // step
+            if j < first[p]:
+                continue
+            if j >= zero[p]:
+                v = 0
+            else:
+                v = values[offset[p] + j - first[p]]
+            if v < best:
+                best = v
+                arg = pair_label[p]
+        out[i] = best
+        winner[i] = arg
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_winners(winner, costs, budget, n_classes, active):  # pragma: no cover - compiled
+    active[:] = 0
+    for i in range(winner.shape[0]):
+        if costs[i] <= budget and winner[i] >= 0:
+            active[winner[i]] += 1
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _knn_pair_needs(table, inputs, pred, votes, pair_row, k, n, big_n, span_e, removals, add, step, out, first, zero):
+    """``h(alpha)`` of every (input, rival label) pair on the grid ``alpha = min(j * step, add)``.  # pragma: no cover
+
+    Spec 5e, condition (*): input ``i`` (prediction ``a``) can flip towards ``l`` only if some ``N'`` in ``[0, N]``
+    and ``rho`` in ``[0, E]`` give ``D(k - N' + rho) + min(N', alpha) + min(r, rho) >= t``, with
+    ``D(p) = C_l(p) - A(p)`` (counts among the first ``min(p, n)`` clean neighbours) and ``t = [a > l]``. For a
+    fixed position ``p`` the left side is largest at the largest feasible ``N'`` (both ``min`` terms grow with
+    it), which splits the maximum into two families: ``N' = N, rho = u`` (``u`` in 0..E) and ``rho = E, N' = v``
+    (``v`` in 0..N). With ``d[q] = D(k - N + q)``:
+
+        G(alpha, r) = max(min(N, alpha) + LA(r), r + RB(alpha))
+        LA(r)     = max over u of d[u] + min(u, r)            = max(max_{u<=r} d[u] + u, r + max_{r<=u<=E} d[u])
+        RB(alpha) = max over v of d[N + E - v] + min(v, alpha) (the same two halves, with v for u)
+
+    ``h(alpha)`` = the smallest ``r`` in ``0..removals`` with ``G(alpha, r) >= t`` (``removals + 1`` when none).
+    LA and RB are non-decreasing, so ``h`` is non-increasing in ``alpha``. General: ``N = min(k, e)``,
+    ``E = removals = add = e``; insertion-only: ``E = removals = 0``; deletion-only: ``N = add = 0``.
+
+    All labels of one input share its neighbour sequence, so they are computed together (label is the inner,
+    vectorised axis): one pass per position updates every ``d``. ``pair_row[i, l]`` is the output row of pair
+    ``(inputs[i], l)``, or -1 when that pair is not wanted. ``first[p]``/``zero[p]``: the first grid index where
+    ``h <= removals`` / ``h == 0``.
+    """
+    n_inputs = inputs.shape[0]
+    c = votes.shape[1]
+    n_grid = out.shape[1]
+    span = big_n + span_e + 1
+    lo_p = k - big_n
+    k_eff = min(k, n)
+    readable = min(span, n - lo_p + 1)  # positions past n repeat D(n)
+    offset = big_n + span_e
+    low = -(1 << 30)
+    n_chunks = min(n_inputs, 256)
+    for chunk in prange(n_chunks):
+        d = np.empty((span, c), np.int32)
+        la = np.empty((span_e + 1, c), np.int32)
+        pm = np.empty((span, c), np.int32)
+        sq = np.empty((span, c), np.int32)
+        inverse = np.empty((span_e + 2, c), np.int32)
+        counts = np.empty(c, np.int32)
+        running = np.empty(c, np.int32)
+        base = np.empty(c, np.int32)
+        top = np.empty(c, np.int32)
+        tie = np.empty(c, np.int32)
+        h = np.empty((n_grid, c), np.int32)
+        n_finite = np.empty(c, np.int32)
+        n_zero = np.empty(c, np.int32)
+        for i in range(chunk * n_inputs // n_chunks, (chunk + 1) * n_inputs // n_chunks):
+            row = table[inputs[i]]
+            a = pred[i]
+            for lab in range(c):
+                counts[lab] = votes[i, lab]
+                tie[lab] = 1 if a > lab else 0
+            # Counts among the first lo_p neighbours, from the votes at min(k, n).
+            if lo_p <= k_eff:
+                for j in range(lo_p, k_eff):
+                    counts[row[j]] -= 1
+            else:
+                for j in range(k_eff, min(lo_p, n)):
+                    counts[row[j]] += 1
+            # Forward: d, prefix maxima of d[u] + u (left family, u <= E) and of d from E on (right family).
+            for q in range(span):
+                if 0 < q < readable:
+                    counts[row[lo_p + q - 1]] += 1
+                own = counts[a]
+                for lab in range(c):
+                    d[q, lab] = counts[lab] - own
+            running[:] = low
+            for q in range(span_e + 1):
+                for lab in range(c):
+                    running[lab] = max(running[lab], d[q, lab] + q)
+                    la[q, lab] = running[lab]
+            running[:] = low
+            for q in range(span_e, span):
+                for lab in range(c):
+                    running[lab] = max(running[lab], d[q, lab])
+                    pm[q, lab] = running[lab]
+            # Backward: suffix maxima of d[q] - q (right family) and of d over u >= r (completing LA).
+            running[:] = low
+            for q in range(span - 1, span_e - 1, -1):
+                for lab in range(c):
+                    running[lab] = max(running[lab], d[q, lab] - q)
+                    sq[q, lab] = running[lab]
+            running[:] = low
+            for q in range(span_e, -1, -1):
+                for lab in range(c):
+                    running[lab] = max(running[lab], d[q, lab])
+                    la[q, lab] = max(la[q, lab], q + running[lab])
+            # LA steps by 0 or 1: "smallest r with LA(r) >= LA(0) + v" is a table over v; written from the top
+            # down, each entry keeps the smallest r.
+            for lab in range(c):
+                base[lab] = la[0, lab]
+                top[lab] = la[removals, lab] - la[0, lab]
+            for r in range(span_e, -1, -1):
+                for lab in range(c):
+                    inverse[la[r, lab] - base[lab], lab] = r
+            n_finite[:] = 0
+            n_zero[:] = 0
+            for j in range(n_grid):
+                alpha = min(j * step, add)
+                capped = min(alpha, big_n)
+                for lab in range(c):
+                    rb = sq[offset - capped, lab] + offset
+                    if alpha <= big_n:
+                        rb = max(rb, alpha + pm[offset - alpha, lab])
+                    best = max(tie[lab] - rb, 0)
+                    wanted = tie[lab] - capped - base[lab]
+                    if wanted <= 0:
+                        best = 0
+                    elif wanted <= top[lab]:
+                        best = min(best, inverse[wanted, lab])
+                    best = min(best, removals + 1)
+                    h[j, lab] = best
+                    n_finite[lab] += best <= removals
+                    n_zero[lab] += best == 0
+            # h is non-increasing in alpha: the finite and the zero values are suffixes of the grid.
+            for lab in range(c):
+                target = pair_row[i, lab]
+                if target < 0:
+                    continue
+                for j in range(n_grid):
+                    out[target, j] = h[j, lab]
+                first[target] = n_grid - n_finite[lab]
+                zero[target] = n_grid - n_zero[lab]
+
+
+@numba.njit(cache=True, nogil=True)
+def _pack_windows(out, first, zero, offset, values):  # pragma: no cover - compiled
+    for p in range(out.shape[0]):
+        base = offset[p] - first[p]
+        for j in range(first[p], zero[p]):
+            values[base + j] = out[p, j]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _knn_profiles(table, inputs, pred, votes, pair_row, k, n, reach, sl_bits, sr_bits):  # pragma: no cover
+    """Bitsets of ``SL(x) = max_{k-x <= p <= k} D(p)`` and ``SR(y) = max_{k <= p <= k+y} D(p)`` per pair.
+
+    Bit ``x`` of ``sl_bits[p]`` is ``SL(x + 1) - SL(x)`` (0 or 1, since D moves by at most one per position), for
+    ``x < reach``; likewise ``sr_bits``. ``SL(0) = SR(0) = D(k) = s_l - s_a``. These do not depend on the
+    poisoning size, so one pass serves a whole curve of the general certificate at every ``e <= k``.
+    """
+    n_inputs = inputs.shape[0]
+    c = votes.shape[1]
+    n_chunks = min(n_inputs, 256)
+    k_eff = min(k, n)
+    for chunk in prange(n_chunks):
+        counts = np.empty(c, np.int64)
+        running = np.empty(c, np.int64)
+        word = np.empty(c, np.uint64)
+        for i in range(chunk * n_inputs // n_chunks, (chunk + 1) * n_inputs // n_chunks):
+            row = table[inputs[i]]
+            a = pred[i]
+            for side in range(2):
+                for lab in range(c):
+                    counts[lab] = votes[i, lab]
+                    running[lab] = votes[i, lab] - votes[i, a]
+                    word[lab] = 0
+                for x in range(reach):
+                    if side == 0:
+                        position = k - x - 1  # D(k - x - 1): one more neighbour dropped from the prefix
+                        if position < k_eff:
+                            counts[row[position]] -= 1
+                    else:
+                        position = k + x  # D(k + x + 1): one more neighbour taken in
+                        if position < n:
+                            counts[row[position]] += 1
+                    own = counts[a]
+                    bit = np.uint64(1) << np.uint64(x & 63)
+                    for lab in range(c):
+                        value = counts[lab] - own
+                        if value > running[lab]:
+                            running[lab] = value
+                            word[lab] |= bit
+                    if (x & 63) == 63 or x == reach - 1:
+                        w = x >> 6
+                        for lab in range(c):
+                            target = pair_row[i, lab]
+                            if target >= 0:
+                                if side == 0:
+                                    sl_bits[target, w] = word[lab]
+                                else:
+                                    sr_bits[target, w] = word[lab]
+                            word[lab] = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _cumulative_popcounts(bits, cum):  # pragma: no cover - compiled
+    for p in range(bits.shape[0]):
+        total = 0
+        cum[p, 0] = 0
+        for w in range(bits.shape[1]):
+            total += _popcount(bits[p, w])
+            cum[p, w + 1] = total
+
+
+@numba.njit(inline="always")
+def _popcount(x):  # pragma: no cover - compiled
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return int((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@numba.njit(inline="always")
+def _rank1(bits, cum, p, x):  # pragma: no cover - compiled
+    """Set bits of pair ``p`` among positions ``0..x-1``."""
+    w = x >> 6
+    rest = x & 63
+    if rest == 0:
+        return cum[p, w]
+    mask = (np.uint64(1) << np.uint64(rest)) - np.uint64(1)
+    return cum[p, w] + _popcount(bits[p, w] & mask)
+
+
+@numba.njit(inline="always")
+def _select0(bits, cum, p, m, n_words):  # pragma: no cover - compiled
+    """Position of the zero bit of pair ``p`` that has exactly ``m`` zero bits before it."""
+    lo = 0
+    hi = n_words - 1
+    while lo < hi:  # the last word whose preceding zeros are <= m
+        mid = (lo + hi + 1) // 2
+        if 64 * mid - cum[p, mid] <= m:
+            lo = mid
+        else:
+            hi = mid - 1
+    j = m - (64 * lo - cum[p, lo])
+    word = ~bits[p, lo]
+    position = 0
+    width = 32
+    while width > 0:
+        low = _popcount(word & ((np.uint64(1) << np.uint64(width)) - np.uint64(1)))
+        if j >= low:
+            j -= low
+            word = word >> np.uint64(width)
+            position += width
+        width //= 2
+    return 64 * lo + position
+
+
+@numba.njit(inline="always")
+def _online_need(sl_bits, sl_cum, sr_bits, sr_cum, p, d_k, t, e, alpha, n_words):  # pragma: no cover
+    """Spec 5e ``h(alpha)`` of pair ``p`` at ``e <= k`` (general model), ``e + 1`` when infinite.
+
+    ``G(alpha, r) = max(alpha + r + SL(e - r), alpha + r + SR(e - alpha)) >= t``: from the second term
+    ``r >= t - alpha - SR(e - alpha)``; from the first, ``r + SL(e - r) = e + SL(0) - zeros(e - r)`` with
+    ``zeros(x)`` the zero bits of SL's steps below ``x``, so the smallest ``r`` is ``e - x`` for the largest ``x``
+    with ``zeros(x) <= e + SL(0) - (t - alpha)``.
+    """
+    y = e - alpha
+    best = t - alpha - (d_k + _rank1(sr_bits, sr_cum, p, y))
+    if best < 0:
+        best = 0
+    m = e + d_k - (t - alpha)
+    if m >= 0:
+        if e - _rank1(sl_bits, sl_cum, p, e) <= m:
+            best = 0
+        else:
+            r1 = e - _select0(sl_bits, sl_cum, p, m, n_words)
+            if r1 < best:
+                best = r1
+    if best > e:
+        best = e + 1
+    return best
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _online_bounds(pairs, tie, d_k, sl_bits, sl_cum, sr_bits, sr_cum, e, out):  # pragma: no cover - compiled
+    """``h(e)`` of each listed pair: a lower bound of ``h(alpha)`` for every ``alpha <= e``."""
+    n_words = sl_bits.shape[1]
+    for j in prange(pairs.shape[0]):
+        p = pairs[j]
+        out[j] = _online_need(sl_bits, sl_cum, sr_bits, sr_cum, p, d_k[p], tie[p], e, e, n_words)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _online_label_needs(pairs, tie, d_k, sl_bits, sl_cum, sr_bits, sr_cum, e, alpha, out):  # pragma: no cover
+    """``h(alpha)`` of the listed pairs (all with the same rival label, so one ``alpha``)."""
+    n_words = sl_bits.shape[1]
+    for j in prange(pairs.shape[0]):
+        p = pairs[j]
+        out[j] = _online_need(sl_bits, sl_cum, sr_bits, sr_cum, p, d_k[p], tie[p], e, alpha, n_words)
+
+
+@numba.njit(cache=True, nogil=True)
+def _min_over_pairs(input_start, input_pairs, pair_rival, h, budget, out, active):  # pragma: no cover - compiled
+    """``need_i = min over the input's pairs of h``; ``active[l]`` counts affordable inputs won by rival ``l``."""
+    active[:] = 0
+    for i in range(input_start.shape[0] - 1):
+        best = budget + 1
+        arg = -1
+        for j in range(input_start[i], input_start[i + 1]):
+            v = h[input_pairs[j]]
+            if v < best:
+                best = v
+                arg = pair_rival[input_pairs[j]]
+        out[i] = best
+        if best <= budget:
+            active[arg] += 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Branch and bound over the addition split
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Solution:
+    lower: int  # flips of the best label-level attack found (alpha, r feasible)
+    upper: int  # proved upper bound of F*
+    alpha: np.ndarray
+    nodes: int
+
+    @property
+    def exact(self) -> bool:
+        return self.lower == self.upper
+
+
+class _Problem:
+    """One F* problem: candidate inputs (their predicted labels) and a need kernel for any addition split."""
+
+    def __init__(self, labels: np.ndarray, n_classes: int, add_budget: int, remove_budget: int, needs: Any) -> None:
+        self.labels = labels
+        self.n_classes = n_classes
+        self.add_budget = add_budget
+        self.remove_budget = remove_budget
+        self._needs = needs
+        self.costs = np.empty(len(labels), np.int64)
+        self.active = np.zeros(n_classes, np.int64)
+        self._hist = np.zeros((n_classes, remove_budget + 1), np.int32)
+        self._out = np.zeros(3, np.int64)
+        self.evaluations = 0
+
+    def evaluate(self, alpha: np.ndarray, threshold: int, slack: int) -> tuple[int, int, bool, np.ndarray]:
+        """(upper, attained, exact, active label counts) of F(alpha); see :func:`_bound_flips`."""
+        self.evaluations += 1
+        self._needs(alpha, self.costs, self.active)
+        _bound_flips(self.labels, self.costs, self.remove_budget, self.n_classes, threshold, slack, self._hist,
+                     self._out)
+        return int(self._out[0]), int(self._out[1]), bool(self._out[2]), self.active.copy()
+
+
+def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_limit: int | None = None,
+                    start: np.ndarray | None = None) -> _Solution:
+    """``F* = max over integer alpha >= 0, sum alpha <= A, of F(alpha)`` by best-first branch and bound.
+
+    A box ``[lo, hi]`` is bounded by F at its upper corner capped at ``A - (sum lo - lo_l)`` per coordinate (F is
+    non-decreasing in every ``alpha_l``, and every feasible point of the box lies below that corner). Feasible
+    points (all of the slack spent, widest coordinates first; the vertices ``A e_l``; ``start``) give attained
+    values. Boxes are split at the midpoint of the coordinate with the most inputs whose cheapest rival is that
+    label, weighted by its width. When the limits stop the search the open boxes' largest bound is returned as
+    ``upper`` (sound, not exact).
+    """
+    c = problem.n_classes
+    budget = problem.add_budget
+    clock = time.perf_counter()
+    if len(problem.labels) == 0:
+        return _Solution(0, 0, np.zeros(c, np.int64), 0)
+    if budget == 0:
+        alpha = np.zeros(c, np.int64)
+        upper, lower, _, _ = problem.evaluate(alpha, -1, _NO_SLACK_LIMIT)
+        return _Solution(lower, upper, alpha, 0)
+
+    def cap(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        return np.minimum(hi, budget - (lo.sum() - lo))
+
+    def feasible(lo: np.ndarray, corner: np.ndarray) -> np.ndarray:
+        slack = budget - int(lo.sum())
+        width = corner - lo
+        if int(width.sum()) <= slack:
+            return corner.copy()
+        point = lo.copy()
+        for j in np.argsort(-width, kind="stable").tolist():
+            if slack <= 0:
+                break
+            add = min(slack, int(width[j]))
+            point[j] += add
+            slack -= add
+        return point
+
+    incumbent, best_alpha = -1, np.zeros(c, np.int64)
+    starts = [np.eye(c, dtype=np.int64)[j] * budget for j in range(c)]
+    if start is not None and int(np.sum(start)) <= budget:
+        starts.append(np.asarray(start, dtype=np.int64))
+    for point in starts:
+        _, attained, _, _ = problem.evaluate(point, incumbent, _LP_EXACT_GAP)
+        if attained > incumbent:
+            incumbent, best_alpha = attained, point
+    lo, hi = np.zeros(c, np.int64), np.full(c, budget, np.int64)
+    upper, _, exact, active = problem.evaluate(hi, incumbent, _LP_EXACT_GAP)
+    heap: list[tuple[int, int, bool, np.ndarray, np.ndarray, np.ndarray]] = []
+    counter = 0
+    if upper > incumbent:
+        heap.append((-upper, counter, exact, lo, hi, active))
+    nodes = 0
+    stopped_at = -1
+    while heap:
+        neg_upper, _, exact, lo, corner, active = heapq.heappop(heap)
+        if -neg_upper <= incumbent:
+            heap.clear()
+            break
+        out_of_time = time_limit is not None and time.perf_counter() - clock > time_limit
+        if out_of_time or (node_limit is not None and nodes >= node_limit):
+            stopped_at = -neg_upper
+            break
+        if not exact:
+            # An LP bound heads the queue: replace it by F itself (exact above the incumbent) before splitting.
+            value, _, _, active = problem.evaluate(corner, incumbent, _NO_SLACK_LIMIT)
+            if value > incumbent:
+                counter += 1
+                heapq.heappush(heap, (-value, counter, True, lo, corner, active))
+            continue
+        nodes += 1
+        width = corner - lo
+        if int(width.max()) == 0:
+            continue  # a single feasible point whose exact F was recorded when it was created
+        score = active * width
+        j = int(np.argmax(score)) if score.max() > 0 else int(np.argmax(width))
+        middle = int(lo[j] + corner[j]) // 2
+        below_hi, above_lo = corner.copy(), lo.copy()
+        below_hi[j] = middle
+        above_lo[j] = middle + 1
+        for child_lo, child_hi in ((lo, below_hi), (above_lo, corner)):
+            if int(child_lo.sum()) > budget:
+                continue
+            child_corner = cap(child_lo, child_hi)
+            point = feasible(child_lo, child_corner)
+            if bool(np.all(point == child_corner)):
+                # The corner is feasible: F there is the box's maximum, so its exact value settles the box.
+                _, attained, _, _ = problem.evaluate(point, incumbent, _NO_SLACK_LIMIT)
+                if attained > incumbent:
+                    incumbent, best_alpha = attained, point
+                continue
+            value, _, exact_child, child_active = problem.evaluate(child_corner, incumbent, _LP_EXACT_GAP)
+            if value <= incumbent:
+                continue  # pruned: no need to look inside
+            _, attained, _, _ = problem.evaluate(point, incumbent, _LP_EXACT_GAP)
+            if attained > incumbent:
+                incumbent, best_alpha = attained, point
+            if value > incumbent:
+                counter += 1
+                heapq.heappush(heap, (-value, counter, exact_child, child_lo.copy(), child_corner, child_active))
+    upper_bound = max(incumbent, stopped_at, max((-entry[0] for entry in heap), default=incumbent))
+    return _Solution(max(incumbent, 0), max(upper_bound, 0), best_alpha, nodes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitCertificate:
+    """A split-budget joint certificate curve (spec 5d or 5e), with how each value was obtained.
+
+    Attributes
+    ----------
+    e : ndarray of int
+        Poisoning sizes.
+    accuracy : ndarray of float
+        Proved lower bound of CA(e): with every poisoned training set of poisoning size ``<= e`` (under
+        ``threat_model``) at least this fraction of the test set stays correctly classified. Deterministic.
+    exact : ndarray of bool
+        True where ``accuracy`` equals the certificate's definition (F* found exactly); False where a time/node
+        limit or a coarsened kNN table left a (still sound) looser value.
+    max_flips : ndarray of int
+        The proved upper bound of ``F*`` behind ``accuracy``.
+    attack_flips : ndarray of int
+        Flips of the best label-level attack found, ``(alpha, r)`` below; ``== max_flips`` where exact.
+    additions, removals : ndarray of shape (len(e), n_classes)
+        That attack's additions ``alpha_l`` and removals ``r_l`` per label index. It describes the
+        over-approximated attacker of the bound, which shows where the model is weakest, not necessarily a
+        poisoned set that realises it.
+    nodes : ndarray of int
+        Branch-and-bound boxes split per value.
+    spec_section : str
+        ``"5d"`` (rNN) or ``"5e"`` (kNN).
+    threat_model : str
+    n_test, n_correct : int
+    """
+
+    e: np.ndarray
+    accuracy: np.ndarray
+    exact: np.ndarray
+    max_flips: np.ndarray
+    attack_flips: np.ndarray
+    additions: np.ndarray
+    removals: np.ndarray
+    nodes: np.ndarray
+    spec_section: str
+    threat_model: str
+    n_test: int
+    n_correct: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_threat_model(threat_model: str) -> str:
+    from .certify import _check_threat_model as check
+
+    return check(threat_model)
+
+
+def _budgets(threat_model: str, e: int) -> tuple[int, int]:
+    """(addition budget, removal budget) of one poisoning size under a threat model."""
+    if threat_model == "insertion":
+        return e, 0
+    if threat_model == "deletion":
+        return 0, e
+    return e, e
+
+
+def _allocation(labels: np.ndarray, costs: np.ndarray, budget: int, n_classes: int) -> np.ndarray:
+    from .joint import max_flips
+
+    _, allocation = max_flips(labels, costs, budget, n_classes=n_classes, return_allocation=True)
+    return allocation
+
+
+def _assemble(e: np.ndarray, solutions: list[_Solution], removals: list[np.ndarray], n_correct: int, n_test: int,
+              n_classes: int, section: str, threat_model: str, coarse: np.ndarray | None = None) -> SplitCertificate:
+    upper = np.array([s.upper for s in solutions], dtype=np.int64)
+    exact = np.array([s.exact for s in solutions], dtype=bool)
+    if coarse is not None:
+        exact &= ~coarse
+    return SplitCertificate(
+        e=e,
+        accuracy=(n_correct - upper) / n_test,
+        exact=exact,
+        max_flips=upper,
+        attack_flips=np.array([s.lower for s in solutions], dtype=np.int64),
+        additions=np.array([s.alpha for s in solutions], dtype=np.int64).reshape(len(e), n_classes),
+        removals=np.array(removals, dtype=np.int64).reshape(len(e), n_classes),
+        nodes=np.array([s.nodes for s in solutions], dtype=np.int64),
+        spec_section=section,
+        threat_model=threat_model,
+        n_test=n_test,
+        n_correct=n_correct,
+    )
+
+
+def _scaled_start(previous: _Solution | None, previous_budget: int, budget: int) -> np.ndarray | None:
+    """The previous poisoning size's best split, rescaled to this budget (a warm start for the incumbent)."""
+    if previous is None or previous_budget <= 0 or budget <= 0:
+        return None
+    scaled = np.floor(previous.alpha * (budget / previous_budget)).astype(np.int64)
+    scaled[int(np.argmax(previous.alpha))] += budget - int(scaled.sum())
+    return np.maximum(scaled, 0)
+
+
+def _check_limits(time_limit: float | None, node_limit: int | None) -> None:
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, int | float)
+                                   or not time_limit > 0):
+        raise ValueError(f"time_limit must be a positive number of seconds (per poisoning size), got {time_limit!r}")
+    if node_limit is not None:
+        check_positive_int(node_limit, "node_limit")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# rNN: spec 5d
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rnn_split_certificate(
+    votes: np.ndarray,
+    y: np.ndarray,
+    e: np.ndarray | list[int] | int,
+    threat_model: str = "general",
+    *,
+    time_limit: float | None = None,
+    node_limit: int | None = None,
+) -> SplitCertificate:
+    """Split-budget joint certificate of rNN (spec 5d): one attack, its additions and removals split over labels.
+
+    Proved (deterministic): for every poisoned training set within poisoning size ``e`` under ``threat_model``,
+    rNN still classifies at least ``result.accuracy`` of the test set correctly. Never below the global certificate
+    (spec 5b), hence never below ISLAND, RD or the individual certificate. Valid for **rNN votes only**.
+
+    Parameters
+    ----------
+    votes : ndarray of shape (n_test, n_classes), integer
+        rNN vote counts of the clean classifier.
+    y : ndarray of shape (n_test,), integer
+        True label indices.
+    e : array-like of int
+        Poisoning sizes (>= 0), any order.
+    threat_model : {"general", "insertion", "deletion", "label-flip"}
+        Insertion-only: no removals (``r = 0``); deletion-only: no additions (``alpha = 0``); label-flip: the
+        general certificate (flipping ``e`` labels is a poisoning of size ``e``).
+    time_limit : float, optional
+        Seconds of branch and bound per poisoning size; when reached, the sound bound of the open boxes is
+        returned and marked not exact. Default: no limit (exact).
+    node_limit : int, optional
+        The same, as a number of boxes split per poisoning size.
+
+    Returns
+    -------
+    SplitCertificate
+
+    Examples
+    --------
+    Three inputs whose runner-ups are three different labels. At e = 2 the global certificate (spec 5b) lets every
+    runner-up gain 2 votes at once and certifies 1 of 3; split, the attacker's 2 additions go to one or two labels
+    and only one input can be flipped:
+
+    >>> result = rnn_split_certificate([[4, 1, 0], [0, 4, 1], [1, 0, 4]], [0, 1, 2], [0, 1, 2])
+    >>> result.accuracy.round(3).tolist(), result.exact.tolist()
+    ([1.0, 1.0, 0.667], [True, True, True])
+    """
+    threat_model = _check_threat_model(threat_model)
+    _check_limits(time_limit, node_limit)
+    votes = check_votes(votes)
+    y = check_label_indices(y, votes.shape[0], votes.shape[1])
+    e = check_poisoning_sizes(e)
+    if votes.shape[0] == 0:
+        raise ValueError("votes is empty: there are no test inputs")
+    n_test, c = votes.shape
+    votes = votes.astype(np.int64, copy=False)
+    a = predict(votes)
+    correct = np.flatnonzero(a == y)
+    own = votes[correct, a[correct]]
+    classes = np.arange(c)
+    margins = own[:, None] - votes[correct] + (a[correct, None] > classes[None, :])
+    margins[np.arange(len(correct)), a[correct]] = _MARGIN_OWN
+    labels = a[correct]
+    smallest = margins.min(axis=1)
+    model = "general" if threat_model == "label-flip" else threat_model
+    solutions, removals = [], []
+    order = np.argsort(e, kind="stable")
+    previous, previous_budget = None, 0
+    by_position: dict[int, tuple[_Solution, np.ndarray]] = {}
+    for position in order.tolist():
+        size = int(e[position])
+        add, remove = _budgets(model, size)
+        # An input that even the whole budget on its cheapest rival cannot flip never counts.
+        candidate = smallest <= add + remove
+        m, lab = np.ascontiguousarray(margins[candidate]), labels[candidate]
+
+        def needs(alpha, out, active, m=m, remove=remove):  # type: ignore[no-untyped-def]
+            _rnn_needs(m, alpha, remove, out, active)
+
+        problem = _Problem(lab, c, add, remove, needs)
+        solution = _maximise_flips(problem, time_limit, node_limit, _scaled_start(previous, previous_budget, add))
+        problem.evaluate(solution.alpha, -1, 0)  # the best split's costs, for its removal allocation
+        by_position[position] = (solution, _allocation(lab, problem.costs, remove, c))
+        previous, previous_budget = solution, add
+    for position in range(len(e)):
+        solutions.append(by_position[position][0])
+        removals.append(by_position[position][1])
+    return _assemble(e, solutions, removals, len(correct), n_test, c, "5d", threat_model)
+
+
+def rnn_split_certified_accuracy(votes: np.ndarray, y: np.ndarray, e: np.ndarray | list[int] | int,
+                                 threat_model: str = "general", **limits: Any) -> np.ndarray:
+    """:func:`rnn_split_certificate` ``.accuracy`` (spec 5d): one lower bound of CA(e) per entry of ``e``."""
+    return rnn_split_certificate(votes, y, e, threat_model, **limits).accuracy
+
+
+# --------------------------------------------------------------------------------------------------------------
+# kNN: spec 5e
+# --------------------------------------------------------------------------------------------------------------
+
+#: Pairs whose need tables are computed at once (bounds the scratch memory of the table builder).
+_PAIR_BLOCK = 2048
+#: Use the e-independent SL/SR profiles for the general certificate at e <= k (tests switch it off to check the
+#: per-e tables against them).
+_USE_PROFILES = True
+#: Memory for memoised per-label need vectors of one poisoning size.
+_MEMO_BYTES = 256 * 2**20
+
+
+def _check_knn_table(neighbor_labels: np.ndarray, y: np.ndarray, e: np.ndarray, k: int, n_classes: int | None,
+                     n_train: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
+    labels = np.asarray(neighbor_labels)
+    if labels.ndim != 2 or labels.shape[1] == 0:
+        raise ValueError(f"neighbor_labels must be 2-D (n_test, K) with K >= 1, got shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"neighbor_labels must hold integer label indices, got dtype {labels.dtype}")
+    if labels.shape[0] == 0:
+        raise ValueError("neighbor_labels is empty: there are no test inputs")
+    k = check_positive_int(k, "k")
+    e = check_poisoning_sizes(e)
+    width = labels.shape[1]
+    if labels.min() < 0:
+        raise ValueError(f"neighbor_labels holds label index {labels.min()}; label indices start at 0")
+    y_array = np.asarray(y)
+    if n_classes is None:
+        top = int(labels.max())
+        if y_array.size and y_array.dtype.kind in "iu":
+            top = max(top, int(y_array.max()))
+        n_classes = max(2, top + 1)
+    n_classes = check_positive_int(n_classes, "n_classes", minimum=2)
+    if labels.max() >= n_classes:
+        raise ValueError(f"neighbor_labels holds label index {labels.max()}, outside 0..{n_classes - 1}")
+    y = check_label_indices(y, labels.shape[0], n_classes)
+    needed = k + (int(e.max()) if e.size else 0)
+    if n_train is None:
+        if width < needed:
+            raise ValueError(
+                f"neighbor_labels has {width} columns, but spec 5e at k={k}, e={needed - k} reads each input's "
+                f"first k + e = {needed} neighbours; give {needed} columns, or pass n_train={width} if the training "
+                f"set has only {width} examples"
+            )
+        n_train = width if width < needed else needed  # positions past the table are never read
+    else:
+        n_train = check_positive_int(n_train, "n_train")
+        if width > n_train:
+            raise ValueError(f"neighbor_labels has {width} columns but n_train is {n_train}")
+        if width < min(needed, n_train):
+            raise ValueError(
+                f"neighbor_labels has {width} columns, but spec 5e at k={k}, e={needed - k} reads the first "
+                f"min(k + e, n_train) = {min(needed, n_train)} neighbours of each input"
+            )
+    return labels, y, e, k, n_classes, n_train
+
+
+def _knn_tables(table: np.ndarray, inputs: np.ndarray, pred: np.ndarray, votes: np.ndarray, wanted: np.ndarray,
+                k: int, n_train: int, spans: tuple[int, int, int, int], step: int, max_bytes: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Windowed need tables of the wanted pairs: (rival, first, zero, offset, values), grid ``alpha = j * step``.
+
+    ``wanted[i, l]`` selects the pairs of input ``inputs[i]``; pairs come out grouped by input, rivals ascending.
+    ``spans`` = (N, E, removals, additions) of the threat model. None when the values would exceed ``max_bytes``.
+    """
+    big_n, span_e, removals, add = spans
+    n_grid = -(-add // step) + 1
+    value_dtype = np.int16 if removals + 1 <= np.iinfo(np.int16).max else np.int32
+    block_inputs = max(1, _PAIR_BLOCK // max(1, votes.shape[1] - 1))
+    rivals, firsts, zeros, pieces = [], [], [], []
+    total = 0
+    for start in range(0, len(inputs), block_inputs):
+        stop = min(start + block_inputs, len(inputs))
+        block_wanted = wanted[start:stop]
+        pair_row = np.full(block_wanted.shape, -1, dtype=np.int64)
+        pair_row[block_wanted] = np.arange(int(block_wanted.sum()))
+        n_pairs = int(block_wanted.sum())
+        out = np.empty((n_pairs, n_grid), dtype=np.int32)
+        first = np.empty(n_pairs, np.int64)
+        zero = np.empty(n_pairs, np.int64)
+        _knn_pair_needs(table, inputs[start:stop], pred[start:stop], votes[start:stop], pair_row, k, n_train,
+                        big_n, span_e, removals, add, step, out, first, zero)
+        lengths = zero - first
+        offset = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64) if n_pairs else np.zeros(0, np.int64)
+        piece = np.empty(int(lengths.sum()), dtype=value_dtype)
+        _pack_windows(out, first, zero, offset, piece)
+        total += piece.nbytes
+        if total > max_bytes:
+            return None
+        rivals.append(np.nonzero(block_wanted)[1])
+        firsts.append(first)
+        zeros.append(zero)
+        pieces.append(piece)
+    rival = np.concatenate(rivals).astype(np.int64) if rivals else np.zeros(0, np.int64)
+    first = np.concatenate(firsts) if firsts else np.zeros(0, np.int64)
+    zero = np.concatenate(zeros) if zeros else np.zeros(0, np.int64)
+    lengths = zero - first
+    offset = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64) if len(lengths) else np.zeros(0, np.int64)
+    values = np.concatenate(pieces) if pieces else np.zeros(0, value_dtype)
+    return rival, first, zero, offset, values
+
+
+def _flippable_pairs(votes: np.ndarray, a: np.ndarray, alive: np.ndarray, own: np.ndarray, classes: np.ndarray,
+                     reach: int) -> np.ndarray:
+    """``wanted[i, l]``: rival ``l`` of input ``alive[i]`` passes the necessary test ``D(k) + reach >= [a > l]``.
+
+    ``D(k) = s_l - s_a`` and every term of condition (*) exceeds ``D(k)`` by at most ``reach`` (D moves by one
+    per position, and ``N' + rho`` adds at most the budgets), so a pair failing it is infinite everywhere.
+    """
+    return (a[alive, None] != classes[None, :]) & (
+        votes[alive] - own[alive, None] + reach >= (a[alive, None] > classes[None, :]))
+
+
+def _table_problem(table: np.ndarray, votes: np.ndarray, a: np.ndarray, correct: np.ndarray, margin: np.ndarray,
+                   own: np.ndarray, classes: np.ndarray, k: int, n_train: int, variant: int, size: int,
+                   max_memory_mb: float) -> tuple[_Problem, int]:
+    """The F* problem of one poisoning size from per-pair need tables (any threat model, any ``e``)."""
+    c = len(classes)
+    add, remove = _budgets(("general", "insertion", "deletion")[variant], size)
+    big_n = min(k, size) if variant != 2 else 0
+    reach = {0: big_n + 2 * size, 1: 2 * big_n, 2: 2 * size}[variant]
+    # An input certified individually at e is unflippable in 5c, hence in 5e (dominance, docs/split_joint_proof.md).
+    alive = correct[margin[correct] <= 2 * size] if variant == 0 else correct
+    wanted = _flippable_pairs(votes, a, alive, own, classes, reach)
+    keep_inputs = wanted.any(axis=1)
+    alive, wanted = alive[keep_inputs], wanted[keep_inputs]
+    spans = {0: (big_n, size, size, size), 1: (big_n, 0, 0, size), 2: (0, size, size, 0)}[variant]
+    args = (table, alive, a[alive], votes[alive].astype(np.int64), wanted, k, n_train, spans)
+    step = 1
+    while True:
+        packed = _knn_tables(*args, step, max_memory_mb * 2**20)
+        if packed is not None or step >= max(add, 1):
+            break
+        step *= 2
+    if packed is None:  # even one grid point per pair is too large: certify with the coarsest grid anyway
+        packed = _knn_tables(*args, step, math.inf)
+    rivals, first, zero, offset, values = packed
+    rows = np.repeat(alive, wanted.sum(axis=1))
+    # Drop pairs that no addition split makes affordable, then inputs with no pair left.
+    live = first < -(-add // step) + 1
+    rows, rivals, first, zero, offset = rows[live], rivals[live], first[live], zero[live], offset[live]
+    inputs, pair_start = np.unique(rows, return_index=True)
+    pair_start = np.r_[pair_start, len(rows)].astype(np.int64)
+    winner = np.empty(len(inputs), np.int64)
+
+    def needs(alpha, out, active):  # type: ignore[no-untyped-def]
+        _knn_needs(pair_start, rivals, first, zero, offset, values, step, alpha, remove, out, winner)
+        _count_winners(winner, out, remove, c, active)
+
+    return _Problem(a[inputs], c, add, remove, needs), step
+
+
+@dataclass
+class _OnlineProfiles:
+    """SL/SR bitsets of the pairs that can matter at the largest ``e <= k``, with rank tables."""
+
+    rows: np.ndarray
+    rival: np.ndarray
+    tie: np.ndarray
+    d_k: np.ndarray
+    margin: np.ndarray  # of the pair's input
+    sl_bits: np.ndarray
+    sl_cum: np.ndarray
+    sr_bits: np.ndarray
+    sr_cum: np.ndarray
+
+    @classmethod
+    def build(cls, table: np.ndarray, votes: np.ndarray, a: np.ndarray, correct: np.ndarray, margin: np.ndarray,
+              own: np.ndarray, k: int, n_train: int, sizes: np.ndarray) -> _OnlineProfiles | None:
+        largest = int(sizes.max()) if sizes.size else 0
+        if largest == 0:
+            return None
+        classes = np.arange(votes.shape[1])
+        alive = correct[margin[correct] <= 2 * largest]
+        wanted = _flippable_pairs(votes, a, alive, own, classes, 3 * largest)
+        keep = wanted.any(axis=1)
+        alive, wanted = alive[keep], wanted[keep]
+        pair_row = np.full(wanted.shape, -1, dtype=np.int64)
+        pair_row[wanted] = np.arange(int(wanted.sum()))
+        n_words = -(-largest // 64)
+        n_pairs = int(wanted.sum())
+        sl_bits = np.zeros((n_pairs, n_words), np.uint64)
+        sr_bits = np.zeros((n_pairs, n_words), np.uint64)
+        if n_pairs:
+            _knn_profiles(table, alive, a[alive], votes[alive].astype(np.int64), pair_row, k, n_train, largest,
+                          sl_bits, sr_bits)
+        sl_cum = np.empty((n_pairs, n_words + 1), np.int64)
+        sr_cum = np.empty((n_pairs, n_words + 1), np.int64)
+        _cumulative_popcounts(sl_bits, sl_cum)
+        _cumulative_popcounts(sr_bits, sr_cum)
+        rows = np.repeat(alive, wanted.sum(axis=1))
+        rival = np.nonzero(wanted)[1].astype(np.int64)
+        return cls(rows=rows, rival=rival, tie=(a[rows] > rival).astype(np.int64),
+                   d_k=(votes[rows, rival] - own[rows]).astype(np.int64), margin=margin[rows],
+                   sl_bits=sl_bits, sl_cum=sl_cum, sr_bits=sr_bits, sr_cum=sr_cum)
+
+    def problem(self, size: int, a: np.ndarray, c: int) -> _Problem:
+        """The F* problem at poisoning size ``size <= k``, general threat model.
+
+        ``h`` is computed per rival label and value of ``alpha_l`` and memoised: the branch and bound revisits the
+        same coordinates (box ends, midpoints, the budget) far more often than it meets new ones.
+        """
+        candidate = (self.margin <= 2 * size) & (self.d_k + 3 * size >= self.tie)
+        pairs = np.flatnonzero(candidate)
+        bound = np.empty(len(pairs), np.int64)
+        _online_bounds(pairs, self.tie, self.d_k, self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum, size, bound)
+        pairs = pairs[bound <= size]  # h(alpha) >= h(e): infinite everywhere otherwise
+        pairs = pairs[np.lexsort((self.rows[pairs], self.rival[pairs]))]  # label-major
+        pair_rival = self.rival[pairs]
+        label_start = np.searchsorted(pair_rival, np.arange(c + 1))
+        inputs, input_of_pair = np.unique(self.rows[pairs], return_inverse=True)
+        input_pairs = np.argsort(input_of_pair, kind="stable").astype(np.int64)
+        input_start = np.searchsorted(input_of_pair[input_pairs], np.arange(len(inputs) + 1)).astype(np.int64)
+        h = np.empty(len(pairs), np.int64)
+        memo: dict[tuple[int, int], np.ndarray] = {}
+        memo_bytes = [0]
+        tie, d_k = self.tie, self.d_k
+        sl_bits, sl_cum, sr_bits, sr_cum = self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum
+        value_dtype = np.int16 if size + 1 <= np.iinfo(np.int16).max else np.int32
+
+        def needs(alpha, out, active):  # type: ignore[no-untyped-def]
+            for lab in range(c):
+                lo, hi = int(label_start[lab]), int(label_start[lab + 1])
+                if lo == hi:
+                    continue
+                key = (lab, int(alpha[lab]))
+                values = memo.get(key)
+                if values is None:
+                    block = h[lo:hi]
+                    _online_label_needs(pairs[lo:hi], tie, d_k, sl_bits, sl_cum, sr_bits, sr_cum, size,
+                                        int(alpha[lab]), block)
+                    if memo_bytes[0] < _MEMO_BYTES:
+                        memo[key] = block.astype(value_dtype)
+                        memo_bytes[0] += memo[key].nbytes
+                else:
+                    h[lo:hi] = values
+            _min_over_pairs(input_start, input_pairs, pair_rival, h, size, out, active)
+
+        return _Problem(a[inputs], c, size, size, needs)
+
+
+def knn_split_certificate(
+    neighbor_labels: np.ndarray,
+    y: np.ndarray,
+    e: np.ndarray | list[int] | int,
+    k: int,
+    n_classes: int | None = None,
+    n_train: int | None = None,
+    threat_model: str = "general",
+    *,
+    time_limit: float | None = None,
+    node_limit: int | None = None,
+    max_memory_mb: float = 1024,
+) -> SplitCertificate:
+    """Split-budget joint certificate of kNN with the real pulled-in labels (spec 5e).
+
+    Proved (deterministic): for every poisoned training set within poisoning size ``e`` under ``threat_model``,
+    kNN still classifies at least ``result.accuracy`` of the test set correctly. Never below the global kNN
+    certificate (spec 5c) nor the individual one. Proof and edge cases: ``docs/split_joint_proof.md``.
+
+    Parameters
+    ----------
+    neighbor_labels : ndarray of shape (n_test, K), integer
+        Label index of each test input's clean training examples in the order of spec section 3. The certificate
+        at ``e`` reads the first ``k + e`` of them (removals pull later examples into the window), so ``K`` must be
+        at least ``min(k + max(e), n_train)``.
+    y : ndarray of shape (n_test,), integer
+        True label indices.
+    e : array-like of int
+        Poisoning sizes (>= 0), any order.
+    k : int
+    n_classes : int, optional
+        Defaults to the largest label index in the table or ``y``, plus one.
+    n_train : int, optional
+        Size of the clean training set. Required when the table is narrower than ``k + max(e)``, which is only
+        right when it holds the whole training set (``K == n_train``).
+    threat_model : {"general", "insertion", "deletion", "label-flip"}
+        Insertion-only: ``r = rho = 0``; deletion-only: ``alpha = N' = 0``; label-flip: the general certificate.
+    time_limit, node_limit : optional
+        Per poisoning size, as in :func:`rnn_split_certificate`.
+    max_memory_mb : float
+        Budget for the per-pair need tables of one poisoning size. A table that would not fit is kept on a
+        coarser addition grid (rounding ``alpha`` up, which is sound) and its values are marked not exact.
+
+    Returns
+    -------
+    SplitCertificate
+    """
+    threat_model = _check_threat_model(threat_model)
+    _check_limits(time_limit, node_limit)
+    if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, int | float) or not max_memory_mb > 0:
+        raise ValueError(f"max_memory_mb must be a positive number, got {max_memory_mb!r}")
+    table, y, e, k, c, n_train = _check_knn_table(neighbor_labels, y, e, k, n_classes, n_train)
+    n_test = table.shape[0]
+    window = min(k, n_train, table.shape[1])
+    votes = knn_votes_from_labels(table[:, :window], window, c)
+    a = predict(votes)
+    correct = np.flatnonzero(a == y)
+    model = "general" if threat_model == "label-flip" else threat_model
+    variant = {"general": 0, "insertion": 1, "deletion": 2}[model]
+    rival = rival_counts(votes, a)
+    own = votes[np.arange(n_test), a]
+    # Individual margin: an input certified individually at e is unflippable in 5c, hence in 5e (dominance).
+    margin = own - rival + 1
+    solutions, removals, coarse = [], [], np.zeros(len(e), dtype=bool)
+    classes = np.arange(c)
+    online = None
+    if variant == 0 and _USE_PROFILES:
+        # The general certificate at every e <= k reads two e-independent profiles per pair (see _knn_profiles).
+        online = _OnlineProfiles.build(table, votes, a, correct, margin, own, k, n_train, e[e <= k])
+    previous, previous_budget = None, 0
+    by_position: dict[int, tuple[_Solution, np.ndarray, bool]] = {}
+    for position in np.argsort(e, kind="stable").tolist():
+        size = int(e[position])
+        add, remove = _budgets(model, size)
+        if online is not None and size <= k:
+            problem, step = online.problem(size, a, c), 1
+        else:
+            problem, step = _table_problem(table, votes, a, correct, margin, own, classes, k, n_train, variant,
+                                           size, max_memory_mb)
+        solution = _maximise_flips(problem, time_limit, node_limit, _scaled_start(previous, previous_budget, add))
+        problem.evaluate(solution.alpha, -1, 0)
+        by_position[position] = (solution, _allocation(problem.labels, problem.costs, remove, c), step > 1)
+        previous, previous_budget = solution, add
+    for position in range(len(e)):
+        solution, allocation, coarsened = by_position[position]
+        solutions.append(solution)
+        removals.append(allocation)
+        coarse[position] = coarsened
+    result = _assemble(e, solutions, removals, len(correct), n_test, c, "5e", threat_model, coarse)
+    if coarse.any():
+        result.notes.append(f"need tables coarsened to fit max_memory_mb={max_memory_mb} at e="
+                            f"{e[coarse].tolist()}: those values are sound but not exact")
+    return result
+
+
+def knn_split_certified_accuracy(
+    neighbor_labels: np.ndarray,
+    y: np.ndarray,
+    e: np.ndarray | list[int] | int,
+    k: int,
+    n_classes: int | None = None,
+    n_train: int | None = None,
+    threat_model: str = "general",
+    **limits: Any,
+) -> np.ndarray:
+    """:func:`knn_split_certificate` ``.accuracy`` (spec 5e): one lower bound of CA(e) per entry of ``e``.
+
+    Examples
+    --------
+    Two inputs of different labels, k = 4, each with neighbours (own, own, own, 2, ...): at e = 1 a single
+    addition can help only one rival label, and a removal pulls in a known neighbour.
+
+    >>> table = [[0, 0, 0, 2, 0, 0], [1, 1, 1, 2, 1, 1]]
+    >>> knn_split_certified_accuracy(table, [0, 1], [0, 1, 2], k=4, n_classes=3)
+    array([1. , 0.5, 0. ])
+    """
+    return knn_split_certificate(neighbor_labels, y, e, k, n_classes, n_train, threat_model, **limits).accuracy

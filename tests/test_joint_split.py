@@ -1,0 +1,243 @@
+"""Split-budget joint certificates (spec 5d rNN, 5e kNN): against direct references, and their properties.
+
+The exhaustive enumeration of poisoned training sets lives in test_soundness.py. Here:
+
+* the bounded label knapsack (``_bound_flips``) against the exact solver, for every threshold and slack;
+* each certificate against ``split_reference.py``, which enumerates every (alpha, r) and evaluates the spec's
+  conditions literally (rNN, kNN; general, insertion-only, deletion-only; n < k, e > k, windows past n);
+* the two kNN engines (e-independent SL/SR profiles and per-e need tables) against each other on larger tables;
+* dominance (5d >= 5b >= ISLAND >= individual, 5e >= 5c >= individual), CA(0) = clean accuracy, monotone curves,
+  independence of the test-set order; time, node and memory limits stay sound and say they are not exact; bad
+  input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poisoncert import certify, joint_split
+from poisoncert.joint import max_flips
+from poisoncert.joint_split import knn_split_certificate, rnn_split_certificate
+from poisoncert.votes import knn_votes_from_labels, predict
+from split_reference import knn_ref, rnn_ref
+
+MODELS = ("general", "insertion", "deletion")
+
+
+@st.composite
+def _knapsack_cases(draw):
+    c = draw(st.integers(1, 4))
+    budget = draw(st.integers(0, 12))
+    n = draw(st.integers(0, 25))
+    labels = draw(st.lists(st.integers(0, c - 1), min_size=n, max_size=n))
+    costs = draw(st.lists(st.integers(0, budget + 1), min_size=n, max_size=n))
+    return np.array(labels, dtype=np.int64), np.array(costs, dtype=np.int64), budget, c
+
+
+@settings(max_examples=300, deadline=None)
+@given(_knapsack_cases())
+def test_bounded_knapsack_is_exact_above_the_threshold(case):
+    labels, costs, budget, c = case
+    truth = max_flips(labels, costs, budget, n_classes=c)
+    hist = np.zeros((c, budget + 1), np.int32)
+    out = np.zeros(3, np.int64)
+    for threshold in range(-1, truth + 3):
+        for slack in (0, 3, joint_split._NO_SLACK_LIMIT):
+            joint_split._bound_flips(labels, costs, budget, c, threshold, slack, hist, out)
+            upper, attained, exact = out.tolist()
+            assert attained <= truth, "a feasible allocation cannot beat the optimum"
+            if upper <= threshold:
+                assert truth <= threshold
+            else:
+                assert upper >= truth
+            if exact:
+                assert upper == attained == truth
+            if slack == joint_split._NO_SLACK_LIMIT and truth > threshold:
+                assert exact and upper == truth
+
+
+def _random_votes(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    c = int(rng.integers(2, 4))
+    n_test = int(rng.integers(1, 5))
+    votes = rng.integers(0, 6, (n_test, c))
+    prediction = predict(votes)
+    y = np.where(rng.random(n_test) < 0.8, prediction, rng.integers(0, c, n_test))
+    return votes, y
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_rnn_split_equals_direct_maximisation_over_every_split(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    votes, y = _random_votes(rng)
+    es = [0, 1, 2, 3]
+    for model in MODELS:
+        result = rnn_split_certificate(votes, y, es, model)
+        assert result.exact.all() and result.spec_section == "5d"
+        np.testing.assert_allclose(result.accuracy, [rnn_ref(votes, y, e, model) for e in es],
+                                   err_msg=f"{model}: votes {votes.tolist()} y {y.tolist()}")
+
+
+def _random_table(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """Skewed neighbour-label tables holding all n training examples; k > n and e > k occur."""
+    c = int(rng.integers(2, 4))
+    n_test = int(rng.integers(1, 4))
+    n = int(rng.integers(1, 9))
+    k = int(rng.integers(1, n + 3))
+    table = rng.integers(0, c, (n_test, n))
+    for row in table:
+        row[rng.random(n) < 0.5] = rng.integers(0, c)
+    kk = min(k, n)
+    prediction = predict(knn_votes_from_labels(table[:, :kk], kk, c))
+    y = np.where(rng.random(n_test) < 0.85, prediction, rng.integers(0, c, n_test))
+    return table, y, k, c, n
+
+
+@pytest.mark.parametrize("profiles", [True, False], ids=["profiles", "tables"])
+@pytest.mark.parametrize("seed", range(40))
+def test_knn_split_equals_direct_check_of_condition_star(seed: int, profiles: bool, monkeypatch) -> None:
+    monkeypatch.setattr(joint_split, "_USE_PROFILES", profiles)
+    table, y, k, c, n = _random_table(np.random.default_rng(seed))
+    es = [0, 1, 2, 3]
+    for model in MODELS:
+        result = knn_split_certificate(table, y, es, k, n_classes=c, n_train=n, threat_model=model)
+        assert result.exact.all() and result.spec_section == "5e"
+        np.testing.assert_allclose(result.accuracy, [knn_ref(table, y, e, k, c, n, model) for e in es],
+                                   err_msg=f"{model}, k={k}, n={n}: table {table.tolist()} y {y.tolist()}")
+
+
+def _mnist_like_table(seed: int, n_test: int = 60, n: int = 400, c: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour tables where each input's own label dominates early and thins out further away."""
+    rng = np.random.default_rng(seed)
+    own = rng.integers(0, c, n_test)
+    purity = np.linspace(0.9, 0.3, n)[None, :] * rng.uniform(0.7, 1.1, (n_test, 1))
+    keep = rng.random((n_test, n)) < purity
+    table = np.where(keep, own[:, None], rng.integers(0, c, (n_test, n)))
+    y = np.where(rng.random(n_test) < 0.9, own, rng.integers(0, c, n_test))
+    return table, y
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_knn_profiles_and_tables_agree_on_larger_tables(seed: int, monkeypatch) -> None:
+    table, y = _mnist_like_table(seed)
+    k, es = 40, [0, 3, 7, 12, 20, 33, 40]
+    profiles = knn_split_certificate(table, y, es, k, n_classes=4)
+    monkeypatch.setattr(joint_split, "_USE_PROFILES", False)
+    tables = knn_split_certificate(table, y, es, k, n_classes=4)
+    np.testing.assert_array_equal(profiles.max_flips, tables.max_flips)
+    assert profiles.exact.all() and tables.exact.all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_dominates_the_older_certificates(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    votes = rng.integers(0, 40, (80, 4)) + np.eye(4, dtype=np.int64)[rng.integers(0, 4, 80)] * 30
+    y = np.where(rng.random(80) < 0.85, predict(votes), rng.integers(0, 4, 80))
+    es = np.arange(0, 40, 3)
+    split = certify.certified_accuracy(votes, y, es, method="split")
+    glob = certify.certified_accuracy(votes, y, es, method="global")
+    island = certify.certified_accuracy(votes, y, es, method="island")
+    individual = certify.certified_accuracy(votes, y, es, method="individual")
+    assert np.all(split >= glob - 1e-12) and np.all(glob >= island - 1e-12) and np.all(island >= individual - 1e-12)
+    assert split[0] == pytest.approx(np.mean(predict(votes) == y))
+    assert np.all(np.diff(split) <= 1e-12)
+    perm = rng.permutation(80)
+    np.testing.assert_allclose(certify.certified_accuracy(votes[perm], y[perm], es, method="split"), split)
+    for model in ("insertion", "deletion"):  # one kind of poisoning only: never below the general bound
+        assert np.all(certify.certified_accuracy(votes, y, es, "split", threat_model=model) >= split - 1e-12)
+
+    table, y = _mnist_like_table(seed)
+    k = 40
+    es = np.arange(0, 44, 4)
+    split = certify.knn_split_certified_accuracy(table, y, es, k, n_classes=4)
+    joint = certify.knn_joint_certified_accuracy(table[:, :k], y, es, 4, n_neighbors=k)
+    sizes = certify.knn_certified_poisoning_size(table[:, :k], k, 4)
+    correct = predict(knn_votes_from_labels(table[:, :k], k, 4)) == y
+    individual = np.array([np.mean(correct & (sizes >= e)) for e in es])
+    assert np.all(split >= joint - 1e-12) and np.all(joint >= individual - 1e-12)
+    assert split[0] == pytest.approx(np.mean(correct))
+    assert np.all(np.diff(split) <= 1e-12)
+    perm = rng.permutation(len(y))
+    np.testing.assert_allclose(certify.knn_split_certified_accuracy(table[perm], y[perm], es, k, n_classes=4), split)
+
+
+def test_no_correct_input_and_two_labels() -> None:
+    votes = np.array([[3, 1], [0, 2]])
+    assert certify.certified_accuracy(votes, [1, 0], [0, 1, 5], method="split").tolist() == [0.0, 0.0, 0.0]
+    table = np.array([[0, 0, 1, 1], [1, 1, 1, 0]])
+    np.testing.assert_allclose(certify.knn_split_certified_accuracy(table, [1, 0], [0, 1], 2, n_classes=2), [0, 0])
+
+
+def test_limits_stay_sound_and_say_they_are_not_exact() -> None:
+    rng = np.random.default_rng(3)
+    votes = rng.integers(0, 30, (300, 6)) + np.eye(6, dtype=np.int64)[rng.integers(0, 6, 300)] * 25
+    y = predict(votes)
+    es = [10, 20, 30]
+    exact = rnn_split_certificate(votes, y, es)
+    assert exact.exact.all() and np.all(exact.nodes > 1), "this instance must need a real search"
+    for limits in ({"node_limit": 1}, {"time_limit": 1e-9}):
+        limited = rnn_split_certificate(votes, y, es, **limits)
+        assert np.all(limited.accuracy <= exact.accuracy + 1e-12), "a limited search may only be more cautious"
+        assert not limited.exact.all()
+        assert np.all(limited.attack_flips <= exact.max_flips)  # the best attack found is a real one
+        assert np.all((limited.max_flips == limited.attack_flips) == limited.exact)
+    with pytest.raises(ValueError, match="time_limit"):
+        rnn_split_certificate(votes, y, es, time_limit=0)
+    with pytest.raises(ValueError, match="node_limit"):
+        rnn_split_certificate(votes, y, es, node_limit=0)
+
+
+def test_knn_tables_coarsened_to_a_memory_budget_stay_sound(monkeypatch) -> None:
+    monkeypatch.setattr(joint_split, "_USE_PROFILES", False)
+    table, y = _mnist_like_table(1)
+    es = [8, 16, 24]
+    exact = knn_split_certificate(table, y, es, 40, n_classes=4)
+    small = knn_split_certificate(table, y, es, 40, n_classes=4, max_memory_mb=1e-4)
+    assert exact.exact.all()
+    assert np.all(small.accuracy <= exact.accuracy + 1e-12)
+    assert not small.exact.all() and small.notes and "coarsened" in small.notes[0]
+    np.testing.assert_array_equal(small.accuracy[small.exact], exact.accuracy[small.exact])
+
+
+def test_the_worst_case_attack_is_consistent() -> None:
+    votes = np.array([[4, 1, 0], [0, 4, 1], [1, 0, 4]])
+    result = rnn_split_certificate(votes, [0, 1, 2], [2])
+    assert result.max_flips.tolist() == result.attack_flips.tolist() == [1]
+    assert result.additions.sum() <= 2 and result.removals.sum() <= 2
+    # Replaying the reported split by hand flips exactly one input.
+    alpha, r = result.additions[0], result.removals[0]
+    flipped = 0
+    for i, a in enumerate(predict(votes).tolist()):
+        need = max(0, min(votes[i, a] - votes[i, lab] + (a > lab) - alpha[lab] for lab in range(3) if lab != a))
+        flipped += r[a] >= need
+    assert flipped == 1
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: certify.knn_split_certified_accuracy([[0, 0, 1]], [0], [2], 2), "first k \\+ e = 4 neighbours"),
+        (lambda: certify.knn_split_certified_accuracy([[0, 0, 1]], [0], [2], 2, n_train=5),
+         "min\\(k \\+ e, n_train\\)"),
+        (lambda: certify.knn_split_certified_accuracy([[0, 0, 1]], [0], [-1], 2), "must be >= 0"),
+        (lambda: certify.knn_split_certified_accuracy([[0, 0, 1]], [3], [0], 2, n_classes=2), "outside 0..1"),
+        (lambda: certify.knn_split_certified_accuracy([[0, 5, 1]], [0], [0], 2, n_classes=3), "outside 0..2"),
+        (lambda: certify.knn_split_certified_accuracy(np.zeros((0, 3), int), [], [0], 2), "empty"),
+        (lambda: certify.certified_accuracy([[1, 0]], [0], [-2], method="split"), "must be >= 0"),
+        (lambda: certify.certified_accuracy([[1, 0]], [2], [0], method="split"), "outside 0..1"),
+        (lambda: certify.certified_accuracy(np.zeros((0, 2), int), [], [0], method="split"), "empty"),
+        (lambda: certify.certified_accuracy([[1, 0]], [0], [0], method="island", threat_model="deletion"),
+         "general threat model only"),
+    ],
+)
+def test_bad_input_gets_one_clear_error(call, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_a_table_covering_the_whole_training_set_needs_no_more_columns() -> None:
+    table = np.array([[0, 0, 0, 1], [1, 1, 0, 1]])
+    wide = certify.knn_split_certified_accuracy(table, [0, 1], [0, 1, 2, 3, 9], 3, n_classes=2, n_train=4)
+    assert wide[0] == 1.0 and np.all(np.diff(wide) <= 0)
