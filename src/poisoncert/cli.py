@@ -93,19 +93,25 @@ def _report(results: list, e_max: int | None, e_step: int | None, out: Path, tit
             settings: dict) -> None:
     import numpy as np
 
-    from .experiments import default_e_grid, summary_table, table_points, write_outputs
+    from .experiments import default_e_grid, prediction_table, summary_table, table_points, write_outputs
 
     _check_e_grid(e_max, e_step)
+    labelled = [result for result in results if result.has_labels]
     if e_max is None:
-        e = default_e_grid(results)
+        e = default_e_grid(results, n_points=51)
     else:
-        step = e_step or max(1, e_max // 100)
+        step = e_step or max(1, e_max // 50)
         e = np.arange(0, e_max + 1, step, dtype=np.int64)
     points = table_points(e)
     typer.echo(f"\n{title} -- {subtitle}")
-    typer.echo("certified accuracy (%), a provable lower bound; threat model: "
-               f"{settings.get('threat_model', 'general')}\n")
-    typer.echo(summary_table(results, points))
+    if labelled:
+        typer.echo("certified accuracy (%), a provable lower bound; threat model: "
+                   f"{settings.get('threat_model', 'general')}; spec section of each certificate in brackets\n")
+        typer.echo(summary_table(labelled, points))
+    if len(labelled) < len(results):
+        typer.echo("\nwithout labels: predictions certified (%) -- share of test inputs whose prediction provably "
+                   "survives every poisoned training set of size e (individual certificate)\n")
+        typer.echo(prediction_table([r for r in results if not r.has_labels], points))
     for result in results:
         empty = int(result.metadata.get("n_no_neighbour", 0))
         if empty:
@@ -177,7 +183,8 @@ def _check_file(path: Path, what: str) -> None:
         _fail(f"{what} {path} is a folder, not a file")
 
 
-def _load_table(path: Path, labels: Path | None, role: str):
+def _load_table(path: Path, labels: Path | None, role: str, unlabelled: bool = False):
+    """Features and labels of a train/test file; the test labels may be absent (then None: predictions only)."""
     import numpy as np
 
     _check_file(path, role)
@@ -186,11 +193,15 @@ def _load_table(path: Path, labels: Path | None, role: str):
         # Arrays are read lazily from the archive, so reading them is inside the same error report.
         with _reading(path), np.load(path, allow_pickle=False) as archive:
             keys = set(archive.files)
+            if role == "test" and "X" in keys and ("y" not in keys or unlabelled):
+                return archive["X"], None
             if not {"X", "y"} <= keys:
                 _fail(f"{path} must hold arrays named X and y, found {sorted(keys)}")
             return archive["X"], archive["y"]
     if suffix == ".npy":
         X = _load_array(path)
+        if labels is None and role == "test":
+            return X, None
         if labels is None:
             _fail(f"{role} features {path} are a .npy file: give the labels with --{role}-labels FILE")
         _check_file(labels, f"{role} labels")
@@ -202,6 +213,15 @@ def _load_table(path: Path, labels: Path | None, role: str):
             rows = np.genfromtxt(path, delimiter=",", dtype=str, ndmin=2)
         except ValueError as error:
             _fail(f"{path} is not a regular CSV (every row needs the same number of columns): {error}")
+        if unlabelled and role == "test":
+            try:
+                float(rows[0, 0])
+            except ValueError:
+                rows = rows[1:]
+            try:
+                return rows.astype(np.float64), None
+            except ValueError as error:
+                _fail(f"{path}: with --unlabelled every column is a feature and must be numeric ({error})")
         if rows.ndim != 2 or rows.shape[1] < 2 or rows.shape[0] == 0:
             _fail(f"{path} must be a CSV with feature columns and the label in the last column")
         header = 0
@@ -236,9 +256,12 @@ def _harmonise_labels(y_train, y_test):
     """Read train and test labels the same way: integers when every label of both is a whole number, else text.
 
     Files are parsed separately, so without this "1.0" in one file and "1" in the other would be different labels.
+    ``y_test`` may be None (an unlabelled test set).
     """
     import numpy as np
 
+    if y_test is None:
+        return _harmonise_labels(y_train, np.array([], dtype=str))[0], None
     text = np.concatenate([np.asarray(y_train).astype(str), np.asarray(y_test).astype(str)])
     try:
         numbers = text.astype(np.float64)
@@ -279,12 +302,25 @@ def certify(
     alpha: Annotated[float, typer.Option(help="Bagging: certificates hold with probability >= 1 - alpha.")] = 0.001,
     metric: MetricOption = "l1",
     threat_model: ThreatOption = "general",
-    e_max: Annotated[int | None, typer.Option(help="Largest poisoning size on the curve (default: automatic).")] = None,
+    e_max: Annotated[int | None, typer.Option(help="Largest poisoning size on the curve (default: automatic). kNN's "
+                                                   "neighbour table reaches k + e-max for the joint certificates "
+                                                   "(default k + k).")] = None,
     e_step: Annotated[int | None, typer.Option(help="Step of the poisoning-size grid.")] = None,
+    unlabelled: Annotated[bool, typer.Option("--unlabelled", help="The --test file has no labels (a CSV whose every "
+                                                                  "column is a feature): certify the predictions "
+                                                                  "only.")] = False,
+    split_time_limit: Annotated[float | None, typer.Option(help="Seconds of search per poisoning size for the "
+                                                                "split joint certificates (values left open stay "
+                                                                "sound and are marked not exact). Default: exact."
+                                                                )] = None,
     out: OutOption = Path("poisoncert-out"),
     progress: ProgressOption = True,
 ) -> None:
-    """Certify classifiers on your own features/labels or on a registry dataset; write curves as CSV, PNG, JSON."""
+    """Certify classifiers on your own features/labels or on a registry dataset; write curves as CSV, PNG, JSON.
+
+    Test inputs without labels (an .npz without y, a .npy without --test-labels, or --unlabelled) get certified
+    sizes for their predictions, which need no label, and no accuracy curves.
+    """
     import numpy as np
 
     from .experiments import certify_methods, check_methods, prepare_output_folder
@@ -293,6 +329,8 @@ def certify(
         _fail("choose at least one classifier: --knn K, --rnn R, --dpa ZETA or --bagging N:XI")
     bagging_specs = _parse_bagging(bagging)
     _check_e_grid(e_max, e_step)
+    if split_time_limit is not None and not split_time_limit > 0:
+        _fail(f"--split-time-limit must be a positive number of seconds, got {split_time_limit}")
     prepare_output_folder(out)  # an output folder that cannot be written fails before any work
     methods = {"knn": knn, "rnn": rnn, "dpa": dpa, "bagging": bagging_specs, "alpha": alpha, "metric": metric,
                "threat_model": threat_model}
@@ -309,7 +347,10 @@ def certify(
         if train is None or test is None:
             _fail("give --train and --test files (or --dataset NAME)")
         X_train, y_train = _load_table(train, train_labels, "train")
-        X_test, y_test = _load_table(test, test_labels, "test")
+        X_test, y_test = _load_table(test, test_labels, "test", unlabelled=unlabelled)
+        if y_test is None:
+            typer.secho(f"note: {test} has no labels: certifying the predictions only (no accuracy curves)",
+                        fg="yellow", err=True)
         for path, X in ((train, X_train), (test, X_test)):
             if np.ndim(X) != 2:
                 _fail(f"{path}: features must be a 2-D array (n_samples, n_features), got shape {np.shape(X)}")
@@ -318,8 +359,10 @@ def certify(
         y_train, y_test = _harmonise_labels(y_train, y_test)
         info = {"dataset": f"user files: {train}, {test}", "features": "as given"}
         source = f"{train.name} / {test.name}"
-    settings = {**info, "metric": metric, "threat_model": threat_model, "alpha": alpha if bagging else None}
-    results = certify_methods(X_train, y_train, X_test, y_test, **methods, progress=progress, metadata=info)
+    settings = {**info, "metric": metric, "threat_model": threat_model, "alpha": alpha if bagging else None,
+                "split_time_limit_s": split_time_limit}
+    results = certify_methods(X_train, y_train, X_test, y_test, **methods, progress=progress, metadata=info,
+                              max_e=e_max, time_limit=split_time_limit)
     _report(results, e_max, e_step, out, "Certified accuracy under data poisoning",
             f"{source}, n_train={len(np.asarray(X_train))}, n_test={len(np.asarray(X_test))}, {metric}, "
             f"{threat_model} threat model", settings)

@@ -15,7 +15,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from . import certify as _certify
-from ._io import label_codes
 from ._validation import check_features, check_metric, check_positive_int, check_training_set, encode_test_labels
 from .results import NOT_CERTIFIED, CertificationResult
 from .votes import knn_votes_from_labels, predict
@@ -52,10 +51,17 @@ class _CertifiedNeighborsBase(ClassifierMixin, BaseEstimator):
         self.n_train_ = X.shape[0]
         self._y_index = y_index
         self.index_ = NeighbourIndex(
-            X, y_index, metric=self.metric, backend=self.backend, max_memory_mb=self.max_memory_mb,
-            progress=self.progress, hash_labels=label_codes(classes)[y_index],
+            X, classes[y_index], metric=self.metric, backend=self.backend, max_memory_mb=self.max_memory_mb,
+            progress=self.progress,
         )
         return self
+
+    def _adopt(self, other: _CertifiedNeighborsBase) -> None:
+        """Share ``other``'s fit (same training set, metric and backend) instead of building a second index."""
+        self._validate_params_()
+        for name in ("classes_", "n_features_in_", "n_train_", "_y_index", "index_"):
+            setattr(self, name, getattr(other, name))
+        self._check_training_size(self.n_train_)
 
     def _validate_params_(self) -> None:
         check_metric(self.metric)
@@ -243,6 +249,13 @@ class CertifiedKNeighborsClassifier(_CertifiedNeighborsBase):
         node_limit: int | None = None,
     ) -> dict[int, CertificationResult]:
         """:meth:`certify` for many k from one distance pass; returns ``{k: result}``."""
+        X, y_index, ks, threat_model, max_e = self._sweep_arguments(X, y, n_neighbors, threat_model, max_e)
+        labels = self.index_.ordered_labels(X, self._table_width(ks, max_e, y_index))
+        return self._results_from_labels(X, labels, y_index, ks, threat_model, max_e,
+                                         {"time_limit": time_limit, "node_limit": node_limit})
+
+    def _sweep_arguments(self, X: np.ndarray, y: np.ndarray | None, n_neighbors: Sequence[int], threat_model: str,
+                         max_e: int | None) -> tuple[np.ndarray, np.ndarray | None, list[int], str, int | None]:
         X = self._check_X(X)
         y_index = self._test_labels(y, X.shape[0])
         ks = [check_positive_int(k, "n_neighbors") for k in n_neighbors]
@@ -253,13 +266,21 @@ class CertifiedKNeighborsClassifier(_CertifiedNeighborsBase):
         threat_model = _certify._check_threat_model(threat_model)
         if max_e is not None:
             max_e = check_positive_int(max_e, "max_e", minimum=0)
+        return X, y_index, ks, threat_model, max_e
+
+    def _table_width(self, ks: Sequence[int], max_e: int | None, y_index: np.ndarray | None) -> int:
+        """Columns of the neighbour table: k, plus the joint certificates' reach (k + e) when there are labels."""
+        joint_e = max(ks) if max_e is None else max_e
+        return min(self.n_train_, max(ks) + (joint_e if y_index is not None else 0))
+
+    def _results_from_labels(self, X: np.ndarray, labels: np.ndarray, y_index: np.ndarray | None, ks: list[int],
+                             threat_model: str, max_e: int | None, options: dict[str, Any]
+                             ) -> dict[int, CertificationResult]:
         n_classes = len(self.classes_)
         joint_e = max(ks) if max_e is None else max_e
-        width = min(self.n_train_, max(ks) + (joint_e if y_index is not None else 0))
-        labels = self.index_.ordered_labels(X, width)
         all_votes = knn_votes_from_labels(labels, ks, n_classes)
         results = {}
-        options = {"time_limit": time_limit, "node_limit": node_limit, "max_memory_mb": self.max_memory_mb}
+        options = {**options, "max_memory_mb": self.max_memory_mb}
         for k, votes in zip(ks, all_votes, strict=True):
             if threat_model == "deletion":
                 sizes = self._deletion_sizes(X, labels, predict(votes), k)
@@ -412,3 +433,46 @@ def _check_radii(radii: Sequence[float]) -> np.ndarray:
     if not np.all(np.isfinite(values)) or np.any(values <= 0):
         raise ValueError(f"radius must be a finite number > 0, got {values[(~np.isfinite(values)) | (values <= 0)][0]}")
     return values
+
+
+def certify_neighbours(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_test: np.ndarray,
+    y_test: np.ndarray | None,
+    *,
+    knn: Sequence[int] = (),
+    rnn: Sequence[float] = (),
+    threat_model: str = "general",
+    max_e: int | None = None,
+    time_limit: float | None = None,
+    node_limit: int | None = None,
+    **estimator_params: Any,
+) -> tuple[dict[int, CertificationResult], dict[float, CertificationResult]]:
+    """kNN for every k in ``knn`` and rNN for every radius in ``rnn`` from **one** neighbour index and one pass.
+
+    One content-hash ranking of the training set, and each test chunk's distances computed once for the kNN
+    selection (out to ``max(k) + max_e``) and the radius counts alike. ``estimator_params`` (metric, backend,
+    max_memory_mb, progress) go to both estimators. Results equal those of the separate estimators.
+    """
+    if not knn and not rnn:
+        raise ValueError("give at least one k (knn) or one radius (rnn)")
+    base = CertifiedKNeighborsClassifier(n_neighbors=max(knn), **estimator_params) if knn else None
+    radius = CertifiedRadiusNeighborsClassifier(radius=float(max(rnn)), **estimator_params) if rnn else None
+    fitted = (base or radius).fit(X_train, y_train)
+    if base is not None and radius is not None:
+        radius._adopt(base)
+    X = fitted._check_X(X_test)
+    y_index = fitted._test_labels(y_test, X.shape[0])
+    threat_model = _certify._check_threat_model(threat_model)
+    options = {"time_limit": time_limit, "node_limit": node_limit}
+    width, radii = None, None
+    if base is not None:
+        _, _, ks, _, max_e = base._sweep_arguments(X, y_test, knn, threat_model, max_e)
+        width = base._table_width(ks, max_e, y_index)
+    if radius is not None:
+        radii = _check_radii(rnn)
+    labels, votes = fitted.index_.search(X, n_neighbors=width, radii=radii, n_classes=len(fitted.classes_))
+    knn_results = base._results_from_labels(X, labels, y_index, ks, threat_model, max_e, options) if base else {}
+    rnn_results = radius._results_from_votes(votes, radii, y_index, threat_model, options) if radius else {}
+    return knn_results, rnn_results

@@ -62,7 +62,7 @@ def certify_methods(
     X_train: np.ndarray,
     y_train: np.ndarray,
     X_test: np.ndarray,
-    y_test: np.ndarray,
+    y_test: np.ndarray | None,
     *,
     knn: Sequence[int] = (),
     rnn: Sequence[float] = (),
@@ -74,31 +74,30 @@ def certify_methods(
     backend: str = "auto",
     progress: bool = False,
     metadata: dict[str, Any] | None = None,
+    max_e: int | None = None,
+    time_limit: float | None = None,
 ) -> list[CertificationResult]:
-    """Certify every requested classifier on one labelled train/test split.
+    """Certify every requested classifier on one train/test split (``y_test`` None: predictions only).
 
-    kNN for all ``knn`` values comes from one neighbour pass (a sweep), rNN for all ``rnn`` radii likewise.
-    Each result records its run time and ``metadata`` (dataset, features, ...).
+    kNN for every k and rNN for every radius come from one neighbour pass (:func:`certify_neighbours`); the kNN
+    table reaches ``max(k) + max_e`` for the joint certificates (``max_e`` default: ``max(k)``). ``time_limit``
+    bounds the split certificates' search per poisoning size. Each result records its run time and ``metadata``.
     """
-    from .estimators import CertifiedKNeighborsClassifier, CertifiedRadiusNeighborsClassifier
+    from .estimators import certify_neighbours
 
     check_methods(len(X_train), knn=knn, rnn=rnn, dpa=dpa, bagging=bagging, alpha=alpha, metric=metric,
                   threat_model=threat_model)
     results: list[CertificationResult] = []
-    if knn:
+    if knn or rnn:
         start = time.perf_counter()
-        model = CertifiedKNeighborsClassifier(n_neighbors=max(knn), metric=metric, backend=backend,
-                                              progress=progress).fit(X_train, y_train)
-        sweep = model.certify_sweep(X_test, y_test, list(knn), threat_model=threat_model)
-        _stamp(sweep.values(), time.perf_counter() - start, "kNN sweep over all k", metadata)
-        results.extend(sweep.values())
-    if rnn:
-        start = time.perf_counter()
-        model = CertifiedRadiusNeighborsClassifier(radius=float(max(rnn)), metric=metric, backend=backend,
-                                                   progress=progress).fit(X_train, y_train)
-        sweep = model.certify_sweep(X_test, y_test, list(rnn), threat_model=threat_model)
-        _stamp(sweep.values(), time.perf_counter() - start, "rNN sweep over all r", metadata)
-        results.extend(sweep.values())
+        knn_results, rnn_results = certify_neighbours(
+            X_train, y_train, X_test, y_test, knn=list(knn), rnn=list(rnn), threat_model=threat_model,
+            max_e=max_e, time_limit=time_limit, metric=metric, backend=backend, progress=progress)
+        both = "kNN and rNN" if knn and rnn else ("kNN" if knn else "rNN")
+        _stamp([*knn_results.values(), *rnn_results.values()], time.perf_counter() - start,
+               f"one neighbour pass for {both}, every k and r, and the individual certificates", metadata)
+        results.extend(knn_results.values())
+        results.extend(rnn_results.values())
     for n_partitions in dpa:
         from .baselines import DPA
 
@@ -131,7 +130,8 @@ def default_e_grid(results: Sequence[CertificationResult], n_points: int = 101) 
     """
     largest = 0
     for result in results:
-        if not result.has_labels:
+        if not result.has_labels:  # only the certified share of predictions: it is zero past the largest size
+            largest = max(largest, int(np.max(result.certified_size, initial=0)) + 1)
             continue
         # rNN joint certificates (5b, 5d) reach zero by the largest vote margin, at most 2 * (individual size + 1).
         end = 2 * int(np.max(result.certified_size, initial=0)) + 2
@@ -207,7 +207,8 @@ def write_outputs(
 
     The files are written as a set: all of them go to a staging folder inside ``out_dir`` first and are
     renamed into place only when every one is complete, so a failure leaves the previous outputs as they were
-    (never a new CSV next to an old JSON).
+    (never a new CSV next to an old JSON). Without any labelled result there are no curves: only the JSON
+    (metadata, certified sizes) and ``examples.csv`` are written.
     """
     from .plots import plot_curves
 
@@ -215,10 +216,13 @@ def write_outputs(
     paths = prepare_output_folder(out_dir, stem, create=True)
     curves = [result.curve_rows(e) for result in results]  # computed once for the CSV, the plot and the JSON
     rows = [row for result_rows in curves for row in result_rows]
+    if not rows:
+        paths = {kind: path for kind, path in paths.items() if kind in ("json", "examples")}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".poisoncert-staging-") as staging:
         staged = {kind: Path(staging) / path.name for kind, path in paths.items()}
-        write_curves_csv(staged["csv"], list(results), e, extra_metadata=settings, rows=rows)
-        plot_curves(rows, staged["png"], title=title, subtitle=subtitle)
+        if rows:
+            write_curves_csv(staged["csv"], list(results), e, extra_metadata=settings, rows=rows)
+            plot_curves(rows, staged["png"], title=title, subtitle=subtitle)
         write_json(
             staged["json"],
             {
@@ -290,11 +294,43 @@ def write_examples_csv(path: str | Path, results: Sequence[CertificationResult])
 
 def _result_record(result: CertificationResult, e: np.ndarray, rows: list[dict[str, Any]]) -> dict[str, Any]:
     record: dict[str, Any] = {"metadata": result.describe(), "curves": rows}
-    if result.method == "rnn" and result.threat_model == "general":
+    if result.method == "rnn" and result.threat_model == "general" and result.has_labels:
         record["global_worst_case_removals"] = {
-            "meaning": "removals per label of the label-level attacker behind the global joint certificate",
+            "meaning": "removals per label of the label-level attacker behind the global joint certificate (5b)",
             "classes": np.asarray(result.classes).tolist(),
             "e": e.tolist(),
             "removals": result.worst_case_removals(e).tolist(),
         }
+    if "split" in result.available_methods:
+        record["split_worst_case_attack"] = {
+            "meaning": f"additions and removals per label of the label-level attacker behind the split joint "
+                       f"certificate (spec {result.spec_section('split')}); flips = inputs it flips, max_flips = "
+                       "the proved bound (equal where exact); it shows where the model is weakest, not a poisoned "
+                       "training set that realises the bound",
+            **result.split_attack(e),
+        }
+    if not result.has_labels:
+        record["certified_predictions"] = {
+            "meaning": "share of test inputs whose prediction provably survives every poisoned training set of "
+                       "size e (individual certificate; no labels, so no accuracy)",
+            "e": e.tolist(),
+            "share": accuracy_from_sizes(result.certified_size, e).tolist(),
+        }
     return record
+
+
+def accuracy_from_sizes(sizes: np.ndarray, e: np.ndarray) -> np.ndarray:
+    from .certify import accuracy_from_certified_sizes
+
+    return accuracy_from_certified_sizes(sizes, e)
+
+
+def prediction_table(results: Sequence[CertificationResult], e_points: Sequence[int]) -> str:
+    """Plain-text table, for unlabelled results, of the share (%) of predictions certified at each e."""
+    header = ["classifier", "threat model"] + [f"e={e}" for e in e_points]
+    rows = [[r.label(), r.threat_model, *(f"{100 * v:.1f}" for v in accuracy_from_sizes(r.certified_size,
+                                                                                        np.asarray(e_points)))]
+            for r in results]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+                     for row in [header, *rows])

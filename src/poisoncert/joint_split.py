@@ -35,7 +35,8 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numba
@@ -47,6 +48,7 @@ from .votes import knn_votes_from_labels, predict, rival_counts
 
 __all__ = [
     "SPLIT_THREAT_MODELS",
+    "KnnSplitCertifier",
     "SplitCertificate",
     "knn_split_certificate",
     "knn_split_certified_accuracy",
@@ -632,7 +634,7 @@ class _Problem:
 
 
 def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_limit: int | None = None,
-                    start: np.ndarray | None = None) -> _Solution:
+                    starts: Sequence[np.ndarray] = ()) -> _Solution:
     """``F* = max over integer alpha >= 0, sum alpha <= A, of F(alpha)`` by best-first branch and bound.
 
     A box ``[lo, hi]`` is bounded by F at its upper corner capped at ``A - (sum lo - lo_l)`` per coordinate (F is
@@ -670,23 +672,26 @@ def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_lim
         return point
 
     incumbent, best_alpha = -1, np.zeros(c, np.int64)
-    starts = [np.eye(c, dtype=np.int64)[j] * budget for j in range(c)]
-    if start is not None and int(np.sum(start)) <= budget:
-        starts.append(np.asarray(start, dtype=np.int64))
-    for point in starts:
+    # A warm start (the previous poisoning size's best split) is usually near-optimal; without one, the vertices
+    # (every addition on one label) are good first guesses.
+    points = [np.asarray(start, dtype=np.int64) for start in starts if int(np.sum(start)) <= budget]
+    if not points:
+        points = [np.eye(c, dtype=np.int64)[j] * budget for j in range(c)]
+    for point in points:
         _, attained, _, _ = problem.evaluate(point, incumbent, _LP_EXACT_GAP)
         if attained > incumbent:
             incumbent, best_alpha = attained, point
     lo, hi = np.zeros(c, np.int64), np.full(c, budget, np.int64)
     upper, _, exact, active = problem.evaluate(hi, incumbent, _LP_EXACT_GAP)
-    heap: list[tuple[int, int, bool, np.ndarray, np.ndarray, np.ndarray]] = []
+    # Heap entries: (-upper bound, counter, bound exact?, lo, capped corner, active counts, feasible point probed?)
+    heap: list[tuple[int, int, bool, np.ndarray, np.ndarray, np.ndarray, bool]] = []
     counter = 0
     if upper > incumbent:
-        heap.append((-upper, counter, exact, lo, hi, active))
+        heap.append((-upper, counter, exact, lo, hi, active, True))
     nodes = 0
     stopped_at = -1
     while heap:
-        neg_upper, _, exact, lo, corner, active = heapq.heappop(heap)
+        neg_upper, _, exact, lo, corner, active, probed = heapq.heappop(heap)
         if -neg_upper <= incumbent:
             heap.clear()
             break
@@ -694,12 +699,23 @@ def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_lim
         if out_of_time or (node_limit is not None and nodes >= node_limit):
             stopped_at = -neg_upper
             break
+        if not probed:
+            # The box's feasible point is probed when the box comes up, not when it is made: boxes pruned in the
+            # meantime by a better incumbent never cost an evaluation.
+            point = feasible(lo, corner)
+            _, attained, _, _ = problem.evaluate(point, incumbent, _LP_EXACT_GAP)
+            if attained > incumbent:
+                incumbent, best_alpha = attained, point
+            if -neg_upper > incumbent:
+                counter += 1
+                heapq.heappush(heap, (neg_upper, counter, exact, lo, corner, active, True))
+            continue
         if not exact:
             # An LP bound heads the queue: replace it by F itself (exact above the incumbent) before splitting.
             value, _, _, active = problem.evaluate(corner, incumbent, _NO_SLACK_LIMIT)
             if value > incumbent:
                 counter += 1
-                heapq.heappush(heap, (-value, counter, True, lo, corner, active))
+                heapq.heappush(heap, (-value, counter, True, lo, corner, active, True))
             continue
         nodes += 1
         width = corner - lo
@@ -715,22 +731,17 @@ def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_lim
             if int(child_lo.sum()) > budget:
                 continue
             child_corner = cap(child_lo, child_hi)
-            point = feasible(child_lo, child_corner)
-            if bool(np.all(point == child_corner)):
+            if int((child_corner - child_lo).sum()) <= budget - int(child_lo.sum()):
                 # The corner is feasible: F there is the box's maximum, so its exact value settles the box.
-                _, attained, _, _ = problem.evaluate(point, incumbent, _NO_SLACK_LIMIT)
+                _, attained, _, _ = problem.evaluate(child_corner, incumbent, _NO_SLACK_LIMIT)
                 if attained > incumbent:
-                    incumbent, best_alpha = attained, point
+                    incumbent, best_alpha = attained, child_corner
                 continue
             value, _, exact_child, child_active = problem.evaluate(child_corner, incumbent, _LP_EXACT_GAP)
-            if value <= incumbent:
-                continue  # pruned: no need to look inside
-            _, attained, _, _ = problem.evaluate(point, incumbent, _LP_EXACT_GAP)
-            if attained > incumbent:
-                incumbent, best_alpha = attained, point
             if value > incumbent:
                 counter += 1
-                heapq.heappush(heap, (-value, counter, exact_child, child_lo.copy(), child_corner, child_active))
+                heapq.heappush(heap, (-value, counter, exact_child, child_lo.copy(), child_corner, child_active,
+                                      False))
     upper_bound = max(incumbent, stopped_at, max((-entry[0] for entry in heap), default=incumbent))
     return _Solution(max(incumbent, 0), max(upper_bound, 0), best_alpha, nodes)
 
@@ -829,13 +840,75 @@ def _assemble(e: np.ndarray, solutions: list[_Solution], removals: list[np.ndarr
     )
 
 
-def _scaled_start(previous: _Solution | None, previous_budget: int, budget: int) -> np.ndarray | None:
-    """The previous poisoning size's best split, rescaled to this budget (a warm start for the incumbent)."""
+def _warm_starts(previous: _Solution | None, previous_budget: int, budget: int) -> list[np.ndarray]:
+    """Incumbent seeds from the previous (smaller) poisoning size: its best split as it is (feasible here too, so
+    the search starts at least at the previous F*) and rescaled to this budget."""
     if previous is None or previous_budget <= 0 or budget <= 0:
-        return None
+        return []
     scaled = np.floor(previous.alpha * (budget / previous_budget)).astype(np.int64)
     scaled[int(np.argmax(previous.alpha))] += budget - int(scaled.sum())
-    return np.maximum(scaled, 0)
+    return [previous.alpha, np.maximum(scaled, 0)]
+
+
+def _threadsafe_workers(n_tasks: int) -> int:
+    """Worker threads for a curve: one per numba thread when numba's threading layer may be entered from several
+    threads at once (tbb, omp; not workqueue), else 1."""
+    if n_tasks < 2 or numba.get_num_threads() < 2:
+        return 1
+    _warm_threading_layer(np.zeros(2))
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # pragma: no cover - no parallel function has run
+        return 1
+    return min(numba.get_num_threads(), n_tasks) if layer in ("tbb", "omp") else 1
+
+
+@numba.njit(parallel=True, cache=True)
+def _warm_threading_layer(x):  # pragma: no cover - compiled
+    total = 0.0
+    for i in prange(x.shape[0]):
+        total += x[i]
+    return total
+
+
+def _solve_curve(e: np.ndarray, n_candidates: int, solve: Any) -> dict[int, tuple[_Solution, np.ndarray, bool]]:
+    """Run ``solve(size, previous, previous_budget) -> (solution, removals, coarsened, budget)`` for every size.
+
+    Sizes are taken in ascending order, each seeded with the previous size's best split; with several numba
+    threads they are dealt round-robin to worker threads (each single-threaded inside numba). Once one size
+    provably flips every candidate, so does every larger one (F* is non-decreasing in e): those are filled in.
+    """
+    order = np.argsort(e, kind="stable").tolist()
+    workers = _threadsafe_workers(len(order))
+    results: dict[int, tuple[_Solution, np.ndarray, bool]] = {}
+    saturated: list[tuple[int, _Solution, np.ndarray]] = []  # (size, solution, removals) flipping everything
+
+    def run(positions: list[int], single_threaded: bool) -> None:
+        if single_threaded:
+            numba.set_num_threads(1)
+        previous, previous_budget = None, 0
+        for position in positions:
+            size = int(e[position])
+            done = [item for item in saturated if item[0] <= size]
+            if done:
+                _, solution, removals = min(done, key=lambda item: item[0])
+                results[position] = (replace(solution, nodes=0), removals, False)
+                continue
+            solution, removals, coarsened, budget = solve(size, previous, previous_budget)
+            results[position] = (solution, removals, coarsened)
+            if solution.exact and solution.lower == n_candidates:
+                saturated.append((size, solution, removals))
+            previous, previous_budget = solution, budget
+
+    if workers == 1:
+        run(order, False)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(run, order[w::workers], True) for w in range(workers)]:
+                future.result()
+    return results
 
 
 def _check_limits(time_limit: float | None, node_limit: int | None) -> None:
@@ -916,24 +989,22 @@ def rnn_split_certificate(
     smallest = margins.min(axis=1)
     model = "general" if threat_model == "label-flip" else threat_model
     solutions, removals = [], []
-    order = np.argsort(e, kind="stable")
-    previous, previous_budget = None, 0
-    by_position: dict[int, tuple[_Solution, np.ndarray]] = {}
-    for position in order.tolist():
-        size = int(e[position])
+
+    def solve(size: int, previous: _Solution | None, previous_budget: int) -> tuple[_Solution, np.ndarray, bool, int]:
         add, remove = _budgets(model, size)
         # An input that even the whole budget on its cheapest rival cannot flip never counts.
         candidate = smallest <= add + remove
         m, lab = np.ascontiguousarray(margins[candidate]), labels[candidate]
 
-        def needs(alpha, out, active, m=m, remove=remove):  # type: ignore[no-untyped-def]
+        def needs(alpha, out, active):  # type: ignore[no-untyped-def]
             _rnn_needs(m, alpha, remove, out, active)
 
         problem = _Problem(lab, c, add, remove, needs)
-        solution = _maximise_flips(problem, time_limit, node_limit, _scaled_start(previous, previous_budget, add))
+        solution = _maximise_flips(problem, time_limit, node_limit, _warm_starts(previous, previous_budget, add))
         problem.evaluate(solution.alpha, -1, 0)  # the best split's costs, for its removal allocation
-        by_position[position] = (solution, _allocation(lab, problem.costs, remove, c))
-        previous, previous_budget = solution, add
+        return solution, _allocation(lab, problem.costs, remove, c), False, add
+
+    by_position = _solve_curve(e, len(correct), solve)
     for position in range(len(e)):
         solutions.append(by_position[position][0])
         removals.append(by_position[position][1])
@@ -1139,9 +1210,12 @@ class _OnlineProfiles:
         _cumulative_popcounts(sr_bits, sr_cum)
         rows = np.repeat(alive, wanted.sum(axis=1))
         rival = np.nonzero(wanted)[1].astype(np.int64)
+        # Stored label-major: one rival label's pairs are then a contiguous block, read sequentially.
+        order = np.lexsort((rows, rival))
+        rows, rival = rows[order], rival[order]
         return cls(rows=rows, rival=rival, tie=(a[rows] > rival).astype(np.int64),
                    d_k=(votes[rows, rival] - own[rows]).astype(np.int64), margin=margin[rows],
-                   sl_bits=sl_bits, sl_cum=sl_cum, sr_bits=sr_bits, sr_cum=sr_cum)
+                   sl_bits=sl_bits[order], sl_cum=sl_cum[order], sr_bits=sr_bits[order], sr_cum=sr_cum[order])
 
     def problem(self, size: int, a: np.ndarray, c: int) -> _Problem:
         """The F* problem at poisoning size ``size <= k``, general threat model.
@@ -1153,19 +1227,17 @@ class _OnlineProfiles:
         pairs = np.flatnonzero(candidate)
         bound = np.empty(len(pairs), np.int64)
         _online_bounds(pairs, self.tie, self.d_k, self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum, size, bound)
-        pairs = pairs[bound <= size]  # h(alpha) >= h(e): infinite everywhere otherwise
-        pairs = pairs[np.lexsort((self.rows[pairs], self.rival[pairs]))]  # label-major
+        pairs = pairs[bound <= size]  # h(alpha) >= h(e): infinite everywhere otherwise (already label-major)
         pair_rival = self.rival[pairs]
         label_start = np.searchsorted(pair_rival, np.arange(c + 1))
         inputs, input_of_pair = np.unique(self.rows[pairs], return_inverse=True)
         input_pairs = np.argsort(input_of_pair, kind="stable").astype(np.int64)
         input_start = np.searchsorted(input_of_pair[input_pairs], np.arange(len(inputs) + 1)).astype(np.int64)
-        h = np.empty(len(pairs), np.int64)
+        h = np.empty(len(pairs), np.int32)
         memo: dict[tuple[int, int], np.ndarray] = {}
         memo_bytes = [0]
         tie, d_k = self.tie, self.d_k
         sl_bits, sl_cum, sr_bits, sr_cum = self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum
-        value_dtype = np.int16 if size + 1 <= np.iinfo(np.int16).max else np.int32
 
         def needs(alpha, out, active):  # type: ignore[no-untyped-def]
             for lab in range(c):
@@ -1179,13 +1251,95 @@ class _OnlineProfiles:
                     _online_label_needs(pairs[lo:hi], tie, d_k, sl_bits, sl_cum, sr_bits, sr_cum, size,
                                         int(alpha[lab]), block)
                     if memo_bytes[0] < _MEMO_BYTES:
-                        memo[key] = block.astype(value_dtype)
-                        memo_bytes[0] += memo[key].nbytes
+                        memo[key] = block.copy()
+                        memo_bytes[0] += block.nbytes
                 else:
                     h[lo:hi] = values
             _min_over_pairs(input_start, input_pairs, pair_rival, h, size, out, active)
 
         return _Problem(a[inputs], c, size, size, needs)
+
+
+class KnnSplitCertifier:
+    """The kNN split certificate (spec 5e) of one neighbour table, computed for any poisoning sizes on demand.
+
+    Holds the votes, predictions and (for the general model) the e-independent SL/SR profiles, so that several
+    calls (a grid, then a few more points) share that work. Parameters as in :func:`knn_split_certificate`;
+    ``max_e`` is the largest poisoning size the profiles are first built for (they grow when needed).
+    """
+
+    def __init__(self, neighbor_labels: np.ndarray, y: np.ndarray, k: int, n_classes: int | None = None,
+                 n_train: int | None = None, threat_model: str = "general", *, max_memory_mb: float = 1024,
+                 max_e: int | None = None) -> None:
+        self.threat_model = _check_threat_model(threat_model)
+        if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, int | float) or not max_memory_mb > 0:
+            raise ValueError(f"max_memory_mb must be a positive number, got {max_memory_mb!r}")
+        self.max_memory_mb = float(max_memory_mb)
+        hint = [] if max_e is None else [check_positive_int(max_e, "max_e", minimum=0)]
+        self.table, self.y, _, self.k, self.c, self.n_train = _check_knn_table(neighbor_labels, y, hint, k,
+                                                                              n_classes, n_train)
+        self._n_train_given = n_train
+        n_test = self.table.shape[0]
+        window = min(self.k, self.n_train, self.table.shape[1])
+        self.votes = knn_votes_from_labels(self.table[:, :window], window, self.c)
+        self.a = predict(self.votes)
+        self.correct = np.flatnonzero(self.a == self.y)
+        self.model = "general" if self.threat_model == "label-flip" else self.threat_model
+        self.variant = {"general": 0, "insertion": 1, "deletion": 2}[self.model]
+        self.own = self.votes[np.arange(n_test), self.a]
+        # Individual margin: an input certified individually at e is unflippable in 5c, hence in 5e (dominance).
+        self.margin = self.own - rival_counts(self.votes, self.a) + 1
+        self._profiles: _OnlineProfiles | None = None
+        self._profile_reach = 0
+        self._max_e_hint = hint[0] if hint else 0
+
+    def _online(self, largest: int) -> _OnlineProfiles | None:
+        if self.variant != 0 or not _USE_PROFILES:
+            return None
+        reach = min(self.k, max(largest, self._max_e_hint))
+        if self._profiles is None or reach > self._profile_reach:
+            reach = min(self.k, max(reach, 2 * self._profile_reach))  # grow geometrically: few rebuilds
+            # The general certificate at every e <= k reads two e-independent profiles per pair (_knn_profiles).
+            self._profiles = _OnlineProfiles.build(self.table, self.votes, self.a, self.correct, self.margin,
+                                                   self.own, self.k, self.n_train, np.array([reach]))
+            self._profile_reach = reach
+        return self._profiles
+
+    def certify(self, e: np.ndarray | list[int] | int, *, time_limit: float | None = None,
+                node_limit: int | None = None) -> SplitCertificate:
+        """The certificate at every poisoning size in ``e`` (any order)."""
+        _check_limits(time_limit, node_limit)
+        e = check_poisoning_sizes(e)
+        # The table must reach k + e (or hold the whole training set) for the largest e asked for.
+        _check_knn_table(self.table, self.y, e, self.k, self.c, self._n_train_given)
+        c, n_test = self.c, self.table.shape[0]
+        solutions, removals, coarse = [], [], np.zeros(len(e), dtype=bool)
+        classes = np.arange(c)
+        online = self._online(int(e[e <= self.k].max())) if np.any((e > 0) & (e <= self.k)) else None
+
+        def solve(size: int, previous: _Solution | None, previous_budget: int
+                  ) -> tuple[_Solution, np.ndarray, bool, int]:
+            add, remove = _budgets(self.model, size)
+            if online is not None and size <= self.k:
+                problem, step = online.problem(size, self.a, c), 1
+            else:
+                problem, step = _table_problem(self.table, self.votes, self.a, self.correct, self.margin, self.own,
+                                               classes, self.k, self.n_train, self.variant, size, self.max_memory_mb)
+            solution = _maximise_flips(problem, time_limit, node_limit, _warm_starts(previous, previous_budget, add))
+            problem.evaluate(solution.alpha, -1, 0)
+            return solution, _allocation(problem.labels, problem.costs, remove, c), step > 1, add
+
+        by_position = _solve_curve(e, len(self.correct), solve)
+        for position in range(len(e)):
+            solution, allocation, coarsened = by_position[position]
+            solutions.append(solution)
+            removals.append(allocation)
+            coarse[position] = coarsened
+        result = _assemble(e, solutions, removals, len(self.correct), n_test, c, "5e", self.threat_model, coarse)
+        if coarse.any():
+            result.notes.append(f"need tables coarsened to fit max_memory_mb={self.max_memory_mb} at e="
+                                f"{e[coarse].tolist()}: those values are sound but not exact")
+        return result
 
 
 def knn_split_certificate(
@@ -1228,59 +1382,18 @@ def knn_split_certificate(
     time_limit, node_limit : optional
         Per poisoning size, as in :func:`rnn_split_certificate`.
     max_memory_mb : float
-        Budget for the per-pair need tables of one poisoning size. A table that would not fit is kept on a
-        coarser addition grid (rounding ``alpha`` up, which is sound) and its values are marked not exact.
+        Budget for the per-pair need tables of one poisoning size (insertion-only, deletion-only, and e > k). A
+        table that would not fit is kept on a coarser addition grid (rounding ``alpha`` up, which is sound) and
+        its values are marked not exact.
 
     Returns
     -------
     SplitCertificate
     """
-    threat_model = _check_threat_model(threat_model)
-    _check_limits(time_limit, node_limit)
-    if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, int | float) or not max_memory_mb > 0:
-        raise ValueError(f"max_memory_mb must be a positive number, got {max_memory_mb!r}")
-    table, y, e, k, c, n_train = _check_knn_table(neighbor_labels, y, e, k, n_classes, n_train)
-    n_test = table.shape[0]
-    window = min(k, n_train, table.shape[1])
-    votes = knn_votes_from_labels(table[:, :window], window, c)
-    a = predict(votes)
-    correct = np.flatnonzero(a == y)
-    model = "general" if threat_model == "label-flip" else threat_model
-    variant = {"general": 0, "insertion": 1, "deletion": 2}[model]
-    rival = rival_counts(votes, a)
-    own = votes[np.arange(n_test), a]
-    # Individual margin: an input certified individually at e is unflippable in 5c, hence in 5e (dominance).
-    margin = own - rival + 1
-    solutions, removals, coarse = [], [], np.zeros(len(e), dtype=bool)
-    classes = np.arange(c)
-    online = None
-    if variant == 0 and _USE_PROFILES:
-        # The general certificate at every e <= k reads two e-independent profiles per pair (see _knn_profiles).
-        online = _OnlineProfiles.build(table, votes, a, correct, margin, own, k, n_train, e[e <= k])
-    previous, previous_budget = None, 0
-    by_position: dict[int, tuple[_Solution, np.ndarray, bool]] = {}
-    for position in np.argsort(e, kind="stable").tolist():
-        size = int(e[position])
-        add, remove = _budgets(model, size)
-        if online is not None and size <= k:
-            problem, step = online.problem(size, a, c), 1
-        else:
-            problem, step = _table_problem(table, votes, a, correct, margin, own, classes, k, n_train, variant,
-                                           size, max_memory_mb)
-        solution = _maximise_flips(problem, time_limit, node_limit, _scaled_start(previous, previous_budget, add))
-        problem.evaluate(solution.alpha, -1, 0)
-        by_position[position] = (solution, _allocation(problem.labels, problem.costs, remove, c), step > 1)
-        previous, previous_budget = solution, add
-    for position in range(len(e)):
-        solution, allocation, coarsened = by_position[position]
-        solutions.append(solution)
-        removals.append(allocation)
-        coarse[position] = coarsened
-    result = _assemble(e, solutions, removals, len(correct), n_test, c, "5e", threat_model, coarse)
-    if coarse.any():
-        result.notes.append(f"need tables coarsened to fit max_memory_mb={max_memory_mb} at e="
-                            f"{e[coarse].tolist()}: those values are sound but not exact")
-    return result
+    e = check_poisoning_sizes(e)
+    certifier = KnnSplitCertifier(neighbor_labels, y, k, n_classes, n_train, threat_model,
+                                  max_memory_mb=max_memory_mb, max_e=int(e.max()) if e.size else 0)
+    return certifier.certify(e, time_limit=time_limit, node_limit=node_limit)
 
 
 def knn_split_certified_accuracy(

@@ -35,8 +35,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._io import example_digests
-from ._validation import check_features, check_metric, check_positive_int
+from ._io import example_digests, label_codes
+from ._validation import check_features, check_metric, check_positive_int, encode_labels
 
 __all__ = [
     "NeighbourIndex",
@@ -62,8 +62,10 @@ _TORCH_HINT = "the torch backend needs PyTorch: pip install poisoncert[torch]"
 def training_ranks(X_train: np.ndarray, y_train: np.ndarray) -> np.ndarray:
     """Content-hash rank of every training example (spec section 2).
 
-    The hash of an example is SHA-256 of its features as little-endian float64 followed by its label index as
-    little-endian int64 (``-0.0`` is encoded as ``0.0``, so equal vectors hash equally). The rank is the position of
+    The hash of an example is SHA-256 of its features as little-endian float64 followed by the code of its label
+    *value* as little-endian int64 (:func:`poisoncert._io.label_codes`: an integer label is its own code, a string
+    label the first 8 bytes of its SHA-256; ``-0.0`` is encoded as ``0.0``, so equal vectors hash equally). The
+    same encoding serves the estimators, :class:`NeighbourIndex` and DPA's partitions. The rank is the position of
     the hash among the distinct hash values sorted ascending (as 256-bit big-endian integers): identical examples
     get equal rank, and the rank of an example does not depend on its row position. Among neighbours at equal
     distance the one with the larger rank comes first.
@@ -71,7 +73,8 @@ def training_ranks(X_train: np.ndarray, y_train: np.ndarray) -> np.ndarray:
     Parameters
     ----------
     X_train : array-like of shape (n_train, n_features)
-    y_train : array-like of shape (n_train,), integer label indices
+    y_train : array-like of shape (n_train,)
+        Label values (integers or strings).
 
     Returns
     -------
@@ -86,8 +89,8 @@ def training_ranks(X_train: np.ndarray, y_train: np.ndarray) -> np.ndarray:
     (True, [0, 1])
     """
     X = check_features(X_train, "X_train")
-    y = _check_train_labels(y_train, X.shape[0])
-    return _ranks(X, y)
+    classes, y = _encode_train_labels(y_train, X.shape[0])
+    return _ranks(X, label_codes(classes)[y])
 
 
 def _ranks(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -96,24 +99,17 @@ def _ranks(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return inverse.reshape(-1).astype(np.int64)
 
 
-def _check_train_labels(y: np.ndarray, n_rows: int) -> np.ndarray:
+def _encode_train_labels(y: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted label values ``classes`` and each example's index into them (as scikit-learn maps labels)."""
     array = np.asarray(y)
     if array.ndim != 1:
         raise ValueError(f"y_train must be 1-D, got shape {array.shape}")
     if len(array) != n_rows:
         raise ValueError(f"y_train has {len(array)} entries but X_train has {n_rows} rows")
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise ValueError("y_train must hold integer label indices 0..c-1")
-        array = array.astype(np.int64)
-    if array.dtype.kind not in "iu" or array.dtype.kind == "b":
-        raise TypeError(f"y_train must hold integer label indices 0..c-1, got dtype {array.dtype}")
-    array = array.astype(np.int64, copy=False)
-    if array.min() < 0:
-        raise ValueError(f"y_train holds label index {array.min()}; label indices start at 0")
-    if array.max() > np.iinfo(np.int32).max:
-        raise ValueError(f"y_train holds label index {array.max()}, too large for a label index")
-    return array
+    classes, index = encode_labels(array, "y_train")
+    if len(classes) > np.iinfo(np.int32).max:
+        raise ValueError(f"y_train has {len(classes)} distinct labels, too many for a label index")
+    return classes, index
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -383,6 +379,14 @@ def _radius_counts_numba(D, labels, padded_radii, n_radii, n_classes, out):  # p
                 out[r, i, c] = running
 
 
+@numba.njit(parallel=True, cache=True)
+def _take_rows(values, positions, out):  # pragma: no cover - compiled
+    """out[i, j] = values[positions[i, j]], rows in parallel (np.take on one core was a serial step)."""
+    for i in prange(positions.shape[0]):
+        for j in range(positions.shape[1]):
+            out[i, j] = values[positions[i, j]]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # PyTorch backend
 # --------------------------------------------------------------------------------------------------------------
@@ -439,7 +443,10 @@ class NeighbourIndex:
     X_train : array-like of shape (n_train, n_features)
         Finite features. float32 input is searched in float32, anything else in float64.
     y_train : array-like of shape (n_train,)
-        Integer label indices ``0..c-1``.
+        Label values, integers or strings. They are mapped to indices through the sorted unique values
+        (``classes_``), which is what every returned label index refers to; for labels ``0..c-1`` index and value
+        coincide. Content hashes use the label *values*, as the estimators do, so both give identical neighbour
+        orders whatever the label set.
     metric : {"l1", "l2", "cosine"}, default "l1"
         Aliases "manhattan", "cityblock" and "euclidean" are accepted. Cosine needs non-zero rows.
     backend : {"auto", "numba", "torch"}, default "auto"
@@ -452,10 +459,13 @@ class NeighbourIndex:
         on top of it.
     progress : bool, default False
         Show a tqdm progress bar over chunks.
-    hash_labels : array-like of shape (n_train,), int, optional
-        The label part of each example's content hash (default: ``y_train``). The estimators pass the codes of
-        the label *values* (:func:`poisoncert._io.label_codes`), so that a poisoned set that removes a whole
-        class (and so shifts the label indices) leaves every other example's tie rank unchanged.
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        The sorted label values; label index ``l`` means ``classes_[l]``.
+    ranks_ : ndarray of shape (n_train,)
+        Content-hash rank of each training example (:func:`training_ranks`).
 
     Examples
     --------
@@ -480,17 +490,10 @@ class NeighbourIndex:
         chunk_size: int | None = None,
         max_memory_mb: float = 512,
         progress: bool = False,
-        hash_labels: np.ndarray | None = None,
     ) -> None:
         X = check_features(X_train, "X_train")
-        y = _check_train_labels(y_train, X.shape[0])
-        if hash_labels is None:
-            hash_labels = y
-        else:
-            hash_labels = np.asarray(hash_labels)
-            if hash_labels.shape != y.shape or hash_labels.dtype.kind not in "iu":
-                raise ValueError(f"hash_labels must be {len(y)} integer codes, got {hash_labels.dtype} "
-                                 f"{hash_labels.shape}")
+        self.classes_, y = _encode_train_labels(y_train, X.shape[0])
+        hash_labels = label_codes(self.classes_)[y]
         self.metric = check_metric(metric)
         if backend not in _BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(_BACKENDS)}")
@@ -567,55 +570,93 @@ class NeighbourIndex:
         -------
         ndarray of shape (len(radii), n_test, n_classes), int64 (a leading axis of length 1 for a scalar radius)
         """
-        radii_array = np.atleast_1d(np.asarray(radii, dtype=np.float64))
-        if radii_array.ndim != 1 or radii_array.size == 0:
-            raise ValueError(f"radii must be a non-empty 1-D list of radii, got shape {radii_array.shape}")
-        if not np.all(np.isfinite(radii_array)) or np.any(radii_array <= 0):
-            raise ValueError(f"every radius must be a finite number > 0, got {radii_array.tolist()}")
-        n_classes = check_positive_int(n_classes, "n_classes")
-        if int(self._labels.max()) >= n_classes:
-            raise ValueError(
-                f"y_train holds label index {int(self._labels.max())}, outside 0..{n_classes - 1} (n_classes)"
-            )
+        return self.search(X_test, radii=radii, n_classes=n_classes)[1]
+
+    def search(
+        self,
+        X_test: np.ndarray,
+        n_neighbors: int | None = None,
+        radii: float | Sequence[float] | None = None,
+        n_classes: int | None = None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """kNN ordered labels and rNN vote counts from **one** pass over the distances.
+
+        Each chunk of test inputs gets its distances once; the same distance rows feed the selection of the
+        first ``n_neighbors`` (:meth:`ordered_labels`) and the radius counts (:meth:`radius_votes`), so a command
+        that certifies kNN for every k and rNN for every r computes each distance once.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_test, min(n_neighbors, n_train)) or None
+        votes : ndarray of shape (len(radii), n_test, n_classes) or None
+        """
+        if n_neighbors is None and radii is None:
+            raise ValueError("search needs n_neighbors, radii or both")
+        k = None if n_neighbors is None else min(check_positive_int(n_neighbors, "n_neighbors"), self.n_train_)
+        if radii is not None:
+            radii_array = np.atleast_1d(np.asarray(radii, dtype=np.float64))
+            if radii_array.ndim != 1 or radii_array.size == 0:
+                raise ValueError(f"radii must be a non-empty 1-D list of radii, got shape {radii_array.shape}")
+            if not np.all(np.isfinite(radii_array)) or np.any(radii_array <= 0):
+                raise ValueError(f"every radius must be a finite number > 0, got {radii_array.tolist()}")
+            n_classes = check_positive_int(n_classes, "n_classes")
+            if int(self._labels.max()) >= n_classes:
+                raise ValueError(
+                    f"y_train holds label index {int(self._labels.max())}, outside 0..{n_classes - 1} (n_classes)"
+                )
         Q = self._check_test(X_test)
-        order = np.argsort(radii_array, kind="stable")
-        sorted_radii = _radii_in_dtype(radii_array[order], self.dtype_)
-        out_sorted = np.empty((len(radii_array), len(Q), n_classes), dtype=np.int64)
-        padded = np.full(1 << int(len(sorted_radii)).bit_length(), np.inf, dtype=sorted_radii.dtype)
-        padded[: len(sorted_radii)] = sorted_radii
-        for start, stop, D in self._distance_chunks(Q, k=0):
-            if self.backend == "torch":
-                out_sorted[:, start:stop] = self._torch_radius(D, sorted_radii, n_classes)
-            else:
-                _radius_counts_numba(D, self._labels, padded, len(sorted_radii), n_classes, out_sorted[:, start:stop])
-        out = np.empty_like(out_sorted)
-        out[order] = out_sorted
-        return out
+        labels = None if k is None else np.empty((len(Q), k), dtype=self._label_dtype)
+        votes_sorted = None
+        if radii is not None:
+            order = np.argsort(radii_array, kind="stable")
+            sorted_radii = _radii_in_dtype(radii_array[order], self.dtype_)
+            votes_sorted = np.empty((len(radii_array), len(Q), n_classes), dtype=np.int64)
+            padded = np.full(1 << int(len(sorted_radii)).bit_length(), np.inf, dtype=sorted_radii.dtype)
+            padded[: len(sorted_radii)] = sorted_radii
+        position_buffer = None
+        for start, stop, D in self._distance_chunks(Q, k=k or 0):
+            if k is not None:
+                if self.backend == "torch":
+                    positions = self._torch_select(D, k)
+                else:
+                    if position_buffer is None:
+                        position_buffer = np.empty((stop - start, k), dtype=np.int64)
+                    positions = position_buffer[: stop - start]
+                    _select_numba(D.view(np.int32 if D.dtype.itemsize == 4 else np.int64), k, positions)
+                _take_rows(self._labels_out, positions, labels[start:stop])
+            if votes_sorted is not None:
+                if self.backend == "torch":
+                    votes_sorted[:, start:stop] = self._torch_radius(D, sorted_radii, n_classes)
+                else:
+                    _radius_counts_numba(D, self._labels, padded, len(sorted_radii), n_classes,
+                                         votes_sorted[:, start:stop])
+        votes = None
+        if votes_sorted is not None:
+            votes = np.empty_like(votes_sorted)
+            votes[order] = votes_sorted
+        return labels, votes
 
     # ---------------------------------------------------------------------------------------------------------
     def _ordered(self, X_test: np.ndarray, n_neighbors: int, want_distances: bool) -> tuple[np.ndarray, np.ndarray]:
+        if not want_distances:
+            return self.search(X_test, n_neighbors=n_neighbors)[0], np.empty((0, 0))
         n_neighbors = check_positive_int(n_neighbors, "n_neighbors")
         Q = self._check_test(X_test)
         k = min(n_neighbors, self.n_train_)
-        first = np.empty((len(Q), k), dtype=np.int64 if want_distances else self._label_dtype)
-        distances = np.empty((len(Q), k), dtype=self.dtype_) if want_distances else np.empty((0, 0))
+        first = np.empty((len(Q), k), dtype=np.int64)
+        distances = np.empty((len(Q), k), dtype=self.dtype_)
         position_buffer = None
         for start, stop, D in self._distance_chunks(Q, k=k):
             if self.backend == "torch":
                 positions = self._torch_select(D, k)
+                distances[start:stop] = self._torch_gather(D, positions)
             else:
                 if position_buffer is None:
                     position_buffer = np.empty((stop - start, k), dtype=np.int64)
                 positions = position_buffer[: stop - start]
                 _select_numba(D.view(np.int32 if D.dtype.itemsize == 4 else np.int64), k, positions)
-            if want_distances:
-                if self.backend == "torch":
-                    distances[start:stop] = self._torch_gather(D, positions)
-                else:
-                    distances[start:stop] = np.take_along_axis(D, positions, axis=1)
-                np.take(self.order_, positions, out=first[start:stop])
-            else:
-                np.take(self._labels_out, positions, out=first[start:stop])
+                distances[start:stop] = np.take_along_axis(D, positions, axis=1)
+            np.take(self.order_, positions, out=first[start:stop])
         return first, distances
 
     def _check_test(self, X_test: np.ndarray) -> np.ndarray:

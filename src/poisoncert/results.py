@@ -88,6 +88,7 @@ class CertificationResult:
     max_e: int | None = None
     _cache: dict[str, dict[int, tuple[float, bool]]] = field(default_factory=dict, repr=False)
     _split: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _certifier: Any = field(default=None, repr=False)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -177,9 +178,10 @@ class CertificationResult:
         if method == "individual":
             return certify.accuracy_from_certified_sizes(self.certified_size, e), exact
         if method == "split":
-            from .joint_split import knn_split_certificate, rnn_split_certificate
+            from .joint_split import rnn_split_certificate
 
             options = dict(self.split_options)
+            memory = options.pop("max_memory_mb", None)
             if self.method == "knn":
                 if self.max_e is not None and int(e.max()) > self.max_e:
                     raise ValueError(
@@ -187,11 +189,15 @@ class CertificationResult:
                         f"for the split certificate up to e = {self.max_e}; e = {int(e.max())} needs k + e "
                         f"neighbours: certify again with max_e >= {int(e.max())}"
                     )
-                details = knn_split_certificate(
-                    self.neighbor_labels, self.y_true, e, int(self.params["k"]), self.votes.shape[1],
-                    self.metadata.get("n_train"), self.threat_model, **options)
+                if self._certifier is None:
+                    from .joint_split import KnnSplitCertifier
+
+                    self._certifier = KnnSplitCertifier(
+                        self.neighbor_labels, self.y_true, int(self.params["k"]), self.votes.shape[1],
+                        self.metadata.get("n_train"), self.threat_model,
+                        **({} if memory is None else {"max_memory_mb": memory}))
+                details = self._certifier.certify(e, **options)
             else:
-                options.pop("max_memory_mb", None)
                 details = rnn_split_certificate(self.votes, self.y_true, e, self.threat_model, **options)
             for j, size in enumerate(e.tolist()):
                 self._split[size] = {"additions": details.additions[j].tolist(),

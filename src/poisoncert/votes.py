@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 
 from ._validation import check_votes
@@ -96,6 +97,11 @@ def knn_votes_from_labels(
     Returns
     -------
     ndarray of shape (n_test, n_classes) for a single k, or (len(k), n_test, n_classes) for a sequence.
+
+    Examples
+    --------
+    >>> knn_votes_from_labels(np.array([[0, 1, 1, 2]]), [1, 3], 3).tolist()
+    [[[1, 0, 0]], [[1, 2, 0]]]
     """
     labels = np.asarray(neighbor_labels)
     if labels.ndim != 2:
@@ -104,21 +110,31 @@ def knn_votes_from_labels(
     ks = np.atleast_1d(np.asarray(n_neighbors, dtype=np.int64))
     if np.any(ks < 1):
         raise ValueError(f"every k must be >= 1, got {ks.tolist()}")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"neighbor_labels must hold label indices in 0..{n_classes - 1}")
+    if labels.dtype.kind not in "iu":
+        labels = labels.astype(np.int64)
     n_test, width = labels.shape
-    ks_clipped = np.minimum(ks, width)
-    order = np.argsort(ks_clipped, kind="stable")
-    out = np.zeros((len(ks), n_test, n_classes), dtype=np.int64)
-    running = np.zeros((n_test, n_classes), dtype=np.int64)
-    start = 0
-    row_offset = (np.arange(n_test, dtype=np.int64) * n_classes)[:, None]
-    for position in order:
-        stop = int(ks_clipped[position])
-        if stop > start:
-            flat = (row_offset + labels[:, start:stop]).ravel()
-            running += np.bincount(flat, minlength=n_test * n_classes).reshape(n_test, n_classes)
-            start = stop
-        out[position] = running
+    order = np.argsort(ks, kind="stable")
+    stops = np.minimum(ks[order], width).astype(np.int64)
+    out_sorted = np.zeros((len(ks), n_test, n_classes), dtype=np.int64)
+    _prefix_votes(np.ascontiguousarray(labels), stops, out_sorted)
+    out = np.empty_like(out_sorted)
+    out[order] = out_sorted
     return out[0] if single else out
+
+
+@numba.njit(parallel=True, cache=True)
+def _prefix_votes(labels, stops, out):  # pragma: no cover - compiled
+    """out[s, i, l] = label-l count among the first stops[s] columns of row i (stops ascending); rows in parallel."""
+    for i in numba.prange(labels.shape[0]):
+        counts = np.zeros(out.shape[2], np.int64)
+        start = 0
+        for s in range(stops.shape[0]):
+            for j in range(start, stops[s]):
+                counts[labels[i, j]] += 1
+            start = max(start, stops[s])
+            out[s, i, :] = counts
 
 
 def prefix_label_counts(neighbor_labels: np.ndarray, label: np.ndarray) -> np.ndarray:
