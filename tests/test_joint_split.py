@@ -241,3 +241,28 @@ def test_a_table_covering_the_whole_training_set_needs_no_more_columns() -> None
     table = np.array([[0, 0, 0, 1], [1, 1, 0, 1]])
     wide = certify.knn_split_certified_accuracy(table, [0, 1], [0, 1, 2, 3, 9], 3, n_classes=2, n_train=4)
     assert wide[0] == 1.0 and np.all(np.diff(wide) <= 0)
+
+
+def test_without_n_train_the_table_end_is_never_taken_for_the_training_set_end() -> None:
+    """Regression: a certifier built without n_train or max_e once clipped the order at k, so removals could not
+    pull rival neighbours in and the bound was optimistic (2/3 at e = 3 here, where the truth is 1/3). Whatever the
+    call sequence, the values must equal those computed with the true training-set size, and a table too narrow
+    for e must be refused."""
+    k = 10
+    # Each input: 7 of its own label, then only rival labels: every removal of its label pulls a rival in.
+    table = np.array([[a] * 7 + [rival] * 23 for a, rival in ((0, 1), (1, 2), (2, 0))])
+    y, es = np.array([0, 1, 2]), [1, 2, 3, 4]
+    truth = knn_split_certificate(table, y, es, k, n_classes=3, n_train=30).accuracy
+    np.testing.assert_allclose(truth, [1, 2 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(knn_split_certificate(table, y, es, k, n_classes=3).accuracy, truth)
+    certifier = joint_split.KnnSplitCertifier(table, y, k, 3)
+    np.testing.assert_allclose(certifier.certify(es).accuracy, truth)
+    np.testing.assert_allclose(certifier.certify([3]).accuracy, truth[[2]])
+    with pytest.raises(ValueError, match="k \\+ e"):
+        certifier.certify([21])
+    for profiles in (True, False):  # both engines
+        joint_split._USE_PROFILES = profiles
+        try:
+            np.testing.assert_allclose(joint_split.KnnSplitCertifier(table, y, k, 3).certify(es).accuracy, truth)
+        finally:
+            joint_split._USE_PROFILES = True

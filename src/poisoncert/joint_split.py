@@ -1062,7 +1062,10 @@ def _check_knn_table(neighbor_labels: np.ndarray, y: np.ndarray, e: np.ndarray, 
                 f"first k + e = {needed} neighbours; give {needed} columns, or pass n_train={width} if the training "
                 f"set has only {width} examples"
             )
-        n_train = width if width < needed else needed  # positions past the table are never read
+        # The training set may be larger than the table: never treat the table's end as the training set's end
+        # (that would stop removals from pulling in later, possibly rival, neighbours). Every call checks that the
+        # table reaches k + e, so no position past it is read, and clipping at `width` never happens inside it.
+        n_train = width
     else:
         n_train = check_positive_int(n_train, "n_train")
         if width > n_train:
