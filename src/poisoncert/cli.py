@@ -103,6 +103,8 @@ def _report(results: list, e_max: int | None, e_step: int | None, out: Path, tit
         step = e_step or max(1, e_max // 50)
         e = np.arange(0, e_max + 1, step, dtype=np.int64)
     points = table_points(e)
+    # The table's round values join the grid, so every curve is computed once, for the table and the files alike.
+    e = np.union1d(e, np.asarray(points, dtype=np.int64))
     typer.echo(f"\n{title} -- {subtitle}")
     if labelled:
         typer.echo("certified accuracy (%), a provable lower bound; threat model: "

@@ -141,8 +141,10 @@ def default_e_grid(results: Sequence[CertificationResult], n_points: int = 101) 
             k = int(result.params["k"])
             cap = 2 * k if result.max_e is None else min(2 * k, result.max_e)
             end = min(end, cap)
+            # Probe at round values (multiples of 100 past 1000), which the grid usually contains as well.
             while end < cap and result.certified_accuracy([end], method=method)[0] > 0:
                 end = min(cap, int(end * 1.5) + 1)
+                end = end if end < 1000 else min(cap, -(-end // 100) * 100)
         largest = max(largest, end)
     step = max(1, int(np.ceil(largest / (n_points - 1))))
     grid = np.arange(0, largest + step, step, dtype=np.int64)

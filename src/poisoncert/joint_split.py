@@ -501,9 +501,9 @@ def _rank1(bits, cum, p, x):  # pragma: no cover - compiled
     w = x >> 6
     rest = x & 63
     if rest == 0:
-        return cum[p, w]
+        return np.int64(cum[p, w])
     mask = (np.uint64(1) << np.uint64(rest)) - np.uint64(1)
-    return cum[p, w] + _popcount(bits[p, w] & mask)
+    return np.int64(cum[p, w]) + _popcount(bits[p, w] & mask)
 
 
 @numba.njit(inline="always")
@@ -513,11 +513,11 @@ def _select0(bits, cum, p, m, n_words):  # pragma: no cover - compiled
     hi = n_words - 1
     while lo < hi:  # the last word whose preceding zeros are <= m
         mid = (lo + hi + 1) // 2
-        if 64 * mid - cum[p, mid] <= m:
+        if 64 * mid - np.int64(cum[p, mid]) <= m:
             lo = mid
         else:
             hi = mid - 1
-    j = m - (64 * lo - cum[p, lo])
+    j = m - (64 * lo - np.int64(cum[p, lo]))
     word = ~bits[p, lo]
     position = 0
     width = 32
@@ -1027,7 +1027,7 @@ _PAIR_BLOCK = 2048
 #: per-e tables against them).
 _USE_PROFILES = True
 #: Memory for memoised per-label need vectors of one poisoning size.
-_MEMO_BYTES = 256 * 2**20
+_MEMO_BYTES = 64 * 2**20
 
 
 def _check_knn_table(neighbor_labels: np.ndarray, y: np.ndarray, e: np.ndarray, k: int, n_classes: int | None,
@@ -1198,8 +1198,10 @@ class _OnlineProfiles:
         wanted = _flippable_pairs(votes, a, alive, own, classes, 3 * largest)
         keep = wanted.any(axis=1)
         alive, wanted = alive[keep], wanted[keep]
+        # Pairs numbered label-major (all pairs of rival 0, then 1, ...): one rival's pairs are then a contiguous
+        # block of the bitsets, read sequentially by _online_label_needs.
         pair_row = np.full(wanted.shape, -1, dtype=np.int64)
-        pair_row[wanted] = np.arange(int(wanted.sum()))
+        pair_row.T[wanted.T] = np.arange(int(wanted.sum()))
         n_words = -(-largest // 64)
         n_pairs = int(wanted.sum())
         sl_bits = np.zeros((n_pairs, n_words), np.uint64)
@@ -1207,18 +1209,18 @@ class _OnlineProfiles:
         if n_pairs:
             _knn_profiles(table, alive, a[alive], votes[alive].astype(np.int64), pair_row, k, n_train, largest,
                           sl_bits, sr_bits)
-        sl_cum = np.empty((n_pairs, n_words + 1), np.int64)
-        sr_cum = np.empty((n_pairs, n_words + 1), np.int64)
+        # Counts of set bits before each word: at most 64 * n_words, so uint16 holds them up to e = 65,535.
+        cum_dtype = np.uint16 if 64 * n_words <= np.iinfo(np.uint16).max else np.int64
+        sl_cum = np.empty((n_pairs, n_words + 1), cum_dtype)
+        sr_cum = np.empty((n_pairs, n_words + 1), cum_dtype)
         _cumulative_popcounts(sl_bits, sl_cum)
         _cumulative_popcounts(sr_bits, sr_cum)
-        rows = np.repeat(alive, wanted.sum(axis=1))
-        rival = np.nonzero(wanted)[1].astype(np.int64)
-        # Stored label-major: one rival label's pairs are then a contiguous block, read sequentially.
-        order = np.lexsort((rows, rival))
-        rows, rival = rows[order], rival[order]
+        rival, position = np.nonzero(wanted.T)
+        rows = alive[position]
+        rival = rival.astype(np.int64)
         return cls(rows=rows, rival=rival, tie=(a[rows] > rival).astype(np.int64),
                    d_k=(votes[rows, rival] - own[rows]).astype(np.int64), margin=margin[rows],
-                   sl_bits=sl_bits[order], sl_cum=sl_cum[order], sr_bits=sr_bits[order], sr_cum=sr_cum[order])
+                   sl_bits=sl_bits, sl_cum=sl_cum, sr_bits=sr_bits, sr_cum=sr_cum)
 
     def problem(self, size: int, a: np.ndarray, c: int) -> _Problem:
         """The F* problem at poisoning size ``size <= k``, general threat model.
