@@ -42,7 +42,13 @@ class _CertifiedNeighborsBase(ClassifierMixin, BaseEstimator):
             Integer or string labels; at least two distinct classes.
         """
         self._validate_params_()
-        X, classes, y_index = check_training_set(X, y)
+        if self.backend == "dask":
+            # Features stay where they are (a .npy file, a zarr array): the workers read and check them.
+            from .distributed import check_training_source
+
+            X, classes, y_index = check_training_source(X, y)
+        else:
+            X, classes, y_index = check_training_set(X, y)
         self._check_training_size(X.shape[0])
         from .neighbours import NeighbourIndex
 
@@ -66,8 +72,8 @@ class _CertifiedNeighborsBase(ClassifierMixin, BaseEstimator):
     def _validate_params_(self) -> None:
         check_metric(self.metric)
         check_positive_int(self.max_memory_mb, "max_memory_mb")
-        if self.backend not in ("auto", "numba", "torch"):
-            raise ValueError(f"unknown backend {self.backend!r}; choose 'auto', 'numba' or 'torch'")
+        if self.backend not in ("auto", "numba", "torch", "dask"):
+            raise ValueError(f"unknown backend {self.backend!r}; choose 'auto', 'numba', 'torch' or 'dask'")
 
     def _check_training_size(self, n_train: int) -> None:
         """Hook for estimator-specific checks against the training-set size."""
@@ -137,8 +143,10 @@ class CertifiedKNeighborsClassifier(_CertifiedNeighborsBase):
     n_neighbors : int, default=5
         k; must not exceed the number of training examples.
     metric : {"l1", "l2", "cosine"}, default="l1"
-    backend : {"auto", "numba", "torch"}, default="auto"
-        Distance engine; "auto" uses PyTorch on a CUDA GPU when available, else Numba.
+    backend : {"auto", "numba", "torch", "dask"}, default="auto"
+        Distance engine; "auto" uses PyTorch on a CUDA GPU when available, else Numba. "dask" shards the training
+        set over the active dask.distributed client (:mod:`poisoncert.distributed`); ``X`` may then also be a
+        ``.npy`` path or memory map, or a zarr array, which the workers read. Results are identical.
     max_memory_mb : int, default=512
         Bound on the memory of one chunk of the distance computation.
     progress : bool, default=False
@@ -335,7 +343,8 @@ class CertifiedRadiusNeighborsClassifier(_CertifiedNeighborsBase):
     radius : float, default=1.0
         r > 0.
     metric : {"l1", "l2", "cosine"}, default="l1"
-    backend : {"auto", "numba", "torch"}, default="auto"
+    backend : {"auto", "numba", "torch", "dask"}, default="auto"
+        As for :class:`CertifiedKNeighborsClassifier`.
     max_memory_mb : int, default=512
     progress : bool, default=False
 

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 _METRIC_CODES = {"l1": 0, "l2": 1, "cosine": 2}
-_BACKENDS = ("auto", "numba", "torch")
+_BACKENDS = ("auto", "numba", "torch", "dask")
 # Test rows that share one pass over a block of training columns (reuse of the block while it is in L1), and
 # the width of that block. Measured on a 2-core AMD EPYC (AVX2) with 60,000 x 81 float32 training features.
 _ROW_BLOCK = 16
@@ -449,9 +449,11 @@ class NeighbourIndex:
         orders whatever the label set.
     metric : {"l1", "l2", "cosine"}, default "l1"
         Aliases "manhattan", "cityblock" and "euclidean" are accepted. Cosine needs non-zero rows.
-    backend : {"auto", "numba", "torch"}, default "auto"
+    backend : {"auto", "numba", "torch", "dask"}, default "auto"
         "numba": parallel CPU kernels. "torch": PyTorch on CUDA when available, else CPU (optional dependency).
-        "auto": torch when it is installed and a CUDA GPU is available, numba otherwise. Both give identical results.
+        "auto": torch when it is installed and a CUDA GPU is available, numba otherwise. "dask": the training set
+        sharded over the active dask.distributed client (:class:`poisoncert.distributed.DaskNeighbourIndex`, which
+        this constructor then returns; optional dependency). All give identical results.
     chunk_size : int, optional
         Test inputs per chunk. By default derived from ``max_memory_mb`` and ``n_train``.
     max_memory_mb : float, default 512
@@ -479,6 +481,15 @@ class NeighbourIndex:
     >>> index.radius_votes(np.array([[0.9]]), [0.5, 2.5], n_classes=2)[:, 0, :].tolist()
     [[1, 1], [2, 2]]
     """
+
+    def __new__(cls, *args: object, **kwargs: object) -> NeighbourIndex:
+        # backend="dask" selects the sharded engine behind the same constructor, so callers (the estimators among
+        # them) need not know which engine runs; the Dask module is imported only then.
+        if cls is NeighbourIndex and kwargs.get("backend") == "dask":
+            from .distributed import DaskNeighbourIndex
+
+            cls = DaskNeighbourIndex
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -635,6 +646,56 @@ class NeighbourIndex:
             votes = np.empty_like(votes_sorted)
             votes[order] = votes_sorted
         return labels, votes
+
+    def radius_neighbors(self, X_test: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+        """Training rows within distance ``<= radius`` of each test input, as CSR arrays.
+
+        Returns
+        -------
+        indptr : ndarray of shape (n_test + 1,), int64
+        indices : ndarray of shape (indptr[-1],), int64
+            Row indices into the original ``X_train``; those of test input ``i`` are
+            ``indices[indptr[i]:indptr[i + 1]]``, in the engine's internal order (rank descending).
+        """
+        radii = np.atleast_1d(np.asarray(radius, dtype=np.float64))
+        if radii.size != 1 or not np.isfinite(radii[0]) or radii[0] <= 0:
+            raise ValueError(f"radius must be one finite number > 0, got {radius!r}")
+        Q = self._check_test(X_test)
+        cast = _radii_in_dtype(radii, self.dtype_)[0]
+        counts = np.zeros(len(Q), dtype=np.int64)
+        pieces: list[np.ndarray] = []
+        for start, stop, D in self._distance_chunks(Q, k=0):
+            D = D.cpu().numpy() if self.backend == "torch" else D
+            block_counts = np.count_nonzero(D <= cast, axis=1)
+            counts[start:stop] = block_counts
+            _, cols = np.nonzero(D <= cast)
+            pieces.append(self.order_[cols])
+        indptr = np.r_[0, np.cumsum(counts)].astype(np.int64)
+        indices = np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, np.int64)
+        return indptr, indices
+
+    def within(self, X_test: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Training rows ``j`` with distance ``< thresholds[j]`` to each test input (strict), as CSR arrays.
+
+        Like :meth:`radius_neighbors`, but with one threshold per *training* row, compared with the computed
+        distance in the search dtype. Returns ``(indptr, indices)`` with indices into the original ``X_train``.
+        """
+        thresholds = np.asarray(thresholds, dtype=np.float64)
+        if thresholds.shape != (self.n_train_,):
+            raise ValueError(f"thresholds must hold one value per training row ({self.n_train_}), got "
+                             f"{thresholds.shape}")
+        Q = self._check_test(X_test)
+        internal = thresholds[self.order_].astype(self.dtype_)
+        counts = np.zeros(len(Q), dtype=np.int64)
+        pieces: list[np.ndarray] = []
+        for start, stop, D in self._distance_chunks(Q, k=0):
+            D = D.cpu().numpy() if self.backend == "torch" else D
+            mask = D < internal[None, :]
+            counts[start:stop] = np.count_nonzero(mask, axis=1)
+            pieces.append(self.order_[np.nonzero(mask)[1]])
+        indptr = np.r_[0, np.cumsum(counts)].astype(np.int64)
+        indices = np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, np.int64)
+        return indptr, indices
 
     # ---------------------------------------------------------------------------------------------------------
     def _ordered(self, X_test: np.ndarray, n_neighbors: int, want_distances: bool) -> tuple[np.ndarray, np.ndarray]:

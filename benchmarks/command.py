@@ -1,0 +1,98 @@
+"""Time the whole ``poisoncert certify`` command on MNIST against faiss-cpu's exact l1 search, in one run.
+
+Usage: python benchmarks/command.py [--repeat 2] [--skip-faiss]
+
+Printed, all on the same machine and data (MNIST from the PyPI wheel, HOG features, 60,000 x 81 float32 training
+and 10,000 test features, l1):
+
+- faiss-cpu ``IndexFlat(81, METRIC_L1)`` k = 5000 search alone (the named baseline);
+- the distance-only floor of poisoncert's own kernel (every test-train distance once, nothing else);
+- poisoncert's one neighbour pass for kNN (k + e_max = 10,000 ordered labels) and rNN (r = 4);
+- the warm command ``poisoncert certify --dataset mnist --features hog --knn 5000 --rnn 4`` (features cached; the
+  neighbour pass, the individual certificates and every joint curve, all outputs), wall time and peak RSS of the
+  subprocess, best of ``--repeat`` runs;
+
+and the ratios of the baseline to each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from poisoncert.features import dataset_features
+from poisoncert.neighbours import NeighbourIndex, _distances_numba
+
+
+def _best(function, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--skip-faiss", action="store_true")
+    args = parser.parse_args()
+    X_train, y_train, X_test, _, _ = dataset_features("mnist", "hog", progress=False)  # also warms the cache
+    print(f"MNIST HOG: train {X_train.shape}, test {X_test.shape}, {X_train.dtype}; {os.cpu_count()} cores")
+
+    index = NeighbourIndex(X_train, y_train, metric="l1", backend="numba")
+    index.search(X_test[:32], n_neighbors=10_000, radii=[4.0], n_classes=10)  # compile / load kernels
+    chunk = 512
+    buffer = np.empty((chunk, len(X_train)), dtype=np.float32)
+
+    def distances_only() -> None:
+        Q = np.ascontiguousarray(X_test)
+        for start in range(0, len(Q), chunk):
+            block = Q[start : start + chunk]
+            _distances_numba(block, index._XT, buffer[: len(block)], 0)
+
+    t_floor = _best(distances_only, args.repeat)
+    t_pass = _best(lambda: index.search(X_test, n_neighbors=10_000, radii=[4.0], n_classes=10), args.repeat)
+
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "poisoncert.cli", "certify", "--dataset", "mnist", "--features", "hog",
+                   "--knn", "5000", "--rnn", "4", "--out", out, "--no-progress"]
+        subprocess.run(command, check=True, capture_output=True)  # warm numba's cache for the command itself
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+        t_command = min(times)
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+    t_faiss = None
+    if not args.skip_faiss:
+        import faiss
+
+        flat = faiss.IndexFlat(X_train.shape[1], faiss.METRIC_L1)
+        flat.add(np.ascontiguousarray(X_train))
+        t_faiss = _best(lambda: flat.search(np.ascontiguousarray(X_test), 5000), 1)
+
+    rows = [("faiss-cpu IndexFlat L1, k=5000 search (baseline)", t_faiss),
+            ("poisoncert distance-only floor (l1, every pair once)", t_floor),
+            ("poisoncert one pass: kNN 10,000 ordered labels + rNN r=4", t_pass),
+            ("poisoncert certify --knn 5000 --rnn 4 (whole command)", t_command)]
+    for name, seconds in rows:
+        if seconds is None:
+            continue
+        ratio = f"  baseline / this = {t_faiss / seconds:5.2f}x" if t_faiss else ""
+        print(f"{name:<60} {seconds:7.2f} s{ratio}")
+    print(f"peak RSS of the command: {peak_mb:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

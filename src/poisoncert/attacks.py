@@ -1,0 +1,1131 @@
+"""Attacks: concrete poisoned training sets, verified by refitting, that bound certified accuracy from above.
+
+Every certificate in poisoncert is a lower bound of CA(e). A *verified attack* (spec section 8) is a training set
+``D*`` within poisoning size ``e``, materialised as removed rows of the clean set plus added examples (features and
+labels), together with the accuracy of the **same classifier refitted on D* from scratch** (same engine, metric,
+content-hash ranks of the added examples, label rule). Nothing in that number is estimated, so
+
+    certified lower bound  <=  CA(e)  <=  verified attack accuracy
+
+and the width of the band says how much certification work is left. Two kinds of attacks:
+
+* :func:`witness` / :func:`witnesses`: for one test input and one threat model, a poisoned set of size
+  ``certified_size + 1`` that flips its prediction, wherever the individual certificate is exact (spec section 4;
+  the documented corners get ``None`` and a reason).
+* :func:`attack`: for a budget ``e``, one poisoned set that lowers the accuracy of the whole test set. It searches
+  on exact votes: each test input's poisoned votes (for kNN also its window in the clean neighbour order, so that
+  an added example pushes out the real last neighbour and a removal pulls in the real next one) are updated as
+  additions and removals are chosen. Additions go to shared sites (test inputs and L1 medians of groups of
+  targets) that reach many targets at once; removals take training examples that many targets share; the split
+  certificate's label-level attacker (spec 5d/5e) seeds how many additions each label gets. A lazy greedy search
+  over these actions is followed by rounds that drop actions no flipped input needed and spend the budget again.
+  The result is always verified by refitting (:func:`verify`).
+
+This module consumes the fitted estimators and their neighbour engine; it never imports the certificates'
+internals, and nothing in :mod:`poisoncert.certify` imports it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+
+from . import __version__
+from ._io import atomic_write, example_digests, label_codes, write_json
+from ._validation import check_features
+
+__all__ = [
+    "PoisonedSet",
+    "VerifiedAttack",
+    "attack",
+    "poisoning_size",
+    "verify",
+    "witness",
+    "witnesses",
+]
+
+THREAT_MODELS = ("general", "insertion", "deletion", "label-flip")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Poisoned training sets
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _codes(values: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    positions = np.clip(np.searchsorted(classes, values), 0, len(classes) - 1)
+    return label_codes(classes)[positions]
+
+
+def poisoning_size(X_train: np.ndarray, y_train: np.ndarray, removed: np.ndarray, added_X: np.ndarray,
+                   added_y: np.ndarray) -> int:
+    """``max(|D*|, |D|) - |D* ∩ D|`` (multiset intersection; spec section 1) of ``D* = D - removed + added``.
+
+    Examples are compared by content (features and label value), so adding back a copy of a removed example
+    costs nothing, and a modification (remove + add) costs one.
+    """
+    X_train = np.asarray(X_train)
+    classes = np.unique(np.concatenate([np.asarray(y_train), np.asarray(added_y)]))
+    removed = np.asarray(removed, dtype=np.int64)
+    clean = example_digests(X_train, _codes(np.asarray(y_train), classes))
+    added = example_digests(np.asarray(added_X, dtype=np.float64).reshape(-1, X_train.shape[1]),
+                            _codes(np.asarray(added_y), classes))
+    keep = np.ones(len(X_train), dtype=bool)
+    keep[removed] = False
+    digests = np.concatenate([clean, clean[keep], added]).view("V32").ravel()
+    origin = np.r_[np.zeros(len(clean), np.int8), np.ones(int(keep.sum()) + len(added), np.int8)]
+    _, inverse = np.unique(digests, return_inverse=True)
+    inverse = inverse.ravel()
+    in_clean = np.bincount(inverse[origin == 0], minlength=inverse.max() + 1)
+    in_poisoned = np.bincount(inverse[origin == 1], minlength=inverse.max() + 1)
+    common = int(np.minimum(in_clean, in_poisoned).sum())
+    return max(int(in_poisoned.sum()), len(X_train)) - common
+
+
+@dataclass
+class PoisonedSet:
+    """A poisoned training set ``D* = D - removed + added``, described against the clean set ``D``.
+
+    Attributes
+    ----------
+    removed : ndarray of int64
+        Row indices (into the clean training set as loaded) of the removed examples, each at most once.
+    added_X : ndarray of shape (m, n_features), float32
+    added_y : ndarray of shape (m,)
+        Labels of the added examples, as in the training set (values, not indices).
+    e : int
+        The budget the set was made for; its poisoning size never exceeds it.
+    threat_model : str
+    strategy : str
+        How it was found.
+    """
+
+    removed: np.ndarray
+    added_X: np.ndarray
+    added_y: np.ndarray
+    e: int
+    threat_model: str = "general"
+    strategy: str = ""
+
+    def training_set(self, X_train: np.ndarray, y_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(X*, y*)``: the clean set without the removed rows, then the added examples."""
+        X_train, y_train = np.asarray(X_train), np.asarray(y_train)
+        keep = np.ones(len(X_train), dtype=bool)
+        keep[self.removed] = False
+        added_X = np.asarray(self.added_X, dtype=X_train.dtype).reshape(-1, X_train.shape[1])
+        added_y = np.asarray(self.added_y).astype(y_train.dtype, copy=False)
+        return np.concatenate([X_train[keep], added_X]), np.concatenate([y_train[keep], added_y])
+
+    def poisoning_size(self, X_train: np.ndarray, y_train: np.ndarray) -> int:
+        return poisoning_size(X_train, y_train, self.removed, self.added_X, self.added_y)
+
+    def check(self, X_train: np.ndarray, y_train: np.ndarray) -> None:
+        """Refuse a set that does not fit the clean training set, its threat model or its budget."""
+        X_train, y_train = np.asarray(X_train), np.asarray(y_train)
+        removed = np.asarray(self.removed)
+        if removed.ndim != 1 or (removed.size and removed.dtype.kind not in "iu"):
+            raise ValueError(f"removed must be a 1-D array of row indices, got {removed.dtype} {removed.shape}")
+        if removed.size and (removed.min() < 0 or removed.max() >= len(X_train)):
+            bad = removed[(removed < 0) | (removed >= len(X_train))][0]
+            raise ValueError(f"removed holds row {bad}, outside the training set's rows 0..{len(X_train) - 1}")
+        if len(np.unique(removed)) != len(removed):
+            raise ValueError("removed lists a row more than once")
+        added_X = np.asarray(self.added_X)
+        if added_X.ndim != 2 or added_X.shape[1] != X_train.shape[1]:
+            raise ValueError(f"added_X must have shape (m, {X_train.shape[1]}), got {added_X.shape}")
+        if added_X.size and not np.all(np.isfinite(added_X)):
+            raise ValueError("added_X contains NaN or infinite values")
+        added_y = np.asarray(self.added_y)
+        if added_y.shape != (len(added_X),):
+            raise ValueError(f"added_y must hold one label per added example ({len(added_X)}), got {added_y.shape}")
+        unknown = np.setdiff1d(added_y, y_train)
+        if unknown.size:
+            raise ValueError(f"added_y holds label {unknown[0]!r}, which the training set does not have")
+        if self.threat_model not in THREAT_MODELS:
+            raise ValueError(f"unknown threat model {self.threat_model!r}")
+        if self.threat_model == "insertion" and removed.size:
+            raise ValueError("an insertion-only poisoned set removes nothing")
+        if self.threat_model == "deletion" and len(added_X):
+            raise ValueError("a deletion-only poisoned set adds nothing")
+        if self.threat_model == "label-flip":
+            if len(added_X) != len(removed) or not np.array_equal(
+                    np.asarray(added_X, dtype=np.float64), np.asarray(X_train[removed], dtype=np.float64)):
+                raise ValueError("a label-flip poisoned set re-adds exactly the removed rows' features")
+        size = self.poisoning_size(X_train, y_train)
+        if size > self.e:
+            raise ValueError(f"the poisoned set has poisoning size {size} (spec section 1), over its budget "
+                             f"e = {self.e}")
+
+    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
+        """Write ``removed``, ``added_X`` (float32), ``added_y`` and ``e`` to an ``.npz``, atomically."""
+        added_y = np.asarray(self.added_y)
+        with atomic_write(path, "wb") as handle:
+            np.savez(handle, removed=np.asarray(self.removed, dtype=np.int64),
+                     added_X=np.asarray(self.added_X, dtype=np.float32), added_y=added_y,
+                     e=np.int64(self.e), threat_model=np.str_(self.threat_model),
+                     strategy=np.str_(self.strategy))
+        if metadata is not None:
+            write_json(Path(path).with_suffix(".json"), metadata)
+
+    @classmethod
+    def load(cls, path: str | Path, X_train: np.ndarray, y_train: np.ndarray) -> PoisonedSet:
+        """Read a set written by :meth:`save` and :meth:`check` it against the clean training set."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"poisoned set file not found: {path}")
+        with np.load(path, allow_pickle=False) as archive:
+            missing = {"removed", "added_X", "added_y", "e"} - set(archive.files)
+            if missing:
+                raise ValueError(f"{path} lacks the arrays {sorted(missing)}")
+            poisoned = cls(removed=archive["removed"], added_X=archive["added_X"], added_y=archive["added_y"],
+                           e=int(archive["e"]),
+                           threat_model=str(archive["threat_model"]) if "threat_model" in archive.files
+                           else "general",
+                           strategy=str(archive["strategy"]) if "strategy" in archive.files else "")
+        poisoned.check(X_train, y_train)
+        return poisoned
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Verification by refitting
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifiedAttack:
+    """A poisoned set and the accuracy of the classifier refitted on it: an upper bound of CA(e), not estimated.
+
+    Attributes
+    ----------
+    poisoned : PoisonedSet
+    accuracy : float
+        Fraction of the test set the refitted classifier classifies correctly.
+    n_correct, n_test : int
+    poisoning_size : int
+        Spec section 1's size of the set (<= ``poisoned.e``).
+    predictions : ndarray
+        The refitted classifier's predictions (label values).
+    classifier : str
+    seconds : float
+        Search and verification time.
+    search_accuracy : float or None
+        What the search's own vote bookkeeping predicted (before refitting), for diagnostics.
+    """
+
+    poisoned: PoisonedSet
+    accuracy: float
+    n_correct: int
+    n_test: int
+    poisoning_size: int
+    predictions: np.ndarray
+    classifier: str
+    seconds: float = 0.0
+    search_accuracy: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready description: budget, threat model, verified accuracy, run time, strategy, versions."""
+        import platform
+
+        return {
+            "kind": "verified attack (spec section 8): the classifier refitted on the poisoned set",
+            "classifier": self.classifier,
+            "e": int(self.poisoned.e),
+            "threat_model": self.poisoned.threat_model,
+            "poisoning_size": int(self.poisoning_size),
+            "removed": int(len(self.poisoned.removed)),
+            "added": int(len(self.poisoned.added_X)),
+            "verified_accuracy": float(self.accuracy),
+            "n_correct": int(self.n_correct),
+            "n_test": int(self.n_test),
+            "search_accuracy": self.search_accuracy,
+            "strategy": self.poisoned.strategy,
+            "run_time_s": round(float(self.seconds), 3),
+            "notes": list(self.notes),
+            "poisoncert_version": __version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        }
+
+
+def _refit(estimator: Any, X: np.ndarray, y: np.ndarray) -> Any:
+    """The same classifier (same parameters, engine and metric) fitted from scratch on ``(X, y)``."""
+    from sklearn.base import clone
+
+    model = clone(estimator)
+    if hasattr(model, "n_neighbors") and model.n_neighbors > len(X):
+        # kNN on fewer than k examples votes with all of them (spec section 3): that is k = |D*|.
+        model.set_params(n_neighbors=len(X))
+    return model.fit(X, y)
+
+
+def verify(estimator: Any, X_train: np.ndarray, y_train: np.ndarray, poisoned: PoisonedSet, X_test: np.ndarray,
+           y_test: np.ndarray, *, seconds: float = 0.0, search_accuracy: float | None = None) -> VerifiedAttack:
+    """Refit ``estimator``'s classifier on the poisoned training set and measure its test accuracy.
+
+    ``poisoned`` is checked first (indices, labels, threat model, and its poisoning size against its budget), so
+    a reported number is always that of a valid poisoned set within budget.
+    """
+    start = time.perf_counter()
+    poisoned.check(X_train, y_train)
+    X_star, y_star = poisoned.training_set(X_train, y_train)
+    model = _refit(estimator, X_star, y_star)
+    predictions = model.predict(X_test)
+    correct = int(np.count_nonzero(predictions == np.asarray(y_test)))
+    label = getattr(model, "_method", type(model).__name__)
+    params = f"k={estimator.n_neighbors}" if hasattr(estimator, "n_neighbors") else f"r={estimator.radius:g}"
+    return VerifiedAttack(
+        poisoned=poisoned, accuracy=correct / len(predictions), n_correct=correct, n_test=len(predictions),
+        poisoning_size=poisoned.poisoning_size(X_train, y_train), predictions=predictions,
+        classifier=f"{'kNN' if label == 'knn' else 'rNN'} ({params})",
+        seconds=seconds + time.perf_counter() - start, search_accuracy=search_accuracy,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Witnesses of the individual certificates
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Witness:
+    """A poisoned set that flips one test input with ``certified_size + 1`` poisoned examples, or why none
+    exists for this threat model (``poisoned`` is None and ``reason`` says which corner)."""
+
+    index: int
+    threat_model: str
+    certified_size: int
+    poisoned: PoisonedSet | None
+    reason: str = ""
+
+
+def _votes_rule(votes: np.ndarray) -> tuple[int, int, int]:
+    """Prediction a, runner-up b and margin ``s_a - s_b + [a > b]`` of one vote vector (ties to larger)."""
+    c = len(votes)
+    a = c - 1 - int(np.argmax(votes[::-1]))
+    masked = votes.astype(np.int64).copy()
+    masked[a] = -(1 << 60)
+    b = c - 1 - int(np.argmax(masked[::-1]))
+    return a, b, int(votes[a] - votes[b] + (a > b))
+
+
+def witness(estimator: Any, X_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, threat_model: str = "general",
+            index: int = 0) -> Witness:
+    """The attack behind the exact individual certificate of one test input ``x`` (spec section 4).
+
+    With the certified size ``e*`` of ``x``'s prediction under ``threat_model``, returns a poisoned set of size
+    ``e* + 1`` built the way the certificate's exactness argument says: remove neighbours of the predicted label
+    ``a`` and/or add examples of the flipping label at ``x`` itself (distance 0), or relabel ``a``-neighbours.
+    For the corners where no attack of that kind can flip ``x`` (rNN deletion-only when ``x`` predicts the
+    largest label with no neighbour of another label; rNN label-flip without neighbours) ``poisoned`` is None.
+    Check a witness with :func:`flips`.
+    """
+    from .certify import certified_poisoning_size, knn_certified_poisoning_size
+
+    x = check_features(np.asarray(x).reshape(1, -1), "x", n_features=estimator.n_features_in_)
+    classes = estimator.classes_
+    X_train = np.asarray(X_train)
+    c = len(classes)
+    if hasattr(estimator, "n_neighbors"):
+        k = int(estimator.n_neighbors)
+        n = estimator.n_train_
+        if threat_model == "deletion":
+            width = min(n, 2 * k)
+            while True:
+                indices, _ = estimator.index_.ordered_neighbors(x, width)
+                labels = estimator._y_index[indices]
+                sizes, decided = __import__("poisoncert.certify", fromlist=["x"]).knn_deletion_scan(
+                    labels, np.array([_votes_rule(np.bincount(labels[0, :k], minlength=c))[0]]), k, c, n)
+                if decided[0] or width == n:
+                    break
+                width = min(n, 2 * width)
+            size = int(sizes[0])
+        else:
+            indices, _ = estimator.index_.ordered_neighbors(x, min(n, k))
+            labels = estimator._y_index[indices]
+            size = int(knn_certified_poisoning_size(labels, k, c, threat_model, n_train=n)[0])
+        votes = np.bincount(labels[0, :k], minlength=c)
+        a, b, margin = _votes_rule(votes)
+        return _knn_witness(estimator, X_train, x, indices[0], labels[0], a, b, margin, size, k, threat_model,
+                            index)
+    indptr, members = estimator.index_.radius_neighbors(x, float(estimator.radius))
+    member_labels = estimator._y_index[members]
+    votes = np.bincount(member_labels, minlength=c)
+    a, b, margin = _votes_rule(votes)
+    size = int(certified_poisoning_size(votes[None, :], threat_model)[0])
+    m = size + 1
+    own = members[member_labels == a]
+    point = x.astype(X_train.dtype)
+    if threat_model == "general":
+        removed = own[: min(m, len(own))]
+        return Witness(index, threat_model, size, PoisonedSet(removed, np.repeat(point, m, 0),
+                                                              np.repeat(classes[b], m), m, threat_model,
+                                                              "witness: remove a-neighbours, add runner-up at x"))
+    if threat_model == "insertion":
+        return Witness(index, threat_model, size, PoisonedSet(np.zeros(0, np.int64), np.repeat(point, m, 0),
+                                                              np.repeat(classes[b], m), m, threat_model,
+                                                              "witness: add runner-up at x"))
+    if threat_model == "deletion":
+        if len(own) < m:
+            return Witness(index, threat_model, size, None,
+                           "corner: the input predicts the largest label and has no neighbour of another label; "
+                           "no deletion can flip it")
+        return Witness(index, threat_model, size, PoisonedSet(own[:m], np.zeros((0, X_train.shape[1])),
+                                                              classes[:0], m, threat_model,
+                                                              "witness: delete a-neighbours"))
+    if len(own) < m:
+        return Witness(index, threat_model, size, None,
+                       "corner: the input has too few neighbours of its label to relabel (no neighbour at all)")
+    flipped = own[:m]
+    return Witness(index, threat_model, size, PoisonedSet(flipped, X_train[flipped], np.repeat(classes[b], m), m,
+                                                          threat_model, "witness: relabel a-neighbours to b"))
+
+
+def _knn_witness(estimator: Any, X_train: np.ndarray, x: np.ndarray, order: np.ndarray, labels: np.ndarray, a: int,
+                 b: int, margin: int, size: int, k: int, threat_model: str, index: int) -> Witness:
+    classes = estimator.classes_
+    m = size + 1
+    point = x.astype(X_train.dtype)
+    window = labels[:k]
+    if threat_model in ("general", "label-flip"):
+        own = order[:k][window == a][:m]  # a-neighbours from the front of the window
+        if threat_model == "general":
+            poisoned = PoisonedSet(own, np.repeat(point, m, 0), np.repeat(classes[b], m), m, threat_model,
+                                   "witness: remove front a-neighbours, add runner-up at x (distance 0)")
+        else:
+            poisoned = PoisonedSet(own, X_train[own], np.repeat(classes[b], len(own)), m, threat_model,
+                                   "witness: relabel front a-neighbours to the runner-up")
+        return Witness(index, threat_model, size, poisoned)
+    c = len(classes)
+    if threat_model == "insertion":
+        # q = e* + 1 added examples of label l at x push out the last q neighbours (spec section 4).
+        counts = np.zeros(c, np.int64)
+        np.add.at(counts, window[: k - m], 1)
+        rival = np.argmax(np.where(np.arange(c) == a, -(1 << 60), counts + m + (np.arange(c) > a)))
+        return Witness(index, threat_model, size, PoisonedSet(np.zeros(0, np.int64), np.repeat(point, m, 0),
+                                                              np.repeat(classes[rival], m), m, threat_model,
+                                                              "witness: add the flipping label at x"))
+    # Deletion-only: j = e* + 1 deletions, label a first, then labels other than the flipping one.
+    n = len(order)
+    span = min(k + m, n)
+    counts = np.bincount(labels[:span], minlength=c)
+    rival = int(np.argmax(np.where(np.arange(c) == a, -(1 << 60), counts + (np.arange(c) > a))))
+    deletable = np.flatnonzero(labels[:span] == a)[:m]
+    if len(deletable) < m:
+        others = np.flatnonzero((labels[:span] != a) & (labels[:span] != rival))
+        deletable = np.r_[deletable, others[: m - len(deletable)]]
+    if len(deletable) < m:
+        return Witness(index, threat_model, size, None,
+                       "corner: no deletion set of this size flips the input (every training example carries the "
+                       "predicted label)")
+    return Witness(index, threat_model, size, PoisonedSet(order[deletable], np.zeros((0, X_train.shape[1])),
+                                                          classes[:0], m, threat_model,
+                                                          "witness: delete a-neighbours first, then non-rivals"))
+
+
+def witnesses(estimator: Any, X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray,
+              threat_model: str = "general", indices: np.ndarray | None = None) -> list[Witness]:
+    """:func:`witness` for every test input (or those in ``indices``)."""
+    X_test = np.asarray(X_test)
+    rows = range(len(X_test)) if indices is None else np.asarray(indices).tolist()
+    return [witness(estimator, X_train, y_train, X_test[i], threat_model, index=int(i)) for i in rows]
+
+
+def flips(estimator: Any, X_train: np.ndarray, y_train: np.ndarray, poisoned: PoisonedSet, x: np.ndarray) -> bool:
+    """Whether the classifier refitted on the poisoned set predicts ``x`` differently from the clean one."""
+    poisoned.check(X_train, y_train)
+    X_star, y_star = poisoned.training_set(X_train, y_train)
+    x = np.asarray(x).reshape(1, -1)
+    return bool(_refit(estimator, X_star, y_star).predict(x)[0] != estimator.predict(x)[0])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The budgeted joint attack
+# --------------------------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True)
+def _margin(votes, a):  # pragma: no cover - compiled
+    """``s_a - max_{l != a}(s_l + [l > a]) + 1``: votes that must move before ``a`` loses (<= 0: it has lost)."""
+    rival = -(1 << 40)
+    for lab in range(votes.shape[0]):
+        if lab != a:
+            value = votes[lab] + (1 if lab > a else 0)
+            if value > rival:
+                rival = value
+    return votes[a] - rival + 1
+
+
+@numba.njit(cache=True)
+def _prediction(votes):  # pragma: no cover - compiled
+    best = 0
+    for lab in range(votes.shape[0]):
+        if votes[lab] >= votes[best]:
+            best = lab
+    return best
+
+
+@numba.njit(cache=True)
+def _score(votes, y, a, cap):  # pragma: no cover - compiled
+    """The search's potential of one input (``a``: its clean prediction).
+
+    An input the clean classifier gets right scores 1 when flipped and ``(cap - margin) / (cap + 1)`` while its
+    margin is within ``cap`` (the budget left), 0 beyond: linear, so every unit that brings a reachable input
+    closer to flipping counts the same, and a unit that protects one costs the same. An input the clean
+    classifier gets wrong scores 1 while still wrong and 0 once made correct.
+    """
+    if a != y:
+        return 1.0 if _prediction(votes) != y else 0.0
+    if _prediction(votes) != y:
+        return 1.0
+    margin = max(_margin(votes, a), 0)
+    if margin > cap:
+        return 0.0
+    return (cap - margin) / (cap + 1.0)
+
+
+@numba.njit(cache=True)
+def _simulate(kind, action, apply, votes, end, removed_flags, y, a, labels, indices, act_ptr, act_inputs,
+              act_pos, act_label, act_train, scratch, cap=1 << 40, weight=None):  # pragma: no cover - compiled
+    """Gain in the potential of one action (and, when ``apply``, carry it out).
+
+    ``kind`` 0: rNN additions/removals change the votes of the inputs they reach by one. ``kind`` 1: kNN, each
+    input's window is the clean order up to ``end[i]`` minus the removed examples; an added example entering it
+    pushes out the window's last survivor, a removal inside it pulls in the next survivor. ``act_label[action]``
+    is the label added (-1 for a removal), ``act_train[action]`` the removed training example (-1 for an
+    addition; both set for a label flip, which keeps the example's place). ``weight[i]`` scales input ``i``'s
+    change in the potential (None: all 1).
+    """
+    gain = 0.0
+    label = act_label[action]
+    train = act_train[action]
+    for j in range(act_ptr[action], act_ptr[action + 1]):
+        i = act_inputs[j]
+        before = _score(votes[i], y[i], a[i], cap)
+        for lab in range(votes.shape[1]):
+            scratch[lab] = votes[i, lab]
+        new_end = end[i]
+        if kind == 0:
+            if train >= 0:
+                scratch[act_pos[j]] -= 1  # rNN: act_pos holds the removed example's label index
+            if label >= 0:
+                scratch[label] += 1
+        else:
+            position = act_pos[j]
+            if train >= 0 and label >= 0:  # label flip: the example keeps its place in the window
+                if position < new_end:
+                    scratch[labels[i, position]] -= 1
+                    scratch[label] += 1
+            elif train >= 0:  # removal: inside the window, the next survivor comes in
+                if position < new_end:
+                    scratch[labels[i, position]] -= 1
+                    q = new_end
+                    while q < labels.shape[1] and removed_flags[indices[i, q]]:
+                        q += 1
+                    if q < labels.shape[1]:
+                        scratch[labels[i, q]] += 1
+                        new_end = q + 1
+            else:  # addition inside the window: the last survivor goes out
+                scratch[label] += 1
+                q = new_end - 1
+                while q >= 0 and removed_flags[indices[i, q]]:
+                    q -= 1
+                if q >= 0:
+                    scratch[labels[i, q]] -= 1
+                    new_end = q
+        delta = _score(scratch, y[i], a[i], cap) - before
+        gain += delta if weight is None else weight[i] * delta
+        if apply:
+            for lab in range(votes.shape[1]):
+                votes[i, lab] = scratch[lab]
+            end[i] = new_end
+    if apply and train >= 0:
+        removed_flags[train] = True
+    return gain
+
+
+@numba.njit(cache=True)
+def _copies_needed(kind, votes, end, removed_flags, y, a, labels, indices, rows, label, limit, out):
+    """Copies of ``label`` at a site reaching each listed input that flip it, ``limit + 1`` beyond ``limit``.
+
+    Exact on the current state: rNN adds one vote per copy; kNN adds one and pushes the window's last survivor
+    out, copy by copy. Inputs already misclassified, or predicting ``label``, get ``limit + 1``.
+    """  # pragma: no cover - compiled
+    c = votes.shape[1]
+    scratch = np.empty(c, np.int64)
+    for j in range(rows.shape[0]):
+        i = rows[j]
+        out[j] = limit + 1
+        if a[i] == label or _prediction(votes[i]) != y[i]:
+            continue
+        if kind == 0:
+            need = votes[i, a[i]] - votes[i, label] + (1 if a[i] > label else 0)
+            if need <= limit:
+                out[j] = max(need, 1)
+            continue
+        for lab in range(c):
+            scratch[lab] = votes[i, lab]
+        q = end[i] - 1
+        for m in range(1, limit + 1):
+            scratch[label] += 1
+            while q >= 0 and removed_flags[indices[i, q]]:
+                q -= 1
+            if q >= 0:
+                scratch[labels[i, q]] -= 1
+                q -= 1
+            if _prediction(scratch) != a[i]:
+                out[j] = m
+                break
+
+
+@numba.njit(cache=True)
+def _wrong_after(kind, votes, end, removed_flags, y, a, labels, indices, rows, label, copies):
+    """How many listed inputs are misclassified after ``copies`` copies of ``label`` at a site reaching them."""
+    c = votes.shape[1]
+    scratch = np.empty(c, np.int64)
+    wrong = 0
+    for j in range(rows.shape[0]):
+        i = rows[j]
+        for lab in range(c):
+            scratch[lab] = votes[i, lab]
+        scratch[label] += copies
+        if kind == 1:  # each copy pushes the window's last survivor out
+            q = end[i] - 1
+            for _ in range(copies):
+                while q >= 0 and removed_flags[indices[i, q]]:
+                    q -= 1
+                if q < 0:
+                    break
+                scratch[labels[i, q]] -= 1
+                q -= 1
+        if _prediction(scratch) != y[i]:
+            wrong += 1
+    return wrong
+
+
+def _all_in_candidates(context, state, fixed, candidates, budget, top):
+    """The ``top`` addition actions whose ``budget`` copies at one site misclassify the most inputs (exact)."""
+    kind, y, a, labels, indices, ptr, act_inputs, act_pos, act_label, act_train = context
+    votes, end, flags = _replay(*_replay_args(context, state), fixed)
+    n = len(y)
+    rival_margin = votes[np.arange(n), a][:, None] - votes + (a[:, None] > np.arange(votes.shape[1])[None, :])
+    correct = np.array([_prediction(v) == t for v, t in zip(votes, y, strict=True)])
+    # A cheap proxy first (reached correct inputs within the budget's margin; a kNN copy moves it by 1 or 2),
+    # then the exact count for the best few.
+    proxy = np.empty(len(candidates), np.int64)
+    for j, action in enumerate(candidates.tolist()):
+        rows = act_inputs[ptr[action]:ptr[action + 1]]
+        rows = rows[correct[rows]]
+        proxy[j] = np.count_nonzero(rival_margin[rows, act_label[action]] <= (2 if kind else 1) * budget)
+    shortlist = candidates[np.argsort(-proxy, kind="stable")[: 4 * top]]
+    exact = []
+    for action in shortlist.tolist():
+        rows = act_inputs[ptr[action]:ptr[action + 1]]
+        before = np.count_nonzero(~correct[rows])
+        after = _wrong_after(kind, votes, end, flags, y, a, labels, indices, rows, int(act_label[action]), budget)
+        exact.append((after - before, action))
+    exact.sort(key=lambda item: (-item[0], item[1]))
+    return [action for gain, action in exact[:top] if gain > 0]
+
+
+def _site_medians(X: np.ndarray, groups: list[np.ndarray], per_group: int, rng: np.random.Generator,
+                  min_size: int = 8) -> np.ndarray:
+    """L1 medians of up to ``per_group`` clusters (of at least ``min_size`` members) of each group of target
+    inputs, by a few k-medians rounds."""
+    sites = []
+    for members in groups:
+        if len(members) < 2:
+            continue
+        n_clusters = max(1, min(per_group, len(members) // min_size))
+        centres = X[rng.choice(members, n_clusters, replace=False)].astype(np.float64)
+        for _ in range(4):
+            distance = np.abs(X[members, None, :] - centres[None, :, :]).sum(axis=2)
+            assign = np.argmin(distance, axis=1)
+            for j in range(n_clusters):
+                chosen = members[assign == j]
+                if len(chosen):
+                    centres[j] = np.median(X[chosen], axis=0)
+        sites.append(centres)
+    return np.concatenate(sites) if sites else np.zeros((0, X.shape[1]))
+
+
+@dataclass
+class _Actions:
+    """Candidate actions as CSR lists of the test inputs each one touches."""
+
+    label: list[int] = field(default_factory=list)
+    train: list[int] = field(default_factory=list)
+    inputs: list[np.ndarray] = field(default_factory=list)
+    pos: list[np.ndarray] = field(default_factory=list)
+    site: list[int] = field(default_factory=list)
+
+    def add(self, label: int, train: int, inputs: np.ndarray, pos: np.ndarray, site: int = -1) -> None:
+        if len(inputs):
+            self.label.append(label)
+            self.train.append(train)
+            self.inputs.append(inputs.astype(np.int64))
+            self.pos.append(pos.astype(np.int64))
+            self.site.append(site)
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        lengths = np.array([len(v) for v in self.inputs], dtype=np.int64)
+        ptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+        def cat(parts: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+        return (ptr, cat(self.inputs), cat(self.pos), np.array(self.label, np.int64),
+                np.array(self.train, np.int64), np.array(self.site, np.int64))
+
+
+def attack(
+    estimator: Any,
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
+    e: int,
+    threat_model: str = "general",
+    *,
+    seed: int = 0,
+    time_budget: float | None = 180.0,
+    progress: bool = False,
+    guide: dict[str, Any] | None = None,
+    rounds: int = 3,
+    top_sites: int = 3,
+    strategies: tuple[str, ...] = ("concentrated", "spread"),
+) -> VerifiedAttack:
+    """One poisoned training set of poisoning size ``<= e`` that lowers the test accuracy, verified by refitting.
+
+    Parameters
+    ----------
+    estimator : fitted CertifiedKNeighborsClassifier or CertifiedRadiusNeighborsClassifier
+        Fitted on ``(X_train, y_train)``; the refit uses its parameters, engine and metric.
+    X_train, y_train, X_test, y_test : arrays
+        The clean training set as loaded (removed rows index it) and the labelled test set.
+    e : int
+        Budget: at most ``e`` removals and ``e`` additions (general), ``e`` additions (insertion), ``e`` removals
+        (deletion) or ``e`` relabelled examples (label-flip).
+    threat_model : {"general", "insertion", "deletion", "label-flip"}
+    seed : int
+        Seeds the site clustering; the attack is deterministic for a given seed.
+    time_budget : float or None
+        Seconds for the search (verification comes on top); the best set found by then is verified.
+    guide : dict, optional
+        ``{"additions": [...], "removals": [...]}`` per label index, e.g. the split certificate's worst-case
+        label-level attack (:meth:`CertificationResult.split_attack`): additions beyond a label's share are
+        discouraged. Without it every label may take the whole budget.
+    rounds : int
+        Drop-and-refill rounds after the greedy pass.
+
+    Returns
+    -------
+    VerifiedAttack
+        Its ``accuracy`` is an upper bound of CA(e): a poisoned set that achieves it exists and was checked.
+    """
+    if threat_model not in THREAT_MODELS:
+        raise ValueError(f"unknown threat model {threat_model!r}; choose one of {', '.join(THREAT_MODELS)}")
+    if isinstance(e, bool) or not isinstance(e, int | np.integer) or e < 0:
+        raise ValueError(f"e must be a poisoning size >= 0, got {e!r}")
+    start_time = time.perf_counter()
+    e = int(e)
+    X_train = np.asarray(X_train)
+    X_test = check_features(X_test, "X_test", n_features=estimator.n_features_in_)
+    y_index = _encode(estimator.classes_, y_test)
+    add_budget = 0 if threat_model == "deletion" else e
+    remove_budget = 0 if threat_model == "insertion" else e
+    flip = threat_model == "label-flip"
+    rng = np.random.default_rng(seed)
+    knn = hasattr(estimator, "n_neighbors")
+    state = _knn_state(estimator, X_test, e) if knn else _rnn_state(estimator, X_test)
+    labels, indices = state["labels"], state["indices"]
+    a = np.array([_votes_rule(row)[0] for row in state["votes"]], dtype=np.int64)
+    correct = a == y_index
+    targets = np.flatnonzero(correct)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=4, desc=f"attack e={e} ({threat_model})", unit="step")
+    else:
+        bar = None
+    actions = _Actions()
+    c = len(estimator.classes_)
+    # Removals (and label flips): training examples of a target's label inside many targets' neighbourhoods.
+    if remove_budget:
+        _removal_actions(state, a, targets, remove_budget, flip, c, actions, X_train)
+    # Additions: shared sites near many targets; their reach follows the classifier's own distances.
+    sites = np.zeros((0, X_test.shape[1]), dtype=X_train.dtype)
+    if add_budget and not flip:
+        sites = _addition_actions(estimator, state, X_test, a, targets, c, rng, actions, e)
+    if bar:
+        bar.update(1)
+    ptr, act_inputs, act_pos, act_label, act_train, act_site = actions.arrays()
+    kind = 1 if knn else 0
+    share = None
+    if guide is not None and "additions" in guide:
+        share = np.maximum(np.asarray(guide["additions"], dtype=np.int64), 0)
+    context = (kind, y_index, a, labels, indices, ptr, act_inputs, act_pos, act_label, act_train)
+    is_addition = (act_label >= 0) & (act_train < 0)
+    chosen, best_wrong = [], -1
+    n_test = len(y_index)
+    # Removals (and flips) are chosen for the targets the additions reach ("focus", weight 1); the harm a move
+    # does to other inputs weighs `harm`. A few settings are tried and the best set by exact votes is kept.
+    # 1. Concentrated: the whole addition budget at the one (site, label) that misclassifies the most inputs,
+    #    removals chosen for the inputs it reaches, then the site re-chosen given the removals.
+    unknown = set(strategies) - {"concentrated", "spread"}
+    if unknown or not strategies:
+        raise ValueError(f"strategies must name 'concentrated' and/or 'spread', got {strategies!r}")
+    if add_budget and not flip and "concentrated" in strategies:
+        pool = [*_all_in_candidates(context, state, [], np.flatnonzero(is_addition), add_budget, top_sites),
+                *_all_in_candidates(context, state, [], np.flatnonzero(is_addition), add_budget + remove_budget,
+                                    top_sites)]
+        for action in dict.fromkeys(pool):
+            for _ in range(2):
+                additions = [action] * add_budget
+                removals = []
+                if remove_budget:
+                    focus = np.zeros(n_test, dtype=bool)
+                    focus[act_inputs[ptr[action]:ptr[action + 1]]] = True
+                    removals = _greedy_phase(context, state, additions, np.flatnonzero(~is_addition), remove_budget,
+                                             remove_budget, start_time, time_budget,
+                                             np.where(focus & correct, 1.0, 0.3))
+                candidate = additions + removals
+                wrong = _wrong(_replay(*_replay_args(context, state), candidate)[0], y_index)
+                if wrong > best_wrong:
+                    chosen, best_wrong = candidate, wrong
+                if not remove_budget:
+                    break
+                better = _all_in_candidates(context, state, removals, np.flatnonzero(is_addition), add_budget, 1)
+                if not better or better[0] == action:
+                    break
+                action = better[0]
+            if time_budget is not None and time.perf_counter() - start_time > time_budget / 2:
+                break
+    # 2. Spread: lazy greedy over many sites and labels, alternating with removals.
+    for harm in (1.0, 0.3, 0.0) if "spread" in strategies or flip or not add_budget else ():
+        additions: list[int] = []
+        removals: list[int] = []
+        for round_ in range(max(1, rounds)):
+            if flip:
+                weight = np.where(correct, 1.0, harm)
+                candidate = _greedy_phase(context, state, [], np.flatnonzero(~is_addition), e, e, start_time,
+                                          time_budget, weight)
+            else:
+                if add_budget:  # additions given the current removals
+                    # First round: plan as if the removal budget will back every target (then realise it).
+                    additions = _plan_additions(context, state, removals, np.flatnonzero(is_addition), add_budget,
+                                                share, start_time, time_budget,
+                                                credit=remove_budget if round_ == 0 else 0)
+                if remove_budget:  # removals given the current additions
+                    focus = np.zeros(n_test, dtype=bool)
+                    for action in set(additions):
+                        focus[act_inputs[ptr[action]:ptr[action + 1]]] = True
+                    if not additions:
+                        focus = correct.copy()
+                    weight = np.where(focus & correct, 1.0, harm)
+                    removals = _greedy_phase(context, state, additions, np.flatnonzero(~is_addition), remove_budget,
+                                             remove_budget, start_time, time_budget, weight)
+                candidate = additions + removals
+            wrong = _wrong(_replay(*_replay_args(context, state), candidate)[0], y_index)
+            if wrong > best_wrong:
+                chosen, best_wrong = candidate, wrong
+            if flip or time_budget is not None and time.perf_counter() - start_time > time_budget:
+                break
+        if not remove_budget and not flip:
+            break  # insertion-only: the weights play no part
+    if bar:
+        bar.update(2)
+    poisoned = _materialise(chosen, act_label, act_train, act_site, sites, X_train, estimator.classes_, e,
+                            threat_model, knn)
+    final_votes, _, _ = _replay(*_replay_args(context, state), chosen)
+    search_accuracy = float(np.mean([_prediction(v) == t for v, t in zip(final_votes, y_index, strict=True)]))
+    result = verify(estimator, X_train, y_train, poisoned, X_test, y_test, seconds=time.perf_counter() - start_time,
+                    search_accuracy=search_accuracy)
+    if bar:
+        bar.update(1)
+        bar.close()
+    return result
+
+
+def _encode(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
+    from ._validation import encode_test_labels
+
+    return encode_test_labels(classes, y, len(np.asarray(y)))
+
+
+def _rnn_state(estimator: Any, X_test: np.ndarray) -> dict[str, Any]:
+    indptr, members = estimator.index_.radius_neighbors(X_test, float(estimator.radius))
+    c = len(estimator.classes_)
+    member_labels = estimator._y_index[members]
+    rows = np.repeat(np.arange(len(X_test)), np.diff(indptr))
+    votes = np.zeros((len(X_test), c), np.int64)
+    np.add.at(votes, (rows, member_labels), 1)
+    return {"votes": votes, "end": np.zeros(len(X_test), np.int64), "labels": np.zeros((1, 1), np.int16),
+            "indices": np.zeros((1, 1), np.int64), "indptr": indptr, "members": members, "rows": rows,
+            "train_labels": estimator._y_index, "n_train": estimator.n_train_}
+
+
+def _knn_state(estimator: Any, X_test: np.ndarray, e: int) -> dict[str, Any]:
+    k = int(estimator.n_neighbors)
+    n = estimator.n_train_
+    width = min(n, k + e)
+    indices = np.empty((len(X_test), width), np.int32)
+    inner = np.full(len(X_test), -1.0)
+    for lo in range(0, len(X_test), 1024):  # chunks: the engine's int64 indices and distances stay small
+        rows, distances = estimator.index_.ordered_neighbors(X_test[lo:lo + 1024], width)
+        indices[lo:lo + len(rows)] = rows
+        if k - e >= 1:
+            inner[lo:lo + len(rows)] = distances[:, min(k, n) - e - 1]
+    labels = estimator._y_index[indices].astype(np.int16 if len(estimator.classes_) < 32768 else np.int32)
+    c = len(estimator.classes_)
+    votes = np.zeros((len(X_test), c), np.int64)
+    np.add.at(votes, (np.repeat(np.arange(len(X_test)), min(k, n)), labels[:, :k].ravel()), 1)
+    # An added example at distance < the (k - e)-th clean distance is inside the top k whatever else is added.
+    return {"votes": votes, "end": np.full(len(X_test), min(k, n), np.int64), "labels": labels,
+            "indices": indices, "inner": inner, "k": k, "n_train": n, "train_labels": estimator._y_index}
+
+
+def _removal_actions(state: dict[str, Any], a: np.ndarray, targets: np.ndarray, budget: int, flip: bool, c: int,
+                     actions: _Actions, X_train: np.ndarray) -> None:
+    """Candidate removals: training examples of a target's label shared by many targets' neighbourhoods."""
+    if "members" in state:  # rNN: every training example within r of a target
+        rows, members = state["rows"], state["members"]
+        is_target = np.zeros(len(a), dtype=bool)
+        is_target[targets] = True
+        order = np.argsort(members, kind="stable")
+        rows, members = rows[order], members[order]
+        uniq, starts = np.unique(members, return_index=True)
+        stops = np.r_[starts[1:], len(members)]
+        # Ranked by the targets of its own label it reaches; every test input it reaches is in its list.
+        own = is_target[rows] & (a[rows] == state["train_labels"][members])
+        counts = np.add.reduceat(own.astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
+        # The best candidates of every label (not overall: the densest class would crowd out the others).
+        uniq_labels = state["train_labels"][uniq]
+        best = np.concatenate([
+            np.flatnonzero(uniq_labels == lab)[np.argsort(-counts[uniq_labels == lab], kind="stable")]
+            [: max(4 * budget, 64)] for lab in range(c)])
+        best = best[counts[best] > 0]
+        for j in best.tolist():
+            t = int(uniq[j])
+            touched = rows[starts[j]:stops[j]]
+            label_t = int(state["train_labels"][t])
+            pos = np.full(len(touched), label_t)  # rNN: the removed example's label
+            if flip:
+                for lab in range(c):
+                    if lab != label_t:
+                        actions.add(lab, t, touched, pos)
+            else:
+                actions.add(-1, t, touched, pos)
+        return
+    # kNN: training examples inside the first k of many targets (their position in each target's order).
+    labels, indices, k = state["labels"], state["indices"], state["k"]
+    own = labels[targets, :k] == a[targets, None]
+    candidates, counts = np.unique(indices[targets, :k][own], return_counts=True)
+    train_labels = state["train_labels"][candidates]
+    # The best candidates of every label (not overall: the densest class would crowd out the others).
+    best = np.sort(np.concatenate([
+        candidates[train_labels == lab][np.argsort(-counts[train_labels == lab], kind="stable")][: max(3 * budget, 64)]
+        for lab in range(c)]))
+    # Every test input whose window holds a candidate is in that candidate's list (with the position).
+    rows_list, cols_list = [], []
+    for lo in range(0, len(indices), 1024):
+        block = indices[lo:lo + 1024, :k]
+        hit = np.isin(block, best)
+        r, col = np.nonzero(hit)
+        rows_list.append(r + lo)
+        cols_list.append(col)
+    rows, cols = np.concatenate(rows_list), np.concatenate(cols_list)
+    train = indices[rows, cols]
+    order = np.argsort(train, kind="stable")
+    rows, cols, train = rows[order], cols[order], train[order]
+    uniq, starts = np.unique(train, return_index=True)
+    stops = np.r_[starts[1:], len(train)]
+    for t, lo, hi in zip(uniq.tolist(), starts.tolist(), stops.tolist(), strict=True):
+        label_t = int(labels[rows[lo], cols[lo]])
+        if flip:
+            for lab in range(c):
+                if lab != label_t:
+                    actions.add(lab, t, rows[lo:hi], cols[lo:hi])
+        else:
+            actions.add(-1, t, rows[lo:hi], cols[lo:hi])
+
+
+def _addition_actions(estimator: Any, state: dict[str, Any], X_test: np.ndarray, a: np.ndarray, targets: np.ndarray,
+                      c: int, rng: np.random.Generator, actions: _Actions, e: int) -> np.ndarray:
+    """Candidate additions: every target's own location and L1 medians of groups of targets that share their
+    predicted label, with each label that is a rival of some target the site reaches."""
+    from .neighbours import NeighbourIndex
+
+    groups = [targets[a[targets] == lab] for lab in range(c)]
+    medians = _site_medians(X_test, groups, per_group=40, rng=rng)
+    # Central sites reach the most inputs (on MNIST's HOG features the median of all targets is within r = 4 of
+    # ~45 % of the test set): medians of a few clusters of all targets, whatever their labels.
+    central = [_site_medians(X_test, [targets], per_group=n_clusters, rng=rng, min_size=1)
+               for n_clusters in (1, 2, 4, 8, 16)]
+    sites = np.concatenate([X_test[targets], medians, *central]).astype(X_test.dtype)
+    # Every test input a site reaches is affected (a misclassified one may become correct).
+    probe = NeighbourIndex(X_test, np.zeros(len(X_test), np.int64), metric=estimator.index_.metric, backend="numba")
+    if "members" in state:  # rNN: a site reaches the inputs within r of it
+        indptr, reached = probe.radius_neighbors(sites, float(estimator.radius))
+    else:  # kNN: strictly inside the input's (k - e)-th clean distance, so inside its top k whatever else is added
+        indptr, reached = probe.within(sites, state["inner"])
+    is_target = np.zeros(len(X_test), dtype=bool)
+    is_target[targets] = True
+    for s in range(len(sites)):
+        touched = reached[indptr[s]:indptr[s + 1]]
+        aimed = touched[is_target[touched]]
+        if not len(aimed):
+            continue
+        for lab in np.unique(_cheapest_rivals(state["votes"][aimed], a[aimed])).tolist():
+            actions.add(lab, -1, touched, np.zeros(len(touched), np.int64), site=s)
+    return sites
+
+
+def _cheapest_rivals(votes: np.ndarray, a: np.ndarray) -> np.ndarray:
+    classes = np.arange(votes.shape[1])
+    score = np.where(classes[None, :] == a[:, None], -(1 << 40), votes + (classes[None, :] > a[:, None]))
+    return np.argmax(score, axis=1)
+
+
+def _replay_args(context, state):
+    kind, y, a, labels, indices, ptr, act_inputs, act_pos, act_label, act_train = context
+    return kind, state, y, a, labels, indices, ptr, act_inputs, act_pos, act_label, act_train
+
+
+def _replay(kind, state, y, a, labels, indices, ptr, act_inputs, act_pos, act_label, act_train, chosen):
+    """The votes, windows and removed flags after carrying out ``chosen`` on the clean state."""
+    votes = state["votes"].copy()
+    end = state["end"].copy()
+    flags = np.zeros(state["n_train"], np.bool_)
+    scratch = np.zeros(votes.shape[1], np.int64)
+    for action in chosen:
+        _simulate(kind, action, True, votes, end, flags, y, a, labels, indices, ptr, act_inputs, act_pos, act_label,
+                  act_train, scratch)
+    return votes, end, flags
+
+
+def _plan_additions(context, state, fixed, candidates, budget, share, start_time, time_budget, credit=0):
+    """Additions given the fixed actions: repeatedly the (site, label) whose copies flip the most inputs per copy.
+
+    For each candidate, the copies each reached input still needs (:func:`_copies_needed`, exact) are sorted; the
+    best ratio ``flipped / copies`` over their prefixes is the candidate's value (lazily re-scored). The chosen
+    candidate gets that many copies, which are carried out before the next choice. With ``credit > 0`` the needs
+    are counted as if ``credit`` removals were still to come for every target (the label-level view of the split
+    certificate: additions and removals add up against a margin); the targets a choice covers that way are
+    claimed, so that later choices look for other targets, and the removal phase then tries to deliver the
+    credit.
+    """
+    kind, y, a, labels, indices, ptr, act_inputs, act_pos, act_label, act_train = context
+    votes, end, flags = _replay(*_replay_args(context, state), fixed)
+    scratch = np.zeros(votes.shape[1], np.int64)
+    chosen: list[int] = []
+    remaining = budget
+    claimed = np.zeros(len(y), dtype=bool)
+
+    def value(action: int) -> tuple[float, int, np.ndarray]:
+        rows = act_inputs[ptr[action]:ptr[action + 1]]
+        rows = rows[~claimed[rows]]
+        need = np.empty(len(rows), np.int64)
+        _copies_needed(kind, votes, end, flags, y, a, labels, indices, rows, int(act_label[action]),
+                       remaining + credit, need)
+        cost = np.maximum(need - credit, 1)
+        inside = need <= remaining + credit
+        cost, rows = cost[inside], rows[inside]
+        order = np.argsort(cost, kind="stable")
+        cost, rows = cost[order], rows[order]
+        if not len(cost) or cost[0] > remaining:
+            return 0.0, 0, rows[:0]
+        ratio = np.arange(1, len(cost) + 1) / cost
+        ratio[cost > remaining] = 0
+        best = int(np.argmax(ratio))
+        weight = 1.0
+        if share is not None and share[act_label[action]] == 0:
+            weight = 0.5  # a label the label-level worst case gives no addition: discouraged, not forbidden
+        return float(ratio[best]) * weight, int(cost[best]), rows[: best + 1]
+
+    heap = []
+    for action in candidates.tolist():
+        score, copies, _ = value(action)
+        if copies:
+            heap.append((-score, action))
+    heapq.heapify(heap)
+    while heap and remaining > 0:
+        if time_budget is not None and time.perf_counter() - start_time > time_budget:
+            break
+        _, action = heapq.heappop(heap)
+        score, copies, covered = value(action)
+        if not copies:
+            continue
+        if heap and score < -heap[0][0] - 1e-12:
+            heapq.heappush(heap, (-score, action))
+            continue
+        for _ in range(copies):
+            _simulate(kind, action, True, votes, end, flags, y, a, labels, indices, ptr, act_inputs, act_pos,
+                      act_label, act_train, scratch)
+        chosen.extend([action] * copies)
+        remaining -= copies
+        if credit:
+            claimed[covered] = True
+        heapq.heappush(heap, (-score, action))
+    return chosen
+
+
+def _greedy_phase(context, state, fixed, candidates, budget, cap, start_time, time_budget, weight=None):
+    """Removals (or label flips) given the fixed actions: lazy greedy on the potential of :func:`_score`, each
+    training example used once; inputs farther than ``cap`` from flipping do not attract moves."""
+    kind, y, a, labels, indices, ptr, act_inputs, act_pos, act_label, act_train = context
+    votes, end, flags = _replay(*_replay_args(context, state), fixed)
+    scratch = np.zeros(votes.shape[1], np.int64)
+    heap = []
+    for action in candidates.tolist():
+        gain = _simulate(kind, action, False, votes, end, flags, y, a, labels, indices, ptr, act_inputs, act_pos,
+                         act_label, act_train, scratch, cap, weight)
+        if gain > 0:
+            heap.append((-gain, action))
+    heapq.heapify(heap)
+    chosen: list[int] = []
+    used: set[int] = set()
+    while heap and len(chosen) < budget:
+        if time_budget is not None and time.perf_counter() - start_time > time_budget:
+            break
+        _, action = heapq.heappop(heap)
+        if int(act_train[action]) in used:
+            continue
+        gain = _simulate(kind, action, False, votes, end, flags, y, a, labels, indices, ptr, act_inputs, act_pos,
+                         act_label, act_train, scratch, cap, weight)
+        if gain <= 0:
+            continue
+        if heap and gain < -heap[0][0] - 1e-12:
+            heapq.heappush(heap, (-gain, action))
+            continue
+        _simulate(kind, action, True, votes, end, flags, y, a, labels, indices, ptr, act_inputs, act_pos, act_label,
+                  act_train, scratch, cap)
+        chosen.append(action)
+        used.add(int(act_train[action]))
+    return chosen
+
+
+def _wrong(votes: np.ndarray, y: np.ndarray) -> int:
+    return int(sum(_prediction(v) != t for v, t in zip(votes, y, strict=True)))
+
+
+def _materialise(chosen, act_label, act_train, act_site, sites, X_train, classes, e, threat_model, knn):
+    removed = sorted({int(act_train[x]) for x in chosen if act_train[x] >= 0})
+    if threat_model == "label-flip":
+        labels_of = {int(act_train[x]): int(act_label[x]) for x in chosen if act_train[x] >= 0}
+        rows = np.array(removed, dtype=np.int64)
+        return PoisonedSet(rows, X_train[rows], classes[[labels_of[r] for r in removed]] if removed else classes[:0],
+                           e, threat_model, "label flips of shared neighbours (greedy on exact votes)")
+    added = [x for x in chosen if act_label[x] >= 0]
+    added_X = sites[[int(act_site[x]) for x in added]] if added else np.zeros((0, X_train.shape[1]))
+    added_y = classes[[int(act_label[x]) for x in added]] if added else classes[:0]
+    what = {"general": "shared addition sites and shared removals", "insertion": "shared addition sites",
+            "deletion": "shared removals"}[threat_model]
+    return PoisonedSet(np.array(removed, dtype=np.int64), np.asarray(added_X, dtype=np.float32), added_y, e,
+                       threat_model, f"{what} (lazy greedy on exact {'kNN window' if knn else 'rNN'} votes, "
+                                     "drop-and-refill rounds)")
