@@ -208,3 +208,53 @@ def test_table_points_are_round_and_inside_the_grid(e_max, expected):
     from poisoncert.experiments import table_points
 
     assert table_points(np.arange(e_max + 1)) == expected
+
+
+def test_attack_writes_poisoned_sets_and_a_bracket_that_holds(user_files):
+    from poisoncert.attacks import PoisonedSet
+
+    out = user_files / "attacks"
+    result = runner.invoke(app, ["attack", "--train", str(user_files / "train.npz"), "--test",
+                                 str(user_files / "test.npz"), "--knn", "5", "--rnn", "1.5", "--e", "2,4",
+                                 "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "verified attack accuracy" in result.output
+    rows = _csv_rows(out / "bracket.csv")
+    assert {(row["classifier"], row["e"]) for row in rows} == {
+        ("kNN (k=5)", "2"), ("kNN (k=5)", "4"), ("rNN (r=1.5)", "2"), ("rNN (r=1.5)", "4")}
+    for row in rows:
+        assert float(row["attack_accuracy"]) >= float(row["certified_accuracy"])
+    with np.load(user_files / "train.npz") as data:
+        X, y = data["X"], data["y"]
+    for name in ("attack-knn-k5-e4", "attack-rnn-r1.5-e2"):
+        poisoned = PoisonedSet.load(out / f"{name}.npz", X, y)
+        record = json.loads((out / f"{name}.json").read_text())
+        assert record["poisoning_size"] == poisoned.poisoning_size(X, y) <= poisoned.e
+        assert record["threat_model"] == "general" and "verified_accuracy" in record
+    _assert_png(out / "bracket.png")
+
+
+def test_certify_with_attack_adds_the_upper_bounds(user_files):
+    out = user_files / "both"
+    result = runner.invoke(app, ["certify", "--train", str(user_files / "train.npz"), "--test",
+                                 str(user_files / "test.npz"), "--rnn", "1.5", "--e-max", "6", "--attack", "3",
+                                 "--threat-model", "deletion", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (out / "curves.csv").is_file() and (out / "attack-rnn-r1.5-e3.npz").is_file()
+    rows = _csv_rows(out / "bracket.csv")
+    assert [row["threat_model"] for row in rows] == ["deletion"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--knn", "5"], "--e"),
+    (["--knn", "5", "--e", "2,x"], "whole numbers"),
+    (["--e", "2"], "choose at least one classifier"),
+    (["--knn", "5", "--e", "-3"], ">= 0"),
+])
+def test_attack_errors_are_clear(user_files, args, message):
+    result = runner.invoke(app, ["attack", "--train", str(user_files / "train.npz"), "--test",
+                                 str(user_files / "test.npz"), "--out", str(user_files / "bad"), "--no-progress",
+                                 *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (user_files / "bad").exists()

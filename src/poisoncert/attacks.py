@@ -326,7 +326,7 @@ def witness(estimator: Any, X_train: np.ndarray, y_train: np.ndarray, x: np.ndar
     largest label with no neighbour of another label; rNN label-flip without neighbours) ``poisoned`` is None.
     Check a witness with :func:`flips`.
     """
-    from .certify import certified_poisoning_size, knn_certified_poisoning_size
+    from .certify import certified_poisoning_size, knn_certified_poisoning_size, knn_deletion_scan
 
     x = check_features(np.asarray(x).reshape(1, -1), "x", n_features=estimator.n_features_in_)
     classes = estimator.classes_
@@ -340,7 +340,7 @@ def witness(estimator: Any, X_train: np.ndarray, y_train: np.ndarray, x: np.ndar
             while True:
                 indices, _ = estimator.index_.ordered_neighbors(x, width)
                 labels = estimator._y_index[indices]
-                sizes, decided = __import__("poisoncert.certify", fromlist=["x"]).knn_deletion_scan(
+                sizes, decided = knn_deletion_scan(
                     labels, np.array([_votes_rule(np.bincount(labels[0, :k], minlength=c))[0]]), k, c, n)
                 if decided[0] or width == n:
                     break
@@ -879,13 +879,13 @@ def _knn_state(estimator: Any, X_test: np.ndarray, e: int) -> dict[str, Any]:
     for lo in range(0, len(X_test), 1024):  # chunks: the engine's int64 indices and distances stay small
         rows, distances = estimator.index_.ordered_neighbors(X_test[lo:lo + 1024], width)
         indices[lo:lo + len(rows)] = rows
-        if k - e >= 1:
-            inner[lo:lo + len(rows)] = distances[:, min(k, n) - e - 1]
+        # An addition strictly closer than the (k - e)-th clean neighbour stays in the top k whatever else the
+        # budget adds or removes; for k <= e, strictly closer than the first (then at most k such additions count).
+        inner[lo:lo + len(rows)] = distances[:, max(min(k, n) - e, 1) - 1]
     labels = estimator._y_index[indices].astype(np.int16 if len(estimator.classes_) < 32768 else np.int32)
     c = len(estimator.classes_)
     votes = np.zeros((len(X_test), c), np.int64)
     np.add.at(votes, (np.repeat(np.arange(len(X_test)), min(k, n)), labels[:, :k].ravel()), 1)
-    # An added example at distance < the (k - e)-th clean distance is inside the top k whatever else is added.
     return {"votes": votes, "end": np.full(len(X_test), min(k, n), np.int64), "labels": labels,
             "indices": indices, "inner": inner, "k": k, "n_train": n, "train_labels": estimator._y_index}
 

@@ -27,6 +27,9 @@ ThreatOption = Annotated[
     typer.Option(help="Threat model: general (remove/add/modify up to e), insertion, deletion or label-flip."),
 ]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+AttackBudgetOption = Annotated[float, typer.Option(help="Seconds of attack search per classifier and budget "
+                                                         "(verification by refitting comes on top).")]
+SeedOption = Annotated[int, typer.Option(help="Seed of the attack's site clustering (deterministic per seed).")]
 
 
 def _fail(message: str) -> None:
@@ -276,67 +279,12 @@ def _harmonise_labels(y_train, y_test):
     return labels[: len(y_train)], labels[len(y_train):]
 
 
-@app.command()
-@_friendly
-def certify(
-    train: Annotated[Path | None, typer.Option(help="Training set: .npz with X and y, .csv (label in the last "
-                                                      "column) or .npy features (then --train-labels).")] = None,
-    test: Annotated[Path | None, typer.Option(help="Test set, same formats as --train.")] = None,
-    train_labels: Annotated[Path | None, typer.Option(help="Labels for .npy training features: .npy, or a text "
-                                                             "file with one label per line.")] = None,
-    test_labels: Annotated[Path | None, typer.Option(help="Labels for .npy test features (as --train-labels)."
-                                                            )] = None,
-    dataset: Annotated[str | None, typer.Option(help="A registry dataset instead of files (see `poisoncert "
-                                                     "datasets`): mnist, fashion-mnist, cifar10, digits.")] = None,
-    features: Annotated[str, typer.Option(help="Feature extractor for --dataset: hog, raw, clip or "
-                                               "efficientnet-lite0.")] = "hog",
-    data_path: Annotated[Path | None, typer.Option(help="Local file/folder for datasets that need one "
-                                                        "(CIFAR10, Fashion-MNIST).")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Local CLIP checkpoint for --features clip: a Hugging "
-                                                         "Face CLIP folder or an open_clip file.")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default: $POISONCERT_CACHE or the "
-                                                        "user cache dir).")] = None,
-    knn: Annotated[list[int], typer.Option(help="kNN with this k (repeat for a sweep).")] = [],  # noqa: B006
-    rnn: Annotated[list[float], typer.Option(help="rNN with this radius (repeat for a sweep).")] = [],  # noqa: B006
-    dpa: Annotated[list[int], typer.Option(help="DPA with this many partitions.")] = [],  # noqa: B006
-    bagging: Annotated[list[str], typer.Option(help="Bagging N:XI (N base classifiers on XI examples "
-                                                    "each), e.g. 1000:27.")] = [],  # noqa: B006
-    alpha: Annotated[float, typer.Option(help="Bagging: certificates hold with probability >= 1 - alpha.")] = 0.001,
-    metric: MetricOption = "l1",
-    threat_model: ThreatOption = "general",
-    e_max: Annotated[int | None, typer.Option(help="Largest poisoning size on the curve (default: automatic). kNN's "
-                                                   "neighbour table reaches k + e-max for the joint certificates "
-                                                   "(default k + k).")] = None,
-    e_step: Annotated[int | None, typer.Option(help="Step of the poisoning-size grid.")] = None,
-    unlabelled: Annotated[bool, typer.Option("--unlabelled", help="The --test file has no labels (a CSV whose every "
-                                                                  "column is a feature): certify the predictions "
-                                                                  "only.")] = False,
-    split_time_limit: Annotated[float | None, typer.Option(help="Seconds of search per poisoning size for the "
-                                                                "split joint certificates (values left open stay "
-                                                                "sound and are marked not exact). Default: exact."
-                                                                )] = None,
-    out: OutOption = Path("poisoncert-out"),
-    progress: ProgressOption = True,
-) -> None:
-    """Certify classifiers on your own features/labels or on a registry dataset; write curves as CSV, PNG, JSON.
-
-    Test inputs without labels (an .npz without y, a .npy without --test-labels, or --unlabelled) get certified
-    sizes for their predictions, which need no label, and no accuracy curves.
-    """
+def _load_inputs(train: Path | None, test: Path | None, train_labels: Path | None, test_labels: Path | None,
+                 dataset: str | None, features: str, data_path: Path | None, checkpoint: Path | None,
+                 cache_dir: Path | None, unlabelled: bool, progress: bool):
+    """Features and labels from --dataset or --train/--test files, checked, with a description of their source."""
     import numpy as np
 
-    from .experiments import certify_methods, check_methods, prepare_output_folder
-
-    if not (knn or rnn or dpa or bagging):
-        _fail("choose at least one classifier: --knn K, --rnn R, --dpa ZETA or --bagging N:XI")
-    bagging_specs = _parse_bagging(bagging)
-    _check_e_grid(e_max, e_step)
-    if split_time_limit is not None and not split_time_limit > 0:
-        _fail(f"--split-time-limit must be a positive number of seconds, got {split_time_limit}")
-    prepare_output_folder(out)  # an output folder that cannot be written fails before any work
-    methods = {"knn": knn, "rnn": rnn, "dpa": dpa, "bagging": bagging_specs, "alpha": alpha, "metric": metric,
-               "threat_model": threat_model}
-    check_methods(None, **methods)  # every parameter is checked before any data is read
     if dataset is not None:
         if train is not None or test is not None:
             _fail("give either --dataset or --train/--test files, not both")
@@ -361,13 +309,170 @@ def certify(
         y_train, y_test = _harmonise_labels(y_train, y_test)
         info = {"dataset": f"user files: {train}, {test}", "features": "as given"}
         source = f"{train.name} / {test.name}"
+    return X_train, y_train, X_test, y_test, info, source
+
+
+# Inputs shared by `certify` and `attack`.
+TrainInput = Annotated[Path | None, typer.Option(help="Training set: .npz with X and y, .csv (label in the last "
+                                                      "column) or .npy features (then --train-labels).")]
+TestInput = Annotated[Path | None, typer.Option(help="Test set, same formats as --train.")]
+TrainLabelsInput = Annotated[Path | None, typer.Option(help="Labels for .npy training features: .npy, or a text "
+                                                             "file with one label per line.")]
+TestLabelsInput = Annotated[Path | None, typer.Option(help="Labels for .npy test features (as --train-labels)."
+                                                            )]
+DatasetInput = Annotated[str | None, typer.Option(help="A registry dataset instead of files (see `poisoncert "
+                                                     "datasets`): mnist, fashion-mnist, cifar10, digits.")]
+FeaturesInput = Annotated[str, typer.Option(help="Feature extractor for --dataset: hog, raw, clip or "
+                                               "efficientnet-lite0.")]
+DataPathInput = Annotated[Path | None, typer.Option(help="Local file/folder for datasets that need one "
+                                                        "(CIFAR10, Fashion-MNIST).")]
+CheckpointInput = Annotated[Path | None, typer.Option(help="Local CLIP checkpoint for --features clip: a Hugging "
+                                                         "Face CLIP folder or an open_clip file.")]
+CacheDirInput = Annotated[Path | None, typer.Option(help="Cache folder (default: $POISONCERT_CACHE or the "
+                                                        "user cache dir).")]
+
+
+@app.command()
+@_friendly
+def certify(
+    train: TrainInput = None,
+    test: TestInput = None,
+    train_labels: TrainLabelsInput = None,
+    test_labels: TestLabelsInput = None,
+    dataset: DatasetInput = None,
+    features: FeaturesInput = "hog",
+    data_path: DataPathInput = None,
+    checkpoint: CheckpointInput = None,
+    cache_dir: CacheDirInput = None,
+    knn: Annotated[list[int], typer.Option(help="kNN with this k (repeat for a sweep).")] = [],  # noqa: B006
+    rnn: Annotated[list[float], typer.Option(help="rNN with this radius (repeat for a sweep).")] = [],  # noqa: B006
+    dpa: Annotated[list[int], typer.Option(help="DPA with this many partitions.")] = [],  # noqa: B006
+    bagging: Annotated[list[str], typer.Option(help="Bagging N:XI (N base classifiers on XI examples "
+                                                    "each), e.g. 1000:27.")] = [],  # noqa: B006
+    alpha: Annotated[float, typer.Option(help="Bagging: certificates hold with probability >= 1 - alpha.")] = 0.001,
+    metric: MetricOption = "l1",
+    threat_model: ThreatOption = "general",
+    e_max: Annotated[int | None, typer.Option(help="Largest poisoning size on the curve (default: automatic). kNN's "
+                                                   "neighbour table reaches k + e-max for the joint certificates "
+                                                   "(default k + k).")] = None,
+    e_step: Annotated[int | None, typer.Option(help="Step of the poisoning-size grid.")] = None,
+    unlabelled: Annotated[bool, typer.Option("--unlabelled", help="The --test file has no labels (a CSV whose every "
+                                                                  "column is a feature): certify the predictions "
+                                                                  "only.")] = False,
+    split_time_limit: Annotated[float | None, typer.Option(help="Seconds of search per poisoning size for the "
+                                                                "split joint certificates (values left open stay "
+                                                                "sound and are marked not exact). Default: exact."
+                                                                )] = None,
+    attack: Annotated[str | None, typer.Option(help="Also attack every kNN/rNN at these budgets, e.g. 500,1000: "
+                                                    "verified poisoned sets (upper bounds) next to the certified "
+                                                    "lower bounds (bracket.csv/png, attack-*.npz).")] = None,
+    attack_time_budget: AttackBudgetOption = 180.0,
+    seed: SeedOption = 0,
+    out: OutOption = Path("poisoncert-out"),
+    progress: ProgressOption = True,
+) -> None:
+    """Certify classifiers on your own features/labels or on a registry dataset; write curves as CSV, PNG, JSON.
+
+    Test inputs without labels (an .npz without y, a .npy without --test-labels, or --unlabelled) get certified
+    sizes for their predictions, which need no label, and no accuracy curves.
+    """
+    import numpy as np
+
+    from .experiments import certify_methods, check_methods, parse_budgets, prepare_output_folder
+
+    budgets = None if attack is None else parse_budgets(attack)
+    if budgets is not None and not (knn or rnn):
+        _fail("--attack needs a kNN or rNN classifier (--knn K or --rnn R)")
+    if not (knn or rnn or dpa or bagging):
+        _fail("choose at least one classifier: --knn K, --rnn R, --dpa ZETA or --bagging N:XI")
+    bagging_specs = _parse_bagging(bagging)
+    _check_e_grid(e_max, e_step)
+    if split_time_limit is not None and not split_time_limit > 0:
+        _fail(f"--split-time-limit must be a positive number of seconds, got {split_time_limit}")
+    prepare_output_folder(out)  # an output folder that cannot be written fails before any work
+    methods = {"knn": knn, "rnn": rnn, "dpa": dpa, "bagging": bagging_specs, "alpha": alpha, "metric": metric,
+               "threat_model": threat_model}
+    check_methods(None, **methods)  # every parameter is checked before any data is read
+    X_train, y_train, X_test, y_test, info, source = _load_inputs(
+        train, test, train_labels, test_labels, dataset, features, data_path, checkpoint, cache_dir, unlabelled,
+        progress)
     settings = {**info, "metric": metric, "threat_model": threat_model, "alpha": alpha if bagging else None,
                 "split_time_limit_s": split_time_limit}
     results = certify_methods(X_train, y_train, X_test, y_test, **methods, progress=progress, metadata=info,
                               max_e=e_max, time_limit=split_time_limit)
-    _report(results, e_max, e_step, out, "Certified accuracy under data poisoning",
-            f"{source}, n_train={len(np.asarray(X_train))}, n_test={len(np.asarray(X_test))}, {metric}, "
-            f"{threat_model} threat model", settings)
+    subtitle = (f"{source}, n_train={len(np.asarray(X_train))}, n_test={len(np.asarray(X_test))}, {metric}, "
+                f"{threat_model} threat model")
+    _report(results, e_max, e_step, out, "Certified accuracy under data poisoning", subtitle, settings)
+    if budgets is not None:
+        if y_test is None:
+            _fail("--attack needs test labels: an attack's verified accuracy is measured on them")
+        _attack_report(X_train, y_train, X_test, y_test, budgets, knn, rnn, metric, threat_model, seed,
+                       attack_time_budget, progress, results, info, settings, subtitle, out)
+
+
+def _attack_report(X_train, y_train, X_test, y_test, budgets, knn, rnn, metric, threat_model, seed, time_budget,
+                   progress, results, info, settings, subtitle, out) -> None:
+    from .experiments import bracket_table, run_attacks, write_attack_outputs
+
+    runs = run_attacks(X_train, y_train, X_test, y_test, budgets, knn=knn, rnn=rnn, metric=metric,
+                       threat_model=threat_model, seed=seed, time_budget=time_budget, progress=progress,
+                       results=[r for r in results or () if r.method in ("knn", "rnn")], metadata=info)
+    typer.echo("\nbracket: certified lower bound <= CA(e) <= verified attack accuracy (the classifier refitted on "
+               f"the poisoned set); threat model: {threat_model}\n")
+    typer.echo(bracket_table(runs))
+    paths = write_attack_outputs(runs, out, title="Certified lower bounds and verified attacks", subtitle=subtitle,
+                                 settings={**settings, "attack_seed": seed, "attack_time_budget_s": time_budget})
+    typer.echo("\nwrote " + ", ".join(str(path) for path in paths.values()))
+
+
+@app.command("attack")
+@_friendly
+def attack_command(
+    train: TrainInput = None,
+    test: TestInput = None,
+    train_labels: TrainLabelsInput = None,
+    test_labels: TestLabelsInput = None,
+    dataset: DatasetInput = None,
+    features: FeaturesInput = "hog",
+    data_path: DataPathInput = None,
+    checkpoint: CheckpointInput = None,
+    cache_dir: CacheDirInput = None,
+    knn: Annotated[list[int], typer.Option(help="Attack kNN with this k (repeatable).")] = [],  # noqa: B006
+    rnn: Annotated[list[float], typer.Option(help="Attack rNN with this radius (repeatable).")] = [],  # noqa: B006
+    e: Annotated[str, typer.Option("--e", help="Budgets, e.g. 500,1000,1500,2000.")] = "",
+    metric: MetricOption = "l1",
+    threat_model: ThreatOption = "general",
+    time_budget: AttackBudgetOption = 180.0,
+    seed: SeedOption = 0,
+    out: OutOption = Path("poisoncert-out"),
+    progress: ProgressOption = True,
+) -> None:
+    """Verified poisoning attacks: for each classifier and budget e, one poisoned training set, refitted and tested.
+
+    Writes attack-<classifier>-e<e>.npz (removed rows, added_X, added_y, e) with a JSON record each, and
+    bracket.csv/json/png: the certified lower bound next to the verified accuracy, with the band between them.
+    """
+    from .experiments import check_methods, parse_budgets
+
+    if not (knn or rnn):
+        _fail("choose at least one classifier to attack: --knn K or --rnn R")
+    if not e:
+        _fail("give the budgets with --e, e.g. --e 500,1000")
+    budgets = parse_budgets(e)
+    if not time_budget > 0:
+        _fail(f"--time-budget must be a positive number of seconds, got {time_budget}")
+    check_methods(None, knn=knn, rnn=rnn, metric=metric, threat_model=threat_model)
+    X_train, y_train, X_test, y_test, info, source = _load_inputs(
+        train, test, train_labels, test_labels, dataset, features, data_path, checkpoint, cache_dir, False, progress)
+    if y_test is None:
+        _fail("attacks need test labels: an attack's verified accuracy is measured on them")
+    import numpy as np
+
+    subtitle = (f"{source}, n_train={len(np.asarray(X_train))}, n_test={len(np.asarray(X_test))}, {metric}, "
+                f"{threat_model} threat model")
+    settings = {**info, "metric": metric, "threat_model": threat_model}
+    _attack_report(X_train, y_train, X_test, y_test, budgets, knn, rnn, metric, threat_model, seed, time_budget,
+                   progress, None, info, settings, subtitle, out)
 
 
 CacheOption = Annotated[Path | None, typer.Option(help="Cache folder (default: $POISONCERT_CACHE or the user "

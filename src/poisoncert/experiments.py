@@ -11,6 +11,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -336,3 +337,193 @@ def prediction_table(results: Sequence[CertificationResult], e_points: Sequence[
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
                      for row in [header, *rows])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Brackets: certified lower bounds next to verified attacks (spec section 8)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttackRun:
+    """One classifier's certificate and its verified attacks at several budgets.
+
+    Attributes
+    ----------
+    name : str
+        File-name form of the classifier, e.g. ``knn-k5000`` or ``rnn-r4``.
+    result : CertificationResult
+        The certificate of the clean classifier (its default joint curve is the lower bound).
+    attacks : list of VerifiedAttack
+        One per budget, in the order asked for.
+    """
+
+    name: str
+    result: CertificationResult
+    attacks: list[Any] = field(default_factory=list)
+
+    def bracket_rows(self) -> list[dict[str, Any]]:
+        """One row per budget: the certified lower bound, the verified upper bound and the band between."""
+        method = self.result.default_method
+        budgets = np.array([attack.poisoned.e for attack in self.attacks], dtype=np.int64)
+        lower, exact = self.result.curve(budgets, method) if len(budgets) else (np.zeros(0), np.zeros(0, bool))
+        rows = []
+        for attack, bound, is_exact in zip(self.attacks, lower, exact, strict=True):
+            rows.append({
+                "classifier": self.result.label(),
+                "e": int(attack.poisoned.e),
+                "threat_model": attack.poisoned.threat_model,
+                "certificate": method,
+                "spec_section": self.result.spec_section(method),
+                "certified_accuracy": float(bound),
+                "certificate_exact": bool(is_exact),
+                "attack_accuracy": float(attack.accuracy),
+                "band": float(attack.accuracy - bound),
+                "poisoning_size": int(attack.poisoning_size),
+                "removed": int(len(attack.poisoned.removed)),
+                "added": int(len(attack.poisoned.added_X)),
+                "attack_seconds": round(float(attack.seconds), 2),
+                "strategy": attack.poisoned.strategy,
+            })
+        return rows
+
+
+def parse_budgets(text: str) -> list[int]:
+    """``"500,1000"`` -> ``[500, 1000]``: distinct poisoning sizes >= 0, in the order given."""
+    budgets: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            raise ValueError(
+                f"budgets must be whole numbers separated by commas, such as 500,1000; got {text!r}") from None
+        if value < 0:
+            raise ValueError(f"a poisoning size must be >= 0, got {value}")
+        if value not in budgets:
+            budgets.append(value)
+    if not budgets:
+        raise ValueError("give at least one budget e")
+    return budgets
+
+
+def run_attacks(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
+    e: Sequence[int],
+    *,
+    knn: Sequence[int] = (),
+    rnn: Sequence[float] = (),
+    metric: str = "l1",
+    threat_model: str = "general",
+    seed: int = 0,
+    time_budget: float | None = 180.0,
+    progress: bool = False,
+    results: Sequence[CertificationResult] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> list[AttackRun]:
+    """Certify each kNN/rNN classifier and attack it at every budget in ``e``, verifying each attack by refitting.
+
+    ``results`` may hold certificates already computed for the same classifiers (e.g. by ``certify``); a
+    classifier without one is certified here (kNN out to ``k + max(e)``).
+    """
+    from .attacks import attack
+    from .estimators import CertifiedKNeighborsClassifier, CertifiedRadiusNeighborsClassifier
+
+    if y_test is None:
+        raise ValueError("attacks need a labelled test set: the verified accuracy is measured on its labels")
+    budgets = [int(value) for value in e]
+    known = {(r.method, float(r.params.get("k", r.params.get("r", -1)))): r for r in results or ()}
+    runs = []
+    classifiers = [("knn", float(k), CertifiedKNeighborsClassifier(n_neighbors=int(k), metric=metric))
+                   for k in knn]
+    classifiers += [("rnn", float(r), CertifiedRadiusNeighborsClassifier(radius=float(r), metric=metric))
+                    for r in rnn]
+    for method, value, estimator in classifiers:
+        estimator.fit(X_train, y_train)
+        result = known.get((method, value))
+        if result is None:
+            kwargs = {"max_e": max(budgets)} if method == "knn" else {}
+            result = estimator.certify(X_test, y_test, threat_model, **kwargs)
+            result.metadata.update(metadata or {})
+        name = f"knn-k{int(value)}" if method == "knn" else f"rnn-r{value:g}"
+        run = AttackRun(name, result)
+        for budget in budgets:
+            run.attacks.append(attack(estimator, X_train, y_train, X_test, y_test, budget, threat_model, seed=seed,
+                                      time_budget=time_budget, progress=progress))
+        runs.append(run)
+    return runs
+
+
+def write_attack_outputs(
+    runs: Sequence[AttackRun],
+    out_dir: str | Path,
+    *,
+    title: str,
+    subtitle: str,
+    settings: dict[str, Any],
+) -> dict[str, Path]:
+    """Write every poisoned set (``attack-<classifier>-e<e>.npz`` + ``.json``) and the bracket table
+    (``bracket.csv``, ``bracket.json``) and plot (``bracket.png``), as a set (staged, then renamed)."""
+    from .plots import plot_bracket
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names: dict[str, str] = {}
+    rows = [row for run in runs for row in run.bracket_rows()]
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".poisoncert-staging-") as staging:
+        staged = Path(staging)
+        for run in runs:
+            for attack in run.attacks:
+                stem = f"attack-{run.name}-e{attack.poisoned.e}"
+                record = {**attack.record(), "certificate": run.result.describe(), "settings": settings}
+                attack.poisoned.save(staged / f"{stem}.npz", metadata=record)
+                names[f"{stem}.npz"] = names[f"{stem}.json"] = stem
+        _write_bracket_csv(staged / "bracket.csv", rows, settings)
+        write_json(staged / "bracket.json", {"poisoncert_version": __version__, "settings": settings,
+                                             "kind": "certified lower bound <= CA(e) <= verified attack accuracy "
+                                                     "(spec section 8)", "rows": rows})
+        curves = []
+        for run in runs:
+            top = max([attack.poisoned.e for attack in run.attacks] or [0])
+            grid = np.unique(np.r_[np.linspace(0, top, 101).round().astype(np.int64),
+                                   [attack.poisoned.e for attack in run.attacks]])
+            lower, _ = run.result.curve(grid)
+            curves.append((run.result.label(), run.result.spec_section(run.result.default_method), grid, lower,
+                           run.result.clean_accuracy, [(a.poisoned.e, a.accuracy) for a in run.attacks]))
+        plot_bracket(curves, staged / "bracket.png", title=title, subtitle=subtitle)
+        paths = {}
+        for path in sorted(staged.iterdir()):
+            os.replace(path, out_dir / path.name)
+            paths[path.name] = out_dir / path.name
+    return paths
+
+
+def _write_bracket_csv(path: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    from ._io import atomic_write
+
+    buffer = io.StringIO()
+    buffer.write(f"# poisoncert {__version__}: certified lower bound <= CA(e) <= verified attack accuracy (spec "
+                 "section 8); attack accuracy = the classifier refitted on the poisoned set, not estimated\n")
+    for key, value in settings.items():
+        buffer.write(f"# {key}: {value}\n")
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with atomic_write(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(buffer.getvalue())
+
+
+def bracket_table(runs: Sequence[AttackRun]) -> str:
+    """Plain-text table: per classifier and budget, certified lower bound, verified upper bound, band (points)."""
+    header = f"{'classifier':<22}{'e':>7}{'certified':>11}{'attack':>9}{'band':>7}  certificate"
+    lines = [header, "-" * len(header)]
+    for run in runs:
+        for row in run.bracket_rows():
+            lines.append(f"{row['classifier']:<22}{row['e']:>7}{100 * row['certified_accuracy']:>10.1f}%"
+                         f"{100 * row['attack_accuracy']:>8.1f}%{100 * row['band']:>7.1f}  {row['certificate']} "
+                         f"(spec {row['spec_section']}){'' if row['certificate_exact'] else ', not exact'}")
+    return "\n".join(lines)

@@ -93,3 +93,58 @@ def plot_curves(
     plt.close(figure)
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())
+
+
+def plot_bracket(
+    curves: Iterable[tuple[str, str, Any, Any, float, list[tuple[int, float]]]],
+    path: str | os.PathLike[str],
+    title: str = "Certified lower bound and verified attacks",
+    subtitle: str | None = None,
+) -> None:
+    """Plot each classifier's certified curve, its verified attacks, and the band between them shaded.
+
+    Parameters
+    ----------
+    curves : iterable of (classifier, spec_section, e, certified_accuracy, clean_accuracy, attacks)
+        ``attacks`` lists ``(e, verified accuracy)`` pairs. The band runs from the certified curve up to the
+        smallest verified accuracy at a budget ``<= e`` (CA never increases with e), or the clean accuracy.
+    path : path-like
+        PNG file to write (atomically).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(figsize=(8, 4.8), dpi=120)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = False
+    for number, (classifier, section, e, lower, clean, attacks) in enumerate(curves):
+        colour = colours[number % len(colours)]
+        e, lower = np.asarray(e), np.asarray(lower)
+        axes.plot(e, lower, "-", color=colour, linewidth=2, label=f"{classifier}: certified (spec {section})")
+        if attacks:
+            points = sorted(attacks)
+            xs = np.array([x for x, _ in points])
+            ys = np.array([y for _, y in points])
+            axes.plot(xs, ys, "v", color=colour, markersize=7, label=f"{classifier}: verified attack (refitted)")
+            # CA(e) never increases with e, so an attack at e_j bounds every e >= e_j: the upper edge is a step.
+            upper = np.array([min([clean, *ys[xs <= value]]) for value in e])
+            axes.step(e, upper, where="post", color=colour, linestyle="--", linewidth=0.9)
+            axes.fill_between(e, lower, upper, step="post", color=colour, alpha=0.15, linewidth=0,
+                              label=None if drawn else "band where CA(e) lies")
+            drawn = True
+    axes.set_xlabel("poisoning size e (training examples removed, added or modified)")
+    axes.set_ylabel("accuracy under poisoning")
+    axes.set_ylim(0, 1.0)
+    axes.set_xlim(left=0)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    axes.set_title(title if subtitle is None else f"{title}\n{subtitle}", fontsize=10)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(figure)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
