@@ -266,3 +266,43 @@ def test_without_n_train_the_table_end_is_never_taken_for_the_training_set_end()
             np.testing.assert_allclose(joint_split.KnnSplitCertifier(table, y, k, 3).certify(es).accuracy, truth)
         finally:
             joint_split._USE_PROFILES = True
+
+
+def test_growing_profiles_never_read_past_a_narrow_table():
+    """Regression (audit): a second, larger call grew the e <= k profiles past a table of width k + max_e.
+
+    The columns beyond the table hold labels out of range, so any read there would corrupt the counts; the
+    grown certifier must agree with a fresh one and with the pure function.
+    """
+    from poisoncert.joint_split import KnnSplitCertifier, knn_split_certificate
+
+    k, width = 40, 52
+    rng = np.random.default_rng(0)
+    big = np.full((6, 120), 99, dtype=np.int64)  # label 99 does not exist (3 labels)
+    big[:, :width] = rng.integers(0, 3, (6, width))
+    big[:, :30] = (np.arange(6) % 3)[:, None]
+    big[:, 30:width] = ((np.arange(6) + 1) % 3)[:, None]
+    table = big[:, :width]
+    y = table[:, 0]
+    grown = KnnSplitCertifier(table, y, k, 3, n_train=1000)
+    grown.certify([7])
+    value = grown.certify([12])
+    assert grown._profile_reach <= width - k  # the SR profile reads columns k .. k + reach - 1 only
+    fresh = knn_split_certificate(np.ascontiguousarray(table), y, [12], k, 3, n_train=1000)
+    assert value.accuracy.tolist() == fresh.accuracy.tolist()
+    assert value.exact.tolist() == fresh.exact.tolist()
+
+
+def test_a_saturated_coarsened_value_is_not_reused_as_exact(monkeypatch):
+    """Regression (audit): once a coarsened size flipped everything, larger sizes inherited exact=True."""
+    from poisoncert import joint_split
+    from poisoncert.joint_split import knn_split_certificate
+
+    table = np.array([[1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]])
+    y = np.array([1, 0])
+    monkeypatch.setattr(joint_split, "_USE_PROFILES", False)
+    exact = knn_split_certificate(table, y, list(range(8)), 10, 2, n_train=14)
+    coarse = knn_split_certificate(table, y, list(range(8)), 10, 2, n_train=14, max_memory_mb=1e-9)
+    assert np.all(coarse.accuracy <= exact.accuracy + 1e-12)
+    wrongly_exact = coarse.exact & (coarse.max_flips != exact.max_flips)
+    assert not wrongly_exact.any(), (coarse.accuracy.tolist(), coarse.exact.tolist(), exact.accuracy.tolist())

@@ -655,6 +655,21 @@ def _site_medians(X: np.ndarray, groups: list[np.ndarray], per_group: int, rng: 
     return np.concatenate(sites) if sites else np.zeros((0, X.shape[1]))
 
 
+@numba.njit(cache=True)
+def _counting_order(keys, n_keys):  # pragma: no cover - compiled
+    """The stable sorting permutation of integer ``keys`` in ``0..n_keys-1`` (a counting sort, O(n))."""
+    counts = np.zeros(n_keys + 1, np.int64)
+    for key in keys:
+        counts[key + 1] += 1
+    for j in range(n_keys):
+        counts[j + 1] += counts[j]
+    order = np.empty(len(keys), np.int64)
+    for i in range(len(keys)):
+        order[counts[keys[i]]] = i
+        counts[keys[i]] += 1
+    return order
+
+
 @dataclass
 class _Actions:
     """Candidate actions as CSR lists of the test inputs each one touches."""
@@ -673,6 +688,9 @@ class _Actions:
             self.pos.append(pos.astype(np.int64))
             self.site.append(site)
 
+    def copy(self) -> _Actions:
+        return _Actions(list(self.label), list(self.train), list(self.inputs), list(self.pos), list(self.site))
+
     def arrays(self) -> tuple[np.ndarray, ...]:
         lengths = np.array([len(v) for v in self.inputs], dtype=np.int64)
         ptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
@@ -681,6 +699,43 @@ class _Actions:
 
         return (ptr, cat(self.inputs), cat(self.pos), np.array(self.label, np.int64),
                 np.array(self.train, np.int64), np.array(self.site, np.int64))
+
+
+@dataclass
+class AttackPreparation:
+    """What the attacks at every budget up to ``e_max`` share: the clean neighbour state, the removal candidates
+    and the addition sites (see :func:`prepare_attack`)."""
+
+    X_test: np.ndarray
+    y_index: np.ndarray
+    state: dict[str, Any]
+    a: np.ndarray
+    removals: _Actions
+    sites: np.ndarray
+    e_max: int
+    threat_model: str
+
+
+def prepare_attack(estimator: Any, X_test: np.ndarray, y_test: np.ndarray, e_max: int,
+                   threat_model: str = "general", *, seed: int = 0) -> AttackPreparation:
+    """The neighbour state and candidate moves that :func:`attack` needs, for every budget ``e <= e_max``."""
+    if threat_model not in THREAT_MODELS:
+        raise ValueError(f"unknown threat model {threat_model!r}; choose one of {', '.join(THREAT_MODELS)}")
+    X_test = check_features(X_test, "X_test", n_features=estimator.n_features_in_)
+    y_index = _encode(estimator.classes_, y_test)
+    knn = hasattr(estimator, "n_neighbors")
+    state = _knn_state(estimator, X_test, e_max) if knn else _rnn_state(estimator, X_test)
+    a = np.array([_votes_rule(row)[0] for row in state["votes"]], dtype=np.int64)
+    targets = np.flatnonzero(a == y_index)
+    c = len(estimator.classes_)
+    removals = _Actions()
+    if threat_model != "insertion":
+        # Removals (and label flips): training examples of a target's label in many targets' neighbourhoods.
+        _removal_actions(state, a, targets, e_max, threat_model == "label-flip", c, removals)
+    sites = np.zeros((0, X_test.shape[1]), dtype=X_test.dtype)
+    if threat_model in ("general", "insertion"):
+        sites = _addition_sites(X_test, a, targets, c, np.random.default_rng(seed))
+    return AttackPreparation(X_test, y_index, state, a, removals, sites, int(e_max), threat_model)
 
 
 def attack(
@@ -699,6 +754,7 @@ def attack(
     rounds: int = 3,
     top_sites: int = 3,
     strategies: tuple[str, ...] = ("concentrated", "spread"),
+    prepared: AttackPreparation | None = None,
 ) -> VerifiedAttack:
     """One poisoned training set of poisoning size ``<= e`` that lowers the test accuracy, verified by refitting.
 
@@ -722,6 +778,14 @@ def attack(
         discouraged. Without it every label may take the whole budget.
     rounds : int
         Drop-and-refill rounds after the greedy pass.
+    top_sites : int
+        How many of the best single (site, label) pairs the concentrated strategy tries.
+    strategies : tuple of {"concentrated", "spread"}
+        "concentrated": the whole addition budget at one site, removals for the inputs it reaches; "spread":
+        a lazy greedy over many sites and labels alternating with removals. The best set found is kept.
+    prepared : AttackPreparation, optional
+        From :func:`prepare_attack` for this estimator and test set, to share the neighbour state and the
+        candidates between several budgets (the CLI does this).
 
     Returns
     -------
@@ -735,33 +799,32 @@ def attack(
     start_time = time.perf_counter()
     e = int(e)
     X_train = np.asarray(X_train)
-    X_test = check_features(X_test, "X_test", n_features=estimator.n_features_in_)
-    y_index = _encode(estimator.classes_, y_test)
+    if prepared is None:
+        prepared = prepare_attack(estimator, X_test, y_test, e, threat_model, seed=seed)
+    elif prepared.e_max < e or prepared.threat_model != threat_model:
+        raise ValueError(f"the preparation is for e <= {prepared.e_max} under {prepared.threat_model!r}, not "
+                         f"e = {e} under {threat_model!r}")
+    X_test, y_index, state, a = prepared.X_test, prepared.y_index, prepared.state, prepared.a
+    labels, indices = state["labels"], state["indices"]
+    correct = a == y_index
+    targets = np.flatnonzero(correct)
     add_budget = 0 if threat_model == "deletion" else e
     remove_budget = 0 if threat_model == "insertion" else e
     flip = threat_model == "label-flip"
-    rng = np.random.default_rng(seed)
     knn = hasattr(estimator, "n_neighbors")
-    state = _knn_state(estimator, X_test, e) if knn else _rnn_state(estimator, X_test)
-    labels, indices = state["labels"], state["indices"]
-    a = np.array([_votes_rule(row)[0] for row in state["votes"]], dtype=np.int64)
-    correct = a == y_index
-    targets = np.flatnonzero(correct)
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=4, desc=f"attack e={e} ({threat_model})", unit="step")
     else:
         bar = None
-    actions = _Actions()
+    actions = prepared.removals.copy()
     c = len(estimator.classes_)
-    # Removals (and label flips): training examples of a target's label inside many targets' neighbourhoods.
-    if remove_budget:
-        _removal_actions(state, a, targets, remove_budget, flip, c, actions, X_train)
-    # Additions: shared sites near many targets; their reach follows the classifier's own distances.
-    sites = np.zeros((0, X_test.shape[1]), dtype=X_train.dtype)
+    # Additions: shared sites near many targets; their reach follows the classifier's own distances (for kNN
+    # it depends on e, so it is found per budget).
+    sites = prepared.sites
     if add_budget and not flip:
-        sites = _addition_actions(estimator, state, X_test, a, targets, c, rng, actions, e)
+        _addition_actions(estimator, state, X_test, a, targets, c, sites, actions, e)
     if bar:
         bar.update(1)
     ptr, act_inputs, act_pos, act_label, act_train, act_site = actions.arrays()
@@ -875,29 +938,42 @@ def _knn_state(estimator: Any, X_test: np.ndarray, e: int) -> dict[str, Any]:
     n = estimator.n_train_
     width = min(n, k + e)
     indices = np.empty((len(X_test), width), np.int32)
-    inner = np.full(len(X_test), -1.0)
+    # The distances at positions max(k - e, 1) for every e <= e_max: an addition strictly closer than the
+    # (k - e)-th clean neighbour stays in the top k whatever else the budget adds or removes (for k <= e,
+    # strictly closer than the first; then at most k such additions count).
+    top = min(k, n)
+    first = max(top - e, 1) - 1
+    near = np.empty((len(X_test), top - first), np.float64)
     for lo in range(0, len(X_test), 1024):  # chunks: the engine's int64 indices and distances stay small
         rows, distances = estimator.index_.ordered_neighbors(X_test[lo:lo + 1024], width)
         indices[lo:lo + len(rows)] = rows
-        # An addition strictly closer than the (k - e)-th clean neighbour stays in the top k whatever else the
-        # budget adds or removes; for k <= e, strictly closer than the first (then at most k such additions count).
-        inner[lo:lo + len(rows)] = distances[:, max(min(k, n) - e, 1) - 1]
+        near[lo:lo + len(rows)] = distances[:, first:top]
     labels = estimator._y_index[indices].astype(np.int16 if len(estimator.classes_) < 32768 else np.int32)
     c = len(estimator.classes_)
     votes = np.zeros((len(X_test), c), np.int64)
-    np.add.at(votes, (np.repeat(np.arange(len(X_test)), min(k, n)), labels[:, :k].ravel()), 1)
-    return {"votes": votes, "end": np.full(len(X_test), min(k, n), np.int64), "labels": labels,
-            "indices": indices, "inner": inner, "k": k, "n_train": n, "train_labels": estimator._y_index}
+    np.add.at(votes, (np.repeat(np.arange(len(X_test)), top), labels[:, :k].ravel()), 1)
+    return {"votes": votes, "end": np.full(len(X_test), top, np.int64), "labels": labels,
+            "indices": indices, "near": near, "near_first": first, "k": k, "n_train": n,
+            "train_labels": estimator._y_index}
+
+
+def _knn_inner(state: dict[str, Any], e: int) -> np.ndarray:
+    """Per input, the clean distance an addition must beat to stay in the top k under budget ``e``."""
+    top = int(state["end"][0]) if len(state["end"]) else 0
+    column = max(top - e, 1) - 1 - state["near_first"]
+    if column < 0:
+        raise ValueError(f"the kNN state was prepared for a smaller budget than e = {e}")
+    return np.ascontiguousarray(state["near"][:, column])
 
 
 def _removal_actions(state: dict[str, Any], a: np.ndarray, targets: np.ndarray, budget: int, flip: bool, c: int,
-                     actions: _Actions, X_train: np.ndarray) -> None:
+                     actions: _Actions) -> None:
     """Candidate removals: training examples of a target's label shared by many targets' neighbourhoods."""
     if "members" in state:  # rNN: every training example within r of a target
         rows, members = state["rows"], state["members"]
         is_target = np.zeros(len(a), dtype=bool)
         is_target[targets] = True
-        order = np.argsort(members, kind="stable")
+        order = _counting_order(members, state["n_train"])
         rows, members = rows[order], members[order]
         uniq, starts = np.unique(members, return_index=True)
         stops = np.r_[starts[1:], len(members)]
@@ -933,15 +1009,17 @@ def _removal_actions(state: dict[str, Any], a: np.ndarray, targets: np.ndarray, 
         for lab in range(c)]))
     # Every test input whose window holds a candidate is in that candidate's list (with the position).
     rows_list, cols_list = [], []
+    is_best = np.zeros(state["n_train"], dtype=bool)
+    is_best[best] = True
     for lo in range(0, len(indices), 1024):
         block = indices[lo:lo + 1024, :k]
-        hit = np.isin(block, best)
+        hit = is_best[block]
         r, col = np.nonzero(hit)
         rows_list.append(r + lo)
         cols_list.append(col)
     rows, cols = np.concatenate(rows_list), np.concatenate(cols_list)
     train = indices[rows, cols]
-    order = np.argsort(train, kind="stable")
+    order = _counting_order(train, state["n_train"])
     rows, cols, train = rows[order], cols[order], train[order]
     uniq, starts = np.unique(train, return_index=True)
     stops = np.r_[starts[1:], len(train)]
@@ -955,25 +1033,30 @@ def _removal_actions(state: dict[str, Any], a: np.ndarray, targets: np.ndarray, 
             actions.add(-1, t, rows[lo:hi], cols[lo:hi])
 
 
-def _addition_actions(estimator: Any, state: dict[str, Any], X_test: np.ndarray, a: np.ndarray, targets: np.ndarray,
-                      c: int, rng: np.random.Generator, actions: _Actions, e: int) -> np.ndarray:
-    """Candidate additions: every target's own location and L1 medians of groups of targets that share their
-    predicted label, with each label that is a rival of some target the site reaches."""
-    from .neighbours import NeighbourIndex
-
+def _addition_sites(X_test: np.ndarray, a: np.ndarray, targets: np.ndarray, c: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Candidate places for added examples: every target itself, L1 medians of clusters of targets that share
+    their predicted label, and medians of a few clusters of all targets."""
     groups = [targets[a[targets] == lab] for lab in range(c)]
     medians = _site_medians(X_test, groups, per_group=40, rng=rng)
     # Central sites reach the most inputs (on MNIST's HOG features the median of all targets is within r = 4 of
-    # ~45 % of the test set): medians of a few clusters of all targets, whatever their labels.
+    # ~45 % of the test set).
     central = [_site_medians(X_test, [targets], per_group=n_clusters, rng=rng, min_size=1)
                for n_clusters in (1, 2, 4, 8, 16)]
-    sites = np.concatenate([X_test[targets], medians, *central]).astype(X_test.dtype)
+    return np.concatenate([X_test[targets], medians, *central]).astype(X_test.dtype)
+
+
+def _addition_actions(estimator: Any, state: dict[str, Any], X_test: np.ndarray, a: np.ndarray, targets: np.ndarray,
+                      c: int, sites: np.ndarray, actions: _Actions, e: int) -> None:
+    """Candidate additions: each site with each label that is the cheapest rival of some target it reaches."""
+    from .neighbours import NeighbourIndex
+
     # Every test input a site reaches is affected (a misclassified one may become correct).
     probe = NeighbourIndex(X_test, np.zeros(len(X_test), np.int64), metric=estimator.index_.metric, backend="numba")
     if "members" in state:  # rNN: a site reaches the inputs within r of it
         indptr, reached = probe.radius_neighbors(sites, float(estimator.radius))
     else:  # kNN: strictly inside the input's (k - e)-th clean distance, so inside its top k whatever else is added
-        indptr, reached = probe.within(sites, state["inner"])
+        indptr, reached = probe.within(sites, _knn_inner(state, e))
     is_target = np.zeros(len(X_test), dtype=bool)
     is_target[targets] = True
     for s in range(len(sites)):
@@ -983,7 +1066,6 @@ def _addition_actions(estimator: Any, state: dict[str, Any], X_test: np.ndarray,
             continue
         for lab in np.unique(_cheapest_rivals(state["votes"][aimed], a[aimed])).tolist():
             actions.add(lab, -1, touched, np.zeros(len(touched), np.int64), site=s)
-    return sites
 
 
 def _cheapest_rivals(votes: np.ndarray, a: np.ndarray) -> np.ndarray:

@@ -429,7 +429,7 @@ def run_attacks(
     ``results`` may hold certificates already computed for the same classifiers (e.g. by ``certify``); a
     classifier without one is certified here (kNN out to ``k + max(e)``).
     """
-    from .attacks import attack
+    from .attacks import attack, prepare_attack
     from .estimators import CertifiedKNeighborsClassifier, CertifiedRadiusNeighborsClassifier
 
     if y_test is None:
@@ -450,9 +450,11 @@ def run_attacks(
             result.metadata.update(metadata or {})
         name = f"knn-k{int(value)}" if method == "knn" else f"rnn-r{value:g}"
         run = AttackRun(name, result)
+        # The neighbour state and the candidate moves are shared by every budget.
+        prepared = prepare_attack(estimator, X_test, y_test, max(budgets), threat_model, seed=seed)
         for budget in budgets:
             run.attacks.append(attack(estimator, X_train, y_train, X_test, y_test, budget, threat_model, seed=seed,
-                                      time_budget=time_budget, progress=progress))
+                                      time_budget=time_budget, progress=progress, prepared=prepared))
         runs.append(run)
     return runs
 

@@ -456,7 +456,7 @@ def _knn_profiles(table, inputs, pred, votes, pair_row, k, n, reach, sl_bits, sr
                             counts[row[position]] -= 1
                     else:
                         position = k + x  # D(k + x + 1): one more neighbour taken in
-                        if position < n:
+                        if position < n and position < row.shape[0]:
                             counts[row[position]] += 1
                     own = counts[a]
                     bit = np.uint64(1) << np.uint64(x & 63)
@@ -881,7 +881,8 @@ def _solve_curve(e: np.ndarray, n_candidates: int, solve: Any) -> dict[int, tupl
     order = np.argsort(e, kind="stable").tolist()
     workers = _threadsafe_workers(len(order))
     results: dict[int, tuple[_Solution, np.ndarray, bool]] = {}
-    saturated: list[tuple[int, _Solution, np.ndarray]] = []  # (size, solution, removals) flipping everything
+    # (size, solution, removals, coarsened) of sizes that flip every candidate
+    saturated: list[tuple[int, _Solution, np.ndarray, bool]] = []
 
     def run(positions: list[int], single_threaded: bool) -> None:
         if single_threaded:
@@ -891,13 +892,13 @@ def _solve_curve(e: np.ndarray, n_candidates: int, solve: Any) -> dict[int, tupl
             size = int(e[position])
             done = [item for item in saturated if item[0] <= size]
             if done:
-                _, solution, removals = min(done, key=lambda item: item[0])
-                results[position] = (replace(solution, nodes=0), removals, False)
+                _, solution, removals, coarsened = min(done, key=lambda item: item[0])
+                results[position] = (replace(solution, nodes=0), removals, coarsened)
                 continue
             solution, removals, coarsened, budget = solve(size, previous, previous_budget)
             results[position] = (solution, removals, coarsened)
             if solution.exact and solution.lower == n_candidates:
-                saturated.append((size, solution, removals))
+                saturated.append((size, solution, removals, coarsened))
             previous, previous_budget = solution, budget
 
     if workers == 1:
@@ -1301,9 +1302,12 @@ class KnnSplitCertifier:
     def _online(self, largest: int) -> _OnlineProfiles | None:
         if self.variant != 0 or not _USE_PROFILES:
             return None
-        reach = min(self.k, max(largest, self._max_e_hint))
+        # SR reads positions k .. k + reach - 1: a table narrower than the training set caps the reach at its
+        # width (the table was checked to reach k + e for every e asked for).
+        cap = self.k if self.table.shape[1] >= self.n_train else max(0, min(self.k, self.table.shape[1] - self.k))
+        reach = min(cap, max(largest, self._max_e_hint))
         if self._profiles is None or reach > self._profile_reach:
-            reach = min(self.k, max(reach, 2 * self._profile_reach))  # grow geometrically: few rebuilds
+            reach = min(cap, max(reach, 2 * self._profile_reach))  # grow geometrically: few rebuilds
             # The general certificate at every e <= k reads two e-independent profiles per pair (_knn_profiles).
             self._profiles = _OnlineProfiles.build(self.table, self.votes, self.a, self.correct, self.margin,
                                                    self.own, self.k, self.n_train, np.array([reach]))
