@@ -91,8 +91,9 @@ def test_figure_contents_match_the_paper_layout(full_run):
     out, _, _ = full_run
     records = {name: json.loads((out / name / f"{name}.json").read_text()) for name in R.FIGURES}
     ids = {name: [c["id"] for c in record["curves"]] for name, record in records.items()}
-    assert ids["figure2"] == ["bagging", "dpa", "knn:individual", "knn:global", "rnn:island", "rnn:global"]
-    assert ids["figure3"] == ["rnn:individual", "rnn:rd", "rnn:island", "rnn:global"]
+    assert ids["figure2"] == ["bagging", "dpa", "knn:individual", "knn:global", "knn:split", "rnn:island",
+                              "rnn:global", "rnn:split"]
+    assert ids["figure3"] == ["rnn:individual", "rnn:rd", "rnn:island", "rnn:global", "rnn:split"]
     assert ids["figure4"] == ["knn:k=5:individual", "knn:k=20:individual", "knn:k=60:individual",
                               "knn:k=20:global"]
     assert ids["figure5"] == ["rnn:r=14:island", "rnn:r=16:island", "rnn:r=18:island", "rnn:r=16:global"]
@@ -124,9 +125,12 @@ def test_curve_invariants(full_run):
             assert np.all(by_id["rnn:island"] >= by_id["rnn:individual"] - 1e-12)
             assert np.all(by_id["rnn:global"] >= by_id["rnn:island"] - 1e-12)
             assert np.any(by_id["rnn:island"] > by_id["rnn:individual"])  # the joint certificate does something
+            assert np.all(by_id["rnn:split"] >= by_id["rnn:global"] - 1e-12)
         if name == "figure2":
             assert np.all(by_id["knn:global"] >= by_id["knn:individual"] - 1e-12)
             assert np.all(by_id["rnn:global"] >= by_id["rnn:island"] - 1e-12)
+            assert np.all(by_id["knn:split"] >= by_id["knn:global"] - 1e-12)
+            assert np.all(by_id["rnn:split"] >= by_id["rnn:global"] - 1e-12)
 
 
 def test_cached_tables_give_the_estimators_results(full_run, digit_features):

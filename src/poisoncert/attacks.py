@@ -634,6 +634,93 @@ def _all_in_candidates(context, state, fixed, candidates, budget, top):
     return [action for gain, action in exact[:top] if gain > 0]
 
 
+def _label_split_removals(context, state, additions, candidates, budget, focus, correct, removed_label,
+                          start_time, time_budget, steps: int = 20) -> list[int]:
+    """Removals split over labels by a knapsack (spec 5d/5e's attacker splits its budget the same way).
+
+    Per label ``l``, a greedy order of the removals of ``l``-examples for the focused targets predicting ``l``;
+    the misclassified inputs after each prefix of ``budget * j / steps`` removals give a value table, and a
+    knapsack over the labels picks the prefixes. Unlike one greedy over all labels, this sees that a class's
+    targets flip only once enough of their shared neighbours are gone.
+    """
+    kind, y, a, labels, indices, ptr, act_inputs, act_pos, act_label, act_train = context
+    n_labels = int(a.max()) + 1 if len(a) else 0
+    n_labels = max(n_labels, int(removed_label.max()) + 1 if len(removed_label) else 0)
+    orders: dict[int, list[int]] = {}
+    value = np.zeros((n_labels, steps + 1), np.int64)
+    for lab in range(n_labels):
+        aimed = focus & correct & (a == lab)
+        pool = candidates[removed_label[candidates] == lab]
+        if not aimed.any() or not len(pool):
+            continue
+        order = _greedy_phase(context, state, additions, pool, budget, budget, start_time, time_budget,
+                              aimed.astype(np.float64))
+        orders[lab] = order
+        votes, end, flags = _replay(*_replay_args(context, state), additions)
+        scratch = np.zeros(votes.shape[1], np.int64)
+        rows = np.flatnonzero(aimed)
+        done = 0
+        for j in range(steps + 1):
+            upto = min(len(order), budget * j // steps)
+            for action in order[done:upto]:
+                _simulate(kind, action, True, votes, end, flags, y, a, labels, indices, ptr, act_inputs, act_pos,
+                          act_label, act_train, scratch)
+            done = upto
+            value[lab, j] = sum(_prediction(votes[i]) != y[i] for i in rows)
+    # Knapsack over labels in units of budget / steps.
+    best = np.full(steps + 1, -1, np.int64)
+    best[0] = 0
+    pick = np.zeros((n_labels, steps + 1), np.int64)
+    for lab in range(n_labels):
+        new = best.copy()
+        for used in range(steps + 1):
+            if best[used] < 0:
+                continue
+            for j in range(1, steps + 1 - used):
+                if best[used] + value[lab, j] - value[lab, 0] > new[used + j]:
+                    new[used + j] = best[used] + value[lab, j] - value[lab, 0]
+                    pick[lab, used + j] = j
+        pick[lab] = np.where(new > best, pick[lab], 0)  # 0: this label takes nothing at that capacity
+        best = new
+    used = int(np.argmax(best))
+    chosen: list[int] = []
+    for lab in range(n_labels - 1, -1, -1):
+        j = int(pick[lab, used])
+        if j and lab in orders:
+            chosen.extend(orders[lab][: budget * j // steps])
+        used -= j
+    return chosen
+
+
+def _split_at_site(context, state, fixed, site_actions: dict[int, int], budget: int, steps: int = 12) -> list[int]:
+    """Copies per label at one site, summing to ``budget``, that misclassify the most inputs it reaches.
+
+    The copies each reached input needs of each label (:func:`_copies_needed`, exact given ``fixed``) are
+    computed once; splits of the budget over the three most useful labels are tried on a grid.
+    """
+    kind, y, a, labels, indices, ptr, act_inputs, act_pos, act_label, act_train = context
+    votes, end, flags = _replay(*_replay_args(context, state), fixed)
+    actions = list(site_actions.values())
+    rows = act_inputs[ptr[actions[0]]:ptr[actions[0] + 1]]  # every label's action at a site reaches the same rows
+    need = np.empty((len(actions), len(rows)), np.int64)
+    for j, action in enumerate(actions):
+        _copies_needed(kind, votes, end, flags, y, a, labels, indices, rows, int(act_label[action]), budget, need[j])
+    top = np.argsort(-(need <= budget).sum(axis=1), kind="stable")[:3]
+    best, best_copies = -1, None
+    for i in range(steps + 1):
+        for j in range(steps + 1 - i):
+            shares = np.array([i, j, steps - i - j])[: len(top)]
+            if shares.sum() != steps:
+                continue
+            copies = budget * shares // steps
+            copies[0] += budget - copies.sum()
+            covered = int(np.count_nonzero(np.any(need[top] <= copies[:, None], axis=0)))
+            if covered > best:
+                best, best_copies = covered, copies
+    return [actions[t] for t, n_copies in zip(top.tolist(), best_copies.tolist(), strict=True)
+            for _ in range(n_copies)]
+
+
 def _site_medians(X: np.ndarray, groups: list[np.ndarray], per_group: int, rng: np.random.Generator,
                   min_size: int = 8) -> np.ndarray:
     """L1 medians of up to ``per_group`` clusters (of at least ``min_size`` members) of each group of target
@@ -844,29 +931,43 @@ def attack(
     if unknown or not strategies:
         raise ValueError(f"strategies must name 'concentrated' and/or 'spread', got {strategies!r}")
     if add_budget and not flip and "concentrated" in strategies:
-        pool = [*_all_in_candidates(context, state, [], np.flatnonzero(is_addition), add_budget, top_sites),
-                *_all_in_candidates(context, state, [], np.flatnonzero(is_addition), add_budget + remove_budget,
-                                    top_sites)]
+        additions_at = np.flatnonzero(is_addition)
+        by_site: dict[int, dict[int, int]] = {}
+        for action in additions_at.tolist():
+            by_site.setdefault(int(act_site[action]), {})[int(act_label[action])] = action
+        removed_label = np.where(act_train >= 0, state["train_labels"][np.maximum(act_train, 0)], -1)
+        pool = [*_all_in_candidates(context, state, [], additions_at, add_budget, top_sites),
+                *_all_in_candidates(context, state, [], additions_at, add_budget + remove_budget, top_sites)]
         for action in dict.fromkeys(pool):
-            for _ in range(2):
-                additions = [action] * add_budget
+            site = int(act_site[action])
+            focus = np.zeros(n_test, dtype=bool)
+            focus[act_inputs[ptr[action]:ptr[action + 1]]] = True
+            additions = [action] * add_budget
+            for _ in range(3):
                 removals = []
                 if remove_budget:
-                    focus = np.zeros(n_test, dtype=bool)
-                    focus[act_inputs[ptr[action]:ptr[action + 1]]] = True
+                    split_removals = _label_split_removals(
+                        context, state, additions, np.flatnonzero(~is_addition), remove_budget, focus, correct,
+                        removed_label, start_time, time_budget)
                     removals = _greedy_phase(context, state, additions, np.flatnonzero(~is_addition), remove_budget,
                                              remove_budget, start_time, time_budget,
                                              np.where(focus & correct, 1.0, 0.3))
-                candidate = additions + removals
-                wrong = _wrong(_replay(*_replay_args(context, state), candidate)[0], y_index)
-                if wrong > best_wrong:
-                    chosen, best_wrong = candidate, wrong
-                if not remove_budget:
+                    if (_wrong(_replay(*_replay_args(context, state), additions + split_removals)[0], y_index)
+                            > _wrong(_replay(*_replay_args(context, state), additions + removals)[0], y_index)):
+                        removals = split_removals
+                # Given the removals, the addition budget split over the site's labels (targets predicting the
+                # site's first label need another one).
+                split = _split_at_site(context, state, removals, by_site[site], add_budget)
+                for trial in (additions, split):
+                    candidate = trial + removals
+                    wrong = _wrong(_replay(*_replay_args(context, state), candidate)[0], y_index)
+                    if wrong > best_wrong:
+                        chosen, best_wrong = candidate, wrong
+                if not remove_budget or sorted(split) == sorted(additions):
                     break
-                better = _all_in_candidates(context, state, removals, np.flatnonzero(is_addition), add_budget, 1)
-                if not better or better[0] == action:
+                additions = split
+                if time_budget is not None and time.perf_counter() - start_time > time_budget / 2:
                     break
-                action = better[0]
             if time_budget is not None and time.perf_counter() - start_time > time_budget / 2:
                 break
     # 2. Spread: lazy greedy over many sites and labels, alternating with removals.
@@ -1064,7 +1165,10 @@ def _addition_actions(estimator: Any, state: dict[str, Any], X_test: np.ndarray,
         aimed = touched[is_target[touched]]
         if not len(aimed):
             continue
-        for lab in np.unique(_cheapest_rivals(state["votes"][aimed], a[aimed])).tolist():
+        rivals = np.unique(_cheapest_rivals(state["votes"][aimed], a[aimed]))
+        if len(aimed) * 20 >= len(targets):  # a central site: every label, for the concentrated split
+            rivals = np.arange(c)
+        for lab in rivals.tolist():
             actions.add(lab, -1, touched, np.zeros(len(touched), np.int64), site=s)
 
 
