@@ -79,8 +79,22 @@ def test_index_equals_the_single_process_engine_for_random_shapes_and_shards(cli
                            chunk_size=chunk_size)
     assert isinstance(index, DaskNeighbourIndex) and index.backend == "dask"
     assert index.n_shards_ == -(-n_train // shard_size)
-    radii = [float(np.median(reference.ordered_neighbors(X_test, n_train // 3)[1][:, -1])), 0.5, 2.5]
+    # A radius at a typical distance (many ties on the boundary), and two fixed ones.
+    radii = [float(np.median(reference.ordered_neighbors(X_test, n_train // 3)[1][:, -1])) + 0.01, 0.5, 2.5]
     assert_same_engine(index, reference, X_test, min(n_train, int(rng.integers(1, 2 * shard_size))), radii, 3, rng)
+
+
+def test_workers_running_the_pytorch_kernels_give_the_same_result(client):
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    X_train, X_test = tie_heavy(rng, 64, 12, 3, np.float32)
+    y_train = rng.integers(0, 3, size=64)
+    reference = NeighbourIndex(X_train, y_train, metric="l2", backend="numba")
+    # "torch" runs on the CPU here; on a worker with a CUDA GPU, "auto" picks the same kernels on the device.
+    # One shard: one worker imports PyTorch (seconds), the merges are covered by the other tests.
+    index = DaskNeighbourIndex(X_train, y_train, metric="l2", worker_backend="torch", shard_size=64)
+    assert client.submit(lambda shard: shard.backend, index._shards[0]).result() == "torch"
+    assert_same_engine(index, reference, X_test, 30, [1.0, 0.5], 3, rng)
 
 
 def test_estimators_certify_identically_for_every_threat_model_and_joint_certificate(client):
@@ -88,7 +102,7 @@ def test_estimators_certify_identically_for_every_threat_model_and_joint_certifi
     X_train, X_test = tie_heavy(rng, 70, 18, 3, np.float64)
     names = np.array(["ant", "bee", "cow"])
     y_train, y_test = names[rng.integers(0, 3, size=70)], names[rng.integers(0, 3, size=18)]
-    grid = np.arange(0, 12)
+    grid = np.arange(0, 5)  # up to the smallest max_e below
 
     def assert_same(got, expected):
         assert got.keys() == expected.keys()
@@ -126,32 +140,34 @@ def test_estimators_certify_identically_for_every_threat_model_and_joint_certifi
 
 def test_npy_memmap_and_zarr_sources_are_read_by_the_workers(client, tmp_path):
     rng = np.random.default_rng(5)
-    X_train, X_test = tie_heavy(rng, 120, 9, 4, np.float32)
-    y_train = rng.integers(0, 4, size=120)
+    X_train, X_test = tie_heavy(rng, 1200, 9, 4, np.float32)
+    y_train = rng.integers(0, 4, size=1200)
     np.save(tmp_path / "train.npy", X_train)
     reference = NeighbourIndex(X_train, y_train, metric="l2", backend="numba")
-    sources = [np.load(tmp_path / "train.npy", mmap_mode="r"), str(tmp_path / "train.npy")]
+    sources = [np.load(tmp_path / "train.npy", mmap_mode="r")]
     zarr = pytest.importorskip("zarr")
-    store = zarr.create_array(str(tmp_path / "train.zarr"), shape=X_train.shape, chunks=(25, 4), dtype="f4")
+    store = zarr.open_array(str(tmp_path / "train.zarr"), mode="w", shape=X_train.shape, chunks=(250, 4), dtype="f4")
     store[:] = X_train
     sources.append(store)
     for source in sources:
         described = training_source(source)
         assert described.kind in ("npy", "zarr")
         # A read task carries the source's location and a row range, never the rows.
-        assert len(pickle.dumps(described.piece(0, 120))) < 4000 < X_train.nbytes
-        index = NeighbourIndex(source, y_train, metric="l2", backend="dask", shard_size=40)
+        assert len(pickle.dumps(described.piece(0, 1200))) < 4000 < X_train.nbytes
+        index = NeighbourIndex(source, y_train, metric="l2", backend="dask", shard_size=400)
         labels, votes = index.search(X_test, n_neighbors=50, radii=[1.0, 2.0], n_classes=4)
         expected_labels, expected_votes = reference.search(X_test, n_neighbors=50, radii=[1.0, 2.0], n_classes=4)
         np.testing.assert_array_equal(labels, expected_labels)
         np.testing.assert_array_equal(votes, expected_votes)
-    # Default shards: the rows split over the cluster's 2 threads, rounded up to whole zarr chunks of 25 rows.
-    assert NeighbourIndex(store, y_train, backend="dask").shard_bounds_.tolist() == [0, 75, 120]
+    # Default shards: the rows split over the cluster's 2 threads, rounded up to whole zarr chunks of 250 rows.
+    assert NeighbourIndex(store, y_train, backend="dask").shard_bounds_.tolist() == [0, 750, 1200]
     # A slice of a memory map is not the whole file: it is treated as an in-memory array.
     assert training_source(np.load(tmp_path / "train.npy", mmap_mode="r")[10:]).kind == "array"
-    model = CertifiedKNeighborsClassifier(n_neighbors=5, backend="dask").fit(sources[0], y_train)
-    np.testing.assert_array_equal(model.vote_counts(X_test),
-                                  CertifiedKNeighborsClassifier(n_neighbors=5).fit(X_train, y_train).vote_counts(X_test))
+    # The estimators take a path as well.
+    model = CertifiedKNeighborsClassifier(n_neighbors=5, backend="dask").fit(str(tmp_path / "train.npy"), y_train)
+    assert model.index_.source_.kind == "npy"
+    single = CertifiedKNeighborsClassifier(n_neighbors=5).fit(X_train, y_train)
+    np.testing.assert_array_equal(model.vote_counts(X_test), single.vote_counts(X_test))
 
 
 def test_bad_training_data_is_refused_by_the_workers_with_the_engine_messages(client, tmp_path):
@@ -198,7 +214,7 @@ def test_a_worker_killed_during_a_search_changes_nothing(client, tmp_path):
     expected = NeighbourIndex(X_train, y_train, backend="numba").search(X_test, 40, [0.8], 3)
     # Many small blocks, so that the run is still going when the worker dies; both workers hold shards.
     index = NeighbourIndex(np.load(tmp_path / "train.npy", mmap_mode="r"), y_train, backend="dask",
-                           shard_size=1500, chunk_size=4)
+                           shard_size=1500, chunk_size=8)
     pids = client.run(os.getpid)
     outcome: dict[str, object] = {}
 
@@ -224,3 +240,44 @@ def test_a_worker_killed_during_a_search_changes_nothing(client, tmp_path):
     np.testing.assert_array_equal(labels, expected[0])
     np.testing.assert_array_equal(votes, expected[1])
     client.wait_for_workers(2, timeout=60)  # the nanny restarts it
+
+
+def test_cli_scheduler_local_gives_the_single_process_results(tmp_path):
+    """`poisoncert certify --scheduler local:2` writes the same curves and certificates as the default engine."""
+    from typer.testing import CliRunner
+
+    from poisoncert.cli import app
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 120)
+    X = np.round(np.eye(3)[y] * 2 + rng.normal(scale=0.6, size=(120, 3)), 1)
+    np.savez(tmp_path / "train.npz", X=X[:90], y=y[:90])
+    np.savez(tmp_path / "test.npz", X=X[90:], y=y[90:])
+    runner = CliRunner()
+    outputs = {}
+    for name, extra in (("local", []), ("dask", ["--scheduler", "local:2"])):
+        result = runner.invoke(app, ["certify", "--train", str(tmp_path / "train.npz"), "--test",
+                                     str(tmp_path / "test.npz"), "--knn", "7", "--rnn", "1.2", "--e-max", "8",
+                                     "--out", str(tmp_path / name), "--no-progress", *extra])
+        assert result.exit_code == 0, result.output
+        outputs[name] = result.output
+    for file in ("curves.csv", "examples.csv"):
+        def body(path):
+            return [line for line in path.read_text().splitlines() if not line.startswith("#")]
+        assert body(tmp_path / "local" / file) == body(tmp_path / "dask" / file)
+
+
+def test_cli_unreachable_scheduler_fails_fast_and_writes_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from poisoncert.cli import app
+
+    np.savez(tmp_path / "train.npz", X=np.eye(3), y=np.arange(3))
+    start = time.perf_counter()
+    result = CliRunner().invoke(app, ["certify", "--train", str(tmp_path / "train.npz"), "--test",
+                                      str(tmp_path / "train.npz"), "--knn", "1", "--scheduler",
+                                      "tcp://127.0.0.1:9", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 2
+    assert "127.0.0.1:9" in result.output
+    assert time.perf_counter() - start < 30
+    assert not (tmp_path / "out").exists()

@@ -332,6 +332,18 @@ CacheDirInput = Annotated[Path | None, typer.Option(help="Cache folder (default:
                                                         "user cache dir).")]
 
 
+@contextlib.contextmanager
+def _neighbour_backend(scheduler: str | None) -> Iterator[str]:
+    """"auto" (this process), or "dask" with a client connected to ``scheduler`` for the duration."""
+    if scheduler is None:
+        yield "auto"
+        return
+    from .distributed import connect
+
+    with connect(scheduler):
+        yield "dask"
+
+
 @app.command()
 @_friendly
 def certify(
@@ -368,6 +380,10 @@ def certify(
                                                     "lower bounds (bracket.csv/png, attack-*.npz).")] = None,
     attack_time_budget: AttackBudgetOption = 180.0,
     seed: SeedOption = 0,
+    scheduler: Annotated[str | None, typer.Option(help="Run the kNN/rNN neighbour search on a Dask cluster: "
+                                                       "tcp://HOST:PORT of a running scheduler, or local:N to "
+                                                       "start N local worker processes (pip install "
+                                                       "'poisoncert[dask]'). Results are bit-identical.")] = None,
     out: OutOption = Path("poisoncert-out"),
     progress: ProgressOption = True,
 ) -> None:
@@ -393,21 +409,23 @@ def certify(
     methods = {"knn": knn, "rnn": rnn, "dpa": dpa, "bagging": bagging_specs, "alpha": alpha, "metric": metric,
                "threat_model": threat_model}
     check_methods(None, **methods)  # every parameter is checked before any data is read
-    X_train, y_train, X_test, y_test, info, source = _load_inputs(
-        train, test, train_labels, test_labels, dataset, features, data_path, checkpoint, cache_dir, unlabelled,
-        progress)
-    settings = {**info, "metric": metric, "threat_model": threat_model, "alpha": alpha if bagging else None,
-                "split_time_limit_s": split_time_limit}
-    results = certify_methods(X_train, y_train, X_test, y_test, **methods, progress=progress, metadata=info,
-                              max_e=e_max, time_limit=split_time_limit)
-    subtitle = (f"{source}, n_train={len(np.asarray(X_train))}, n_test={len(np.asarray(X_test))}, {metric}, "
-                f"{threat_model} threat model")
-    _report(results, e_max, e_step, out, "Certified accuracy under data poisoning", subtitle, settings)
-    if budgets is not None:
-        if y_test is None:
-            _fail("--attack needs test labels: an attack's verified accuracy is measured on them")
-        _attack_report(X_train, y_train, X_test, y_test, budgets, knn, rnn, metric, threat_model, seed,
-                       attack_time_budget, progress, results, info, settings, subtitle, out)
+    with _neighbour_backend(scheduler) as backend:  # an unreachable scheduler fails here, before any work
+        X_train, y_train, X_test, y_test, info, source = _load_inputs(
+            train, test, train_labels, test_labels, dataset, features, data_path, checkpoint, cache_dir, unlabelled,
+            progress)
+        settings = {**info, "metric": metric, "threat_model": threat_model, "alpha": alpha if bagging else None,
+                    "split_time_limit_s": split_time_limit, "neighbour_backend": backend,
+                    "scheduler": scheduler}
+        results = certify_methods(X_train, y_train, X_test, y_test, **methods, backend=backend, progress=progress,
+                                  metadata=info, max_e=e_max, time_limit=split_time_limit)
+        subtitle = (f"{source}, n_train={len(np.asarray(X_train))}, n_test={len(np.asarray(X_test))}, {metric}, "
+                    f"{threat_model} threat model")
+        _report(results, e_max, e_step, out, "Certified accuracy under data poisoning", subtitle, settings)
+        if budgets is not None:
+            if y_test is None:
+                _fail("--attack needs test labels: an attack's verified accuracy is measured on them")
+            _attack_report(X_train, y_train, X_test, y_test, budgets, knn, rnn, metric, threat_model, seed,
+                           attack_time_budget, progress, results, info, settings, subtitle, out)
 
 
 def _attack_report(X_train, y_train, X_test, y_test, budgets, knn, rnn, metric, threat_model, seed, time_budget,

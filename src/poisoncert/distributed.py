@@ -46,7 +46,6 @@ from typing import Any
 
 import numba
 import numpy as np
-from numba import prange
 
 from ._io import example_digests, label_codes
 from ._validation import check_features, check_metric, check_positive_int
@@ -324,8 +323,43 @@ def _distinct_words(raw: _RawShard) -> np.ndarray:
     return np.unique(raw.words, axis=0)
 
 
+@numba.njit(cache=True)
+def _merge_distinct(a, b):  # pragma: no cover - compiled
+    """The sorted distinct rows of two sorted distinct row arrays (lexicographic uint64 order), in O(len)."""
+    out = np.empty((a.shape[0] + b.shape[0], a.shape[1]), a.dtype)
+    i = 0
+    j = 0
+    n = 0
+    while i < a.shape[0] or j < b.shape[0]:
+        order = 0  # -1: a's row first, 1: b's row first, 0: equal rows (kept once)
+        if i == a.shape[0]:
+            order = 1
+        elif j == b.shape[0]:
+            order = -1
+        else:
+            for w in range(a.shape[1]):
+                if a[i, w] != b[j, w]:
+                    order = -1 if a[i, w] < b[j, w] else 1
+                    break
+        if order <= 0:
+            out[n] = a[i]
+            i += 1
+            if order == 0:
+                j += 1
+        else:
+            out[n] = b[j]
+            j += 1
+        n += 1
+    return out[:n]
+
+
 def _union_words(parts: list[np.ndarray]) -> np.ndarray:
-    return np.unique(np.concatenate(parts), axis=0)
+    # The parts are sorted and distinct already: merging them (pairwise) is linear, where re-sorting their
+    # concatenation would be the one serial step of the rank pass that grows with the training set.
+    while len(parts) > 1:
+        parts = [_merge_distinct(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    return parts[0]
 
 
 @numba.njit(cache=True)
@@ -484,16 +518,17 @@ def _search_block(shard: _ShardIndex, Q: np.ndarray, k: int | None, padded: np.n
     return out
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def _merge_runs(bits, rank, row, bounds, k, out):  # pragma: no cover - compiled
     """out[i] = columns of the first k of row i over sorted runs ``bounds[s]:bounds[s+1]``.
 
     Each run is sorted by the global order key (distance bits ascending, rank descending, row ascending); the
     merge repeatedly takes the smallest head. Rows are unique, so the key is a total order and the result does
-    not depend on the runs' order or grouping.
+    not depend on the runs' order or grouping. Serial: it costs O(k * runs) per row, far below the blocks' work,
+    and a parallel kernel would take each worker process seconds to compile or load.
     """
     n_runs = bounds.shape[0] - 1
-    for i in prange(bits.shape[0]):
+    for i in range(bits.shape[0]):
         heads = bounds[:-1].copy()
         for t in range(k):
             best = -1
@@ -594,6 +629,14 @@ def _hold(value: Any) -> Any:
     return value
 
 
+def _workers(client: Any) -> dict[str, dict[str, Any]]:
+    """Every worker's scheduler record (recent versions list only the first few unless asked for all)."""
+    try:
+        return client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:  # distributed before the n_workers argument: it lists them all
+        return client.scheduler_info()["workers"]
+
+
 def _usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -607,7 +650,7 @@ def _thread_budgets(client: Any) -> dict[str, int]:
     Without this, every worker process would start one Numba thread per core and N workers on one machine would
     oversubscribe it N times.
     """
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    workers = _workers(client)
     cores = client.run(_usable_cores, on_error="return")
     threads_per_host: dict[str, int] = {}
     for info in workers.values():
@@ -643,7 +686,9 @@ class DaskNeighbourIndex(NeighbourIndex):
     chunk_size : int, optional
         Test inputs per block. By default derived from ``max_memory_mb`` and the shard size.
     max_memory_mb : float, default 512
-        Working-memory budget of one block (its distance rows and candidate buffers) and one merge.
+        Working-memory budget of one block (its distance rows and candidate buffers) and one merge. Each worker
+        thread keeps its block's distance buffer for the next block (allocating it afresh would page-fault it
+        whole every time), so an idle worker holds up to this much per thread besides its shards.
     progress : bool, default False
         Show a tqdm progress bar over test chunks.
     shard_size : int, optional
@@ -660,6 +705,8 @@ class DaskNeighbourIndex(NeighbourIndex):
         As in :class:`NeighbourIndex`.
     shard_bounds_ : ndarray of int64
         Shard ``s`` holds training rows ``shard_bounds_[s]:shard_bounds_[s + 1]``.
+    fit_seconds_ : dict
+        Wall seconds of the fit's phases: reading and hashing the shards, ranks, building the shards.
     last_run_ : dict
         Statistics of the last search: blocks, per-block compute seconds, merge seconds, wall seconds.
     """
@@ -713,7 +760,7 @@ class DaskNeighbourIndex(NeighbourIndex):
     # ---------------------------------------------------------------------------------------------------------
     def _fit(self, source: TrainingSource, y: np.ndarray, codes: np.ndarray, shard_size: int | None) -> None:
         client = self._client
-        workers = sorted(client.scheduler_info(n_workers=-1)["workers"].items())
+        workers = sorted(_workers(client).items())
         if not workers:
             raise ValueError("the Dask cluster has no workers")
         if shard_size is None:
@@ -736,11 +783,14 @@ class DaskNeighbourIndex(NeighbourIndex):
             raws = [client.submit(_read_shard, source.piece(a, b), self.n_features_in_, codes[a:b], pure=False,
                                   workers=[addresses[s % len(addresses)]], allow_other_workers=True)
                     for s, (a, b) in enumerate(spans)]
+        began = time.perf_counter()
         peaks = [client.submit(_peak, raw, pure=False) for raw in raws]
+        peak = max(client.gather(peaks))
+        read_seconds = time.perf_counter() - began
         table = _tree([client.submit(_distinct_words, raw, pure=False) for raw in raws],
                       lambda group: client.submit(_union_words, group, pure=False))
         rank_parts = client.gather([client.submit(_shard_ranks, table, raw, pure=False) for raw in raws])
-        peak = max(client.gather(peaks))
+        rank_seconds = time.perf_counter() - began - read_seconds
         del table, peaks
         self._ranks = np.concatenate(rank_parts)
         self._train_peak = peak
@@ -756,6 +806,8 @@ class DaskNeighbourIndex(NeighbourIndex):
             if shard.status == "error":
                 shard.result()  # raises the worker's exception (e.g. a zero row under the cosine metric)
         self._shards = shards
+        self.fit_seconds_ = {"read_and_hash": read_seconds, "ranks": rank_seconds,
+                             "build": time.perf_counter() - began - read_seconds - rank_seconds}
 
     @property
     def ranks_(self) -> np.ndarray:
@@ -765,7 +817,9 @@ class DaskNeighbourIndex(NeighbourIndex):
     @property
     def order_(self) -> np.ndarray:
         """Training rows in the global tie order (rank descending, then row), as :attr:`NeighbourIndex.order_`."""
-        return np.lexsort((np.arange(self.n_train_), -self._ranks))
+        if getattr(self, "_order", None) is None:
+            self._order = np.lexsort((np.arange(self.n_train_), -self._ranks))
+        return self._order
 
     @property
     def n_shards_(self) -> int:
@@ -905,7 +959,7 @@ class DaskNeighbourIndex(NeighbourIndex):
         client = self._client
         began = time.perf_counter()
         budgets = _thread_budgets(client)
-        threads = sum(int(info["nthreads"]) for info in client.scheduler_info(n_workers=-1)["workers"].values())
+        threads = sum(int(info["nthreads"]) for info in _workers(client).values())
         rows = self._task_rows(len(Q), k, n_radii, n_classes)
         starts = list(range(0, len(Q), rows))
         window = max(2, math.ceil(2 * max(threads, 1) / self.n_shards_)) + 1
