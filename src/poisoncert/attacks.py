@@ -649,6 +649,8 @@ def _label_split_removals(context, state, additions, candidates, budget, focus, 
     orders: dict[int, list[int]] = {}
     value = np.zeros((n_labels, steps + 1), np.int64)
     for lab in range(n_labels):
+        if _over(start_time, time_budget):
+            break
         aimed = focus & correct & (a == lab)
         pool = candidates[removed_label[candidates] == lab]
         if not aimed.any() or not len(pool):
@@ -944,6 +946,8 @@ def attack(
             focus[act_inputs[ptr[action]:ptr[action + 1]]] = True
             additions = [action] * add_budget
             for _ in range(3):
+                if _over(start_time, time_budget) and best_wrong >= 0:
+                    break
                 removals = []
                 if remove_budget:
                     split_removals = _label_split_removals(
@@ -975,6 +979,8 @@ def attack(
         additions: list[int] = []
         removals: list[int] = []
         for round_ in range(max(1, rounds)):
+            if _over(start_time, time_budget) and best_wrong >= 0:
+                break
             if flip:
                 weight = np.where(correct, 1.0, harm)
                 candidate = _greedy_phase(context, state, [], np.flatnonzero(~is_addition), e, e, start_time,
@@ -1236,6 +1242,8 @@ def _plan_additions(context, state, fixed, candidates, budget, share, start_time
 
     heap = []
     for action in candidates.tolist():
+        if time_budget is not None and time.perf_counter() - start_time > time_budget:
+            return chosen  # scoring every candidate exactly is the costly part for kNN (a walk per input)
         score, copies, _ = value(action)
         if copies:
             heap.append((-score, action))
@@ -1268,6 +1276,8 @@ def _greedy_phase(context, state, fixed, candidates, budget, cap, start_time, ti
     votes, end, flags = _replay(*_replay_args(context, state), fixed)
     scratch = np.zeros(votes.shape[1], np.int64)
     heap = []
+    if _over(start_time, time_budget):
+        return []
     for action in candidates.tolist():
         gain = _simulate(kind, action, False, votes, end, flags, y, a, labels, indices, ptr, act_inputs, act_pos,
                          act_label, act_train, scratch, cap, weight)
@@ -1294,6 +1304,10 @@ def _greedy_phase(context, state, fixed, candidates, budget, cap, start_time, ti
         chosen.append(action)
         used.add(int(act_train[action]))
     return chosen
+
+
+def _over(start_time: float, time_budget: float | None) -> bool:
+    return time_budget is not None and time.perf_counter() - start_time > time_budget
 
 
 def _wrong(votes: np.ndarray, y: np.ndarray) -> int:
