@@ -39,6 +39,7 @@ import numpy as np
 from . import __version__
 from ._io import atomic_write, example_digests, label_codes, write_json
 from ._validation import check_features
+from .votes import predict
 
 __all__ = [
     "PoisonedSet",
@@ -341,7 +342,7 @@ def witness(estimator: Any, X_train: np.ndarray, y_train: np.ndarray, x: np.ndar
                 indices, _ = estimator.index_.ordered_neighbors(x, width)
                 labels = estimator._y_index[indices]
                 sizes, decided = knn_deletion_scan(
-                    labels, np.array([_votes_rule(np.bincount(labels[0, :k], minlength=c))[0]]), k, c, n)
+                    labels, predict(np.bincount(labels[0, :k], minlength=c)[None, :]), k, c, n)
                 if decided[0] or width == n:
                     break
                 width = min(n, 2 * width)
@@ -615,7 +616,7 @@ def _all_in_candidates(context, state, fixed, candidates, budget, top):
     votes, end, flags = _replay(*_replay_args(context, state), fixed)
     n = len(y)
     rival_margin = votes[np.arange(n), a][:, None] - votes + (a[:, None] > np.arange(votes.shape[1])[None, :])
-    correct = np.array([_prediction(v) == t for v, t in zip(votes, y, strict=True)])
+    correct = predict(votes) == y
     # A cheap proxy first (reached correct inputs within the budget's margin; a kNN copy moves it by 1 or 2),
     # then the exact count for the best few.
     proxy = np.empty(len(candidates), np.int64)
@@ -668,7 +669,7 @@ def _label_split_removals(context, state, additions, candidates, budget, focus, 
                 _simulate(kind, action, True, votes, end, flags, y, a, labels, indices, ptr, act_inputs, act_pos,
                           act_label, act_train, scratch)
             done = upto
-            value[lab, j] = sum(_prediction(votes[i]) != y[i] for i in rows)
+            value[lab, j] = np.count_nonzero(predict(votes[rows]) != y[rows])
     # Knapsack over labels in units of budget / steps.
     best = np.full(steps + 1, -1, np.int64)
     best[0] = 0
@@ -814,7 +815,7 @@ def prepare_attack(estimator: Any, X_test: np.ndarray, y_test: np.ndarray, e_max
     y_index = _encode(estimator.classes_, y_test)
     knn = hasattr(estimator, "n_neighbors")
     state = _knn_state(estimator, X_test, e_max) if knn else _rnn_state(estimator, X_test)
-    a = np.array([_votes_rule(row)[0] for row in state["votes"]], dtype=np.int64)
+    a = predict(state["votes"])
     targets = np.flatnonzero(a == y_index)
     c = len(estimator.classes_)
     removals = _Actions()
@@ -956,15 +957,15 @@ def attack(
                     removals = _greedy_phase(context, state, additions, np.flatnonzero(~is_addition), remove_budget,
                                              remove_budget, start_time, time_budget,
                                              np.where(focus & correct, 1.0, 0.3))
-                    if (_wrong(_replay(*_replay_args(context, state), additions + split_removals)[0], y_index)
-                            > _wrong(_replay(*_replay_args(context, state), additions + removals)[0], y_index)):
+                    if (_misclassified_after(context, state, additions + split_removals)
+                            > _misclassified_after(context, state, additions + removals)):
                         removals = split_removals
                 # Given the removals, the addition budget split over the site's labels (targets predicting the
                 # site's first label need another one).
                 split = _split_at_site(context, state, removals, by_site[site], add_budget)
                 for trial in (additions, split):
                     candidate = trial + removals
-                    wrong = _wrong(_replay(*_replay_args(context, state), candidate)[0], y_index)
+                    wrong = _misclassified_after(context, state, candidate)
                     if wrong > best_wrong:
                         chosen, best_wrong = candidate, wrong
                 if not remove_budget or sorted(split) == sorted(additions):
@@ -1001,7 +1002,7 @@ def attack(
                     removals = _greedy_phase(context, state, additions, np.flatnonzero(~is_addition), remove_budget,
                                              remove_budget, start_time, time_budget, weight)
                 candidate = additions + removals
-            wrong = _wrong(_replay(*_replay_args(context, state), candidate)[0], y_index)
+            wrong = _misclassified_after(context, state, candidate)
             if wrong > best_wrong:
                 chosen, best_wrong = candidate, wrong
             if flip or time_budget is not None and time.perf_counter() - start_time > time_budget:
@@ -1013,7 +1014,7 @@ def attack(
     poisoned = _materialise(chosen, act_label, act_train, act_site, sites, X_train, estimator.classes_, e,
                             threat_model, knn)
     final_votes, _, _ = _replay(*_replay_args(context, state), chosen)
-    search_accuracy = float(np.mean([_prediction(v) == t for v, t in zip(final_votes, y_index, strict=True)]))
+    search_accuracy = float(np.mean(predict(final_votes) == y_index))
     result = verify(estimator, X_train, y_train, poisoned, X_test, y_test, seconds=time.perf_counter() - start_time,
                     search_accuracy=search_accuracy)
     if bar:
@@ -1310,8 +1311,10 @@ def _over(start_time: float, time_budget: float | None) -> bool:
     return time_budget is not None and time.perf_counter() - start_time > time_budget
 
 
-def _wrong(votes: np.ndarray, y: np.ndarray) -> int:
-    return int(sum(_prediction(v) != t for v, t in zip(votes, y, strict=True)))
+def _misclassified_after(context, state, actions: list[int]) -> int:
+    """Misclassified test inputs once ``actions`` are carried out on the clean state (exact vote bookkeeping)."""
+    votes = _replay(*_replay_args(context, state), actions)[0]
+    return int(np.count_nonzero(predict(votes) != context[1]))
 
 
 def _materialise(chosen, act_label, act_train, act_site, sites, X_train, classes, e, threat_model, knn):

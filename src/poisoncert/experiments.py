@@ -473,7 +473,6 @@ def write_attack_outputs(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names: dict[str, str] = {}
     rows = [row for run in runs for row in run.bracket_rows()]
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".poisoncert-staging-") as staging:
         staged = Path(staging)
@@ -482,7 +481,6 @@ def write_attack_outputs(
                 stem = f"attack-{run.name}-e{attack.poisoned.e}"
                 record = {**attack.record(), "certificate": run.result.describe(), "settings": settings}
                 attack.poisoned.save(staged / f"{stem}.npz", metadata=record)
-                names[f"{stem}.npz"] = names[f"{stem}.json"] = stem
         _write_bracket_csv(staged / "bracket.csv", rows, settings)
         write_json(staged / "bracket.json", {"poisoncert_version": __version__, "settings": settings,
                                              "kind": "certified lower bound <= CA(e) <= verified attack accuracy "

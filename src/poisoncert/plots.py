@@ -87,12 +87,7 @@ def plot_curves(
     # Below the axes, so the legend never hides a curve.
     axes.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     axes.set_title(title if subtitle is None else f"{title}\n{subtitle}", fontsize=10)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(figure)
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    _save(figure, path)
 
 
 def plot_bracket(
@@ -142,6 +137,13 @@ def plot_bracket(
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     axes.set_title(title if subtitle is None else f"{title}\n{subtitle}", fontsize=10)
+    _save(figure, path)
+
+
+def _save(figure: Any, path: str | os.PathLike[str]) -> None:
+    """Write a finished figure as PNG, atomically, and release it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
