@@ -205,6 +205,32 @@ def test_memory_budget_and_chunking_do_not_change_results():
     np.testing.assert_array_equal(tiny.radius_votes(X_test, [1, 2], 3), full.radius_votes(X_test, [1, 2], 3))
 
 
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("max_memory_mb", [512, 0.002])
+def test_fused_search_matches_reference(metric, dtype, max_memory_mb):
+    # The one-pass kernel (distances, radius counts and selection per cache-sized block of test rows) against the
+    # reference, over several blocks and a partial one, and with blocks cut down to single rows by the budget.
+    X_train, y_train, X_test = tie_heavy_data(31, n_train=70, n_test=53, dtype=dtype)
+    order, D = reference_order(X_train, y_train, X_test, metric)
+    index = NeighbourIndex(X_train, y_train, metric=metric, backend="numba", max_memory_mb=max_memory_mb)
+    radii = [0.5, 2.0, 1.0]
+    labels, votes = index.search(X_test, n_neighbors=40, radii=radii, n_classes=N_CLASSES)
+    np.testing.assert_array_equal(labels, y_train[order[:, :40]])
+    for position, r in enumerate(radii):
+        cast = _radius_in(r, dtype)
+        expected = np.stack([np.bincount(y_train[D[i] <= cast], minlength=N_CLASSES) for i in range(len(X_test))])
+        np.testing.assert_array_equal(votes[position], expected)
+
+
+def _radius_in(r: float, dtype) -> float:
+    # The engine compares float32 distances with the largest float32 not above r (the same test as d <= r).
+    if dtype != np.float32:
+        return r
+    cast = np.float32(r)
+    return np.nextafter(cast, np.float32(-np.inf)) if float(cast) > r else cast
+
+
 def test_chunk_size_derived_from_budget_scales_with_training_set():
     rng = np.random.default_rng(10)
     index = NeighbourIndex(rng.random((1000, 2)), rng.integers(0, 2, 1000), backend="numba", max_memory_mb=1)

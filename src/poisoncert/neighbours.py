@@ -51,6 +51,7 @@ _BACKENDS = ("auto", "numba", "torch", "dask")
 # the width of that block. Measured on a 2-core AMD EPYC (AVX2) with 60,000 x 81 float32 training features.
 _ROW_BLOCK = 16
 _COL_BLOCK = 512
+_RADIUS_BLOCK = 1024
 _TORCH_HINT = "the torch backend needs PyTorch: pip install poisoncert[torch]"
 
 
@@ -119,81 +120,87 @@ def _encode_train_labels(y: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.nda
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
 def _distances_numba(Q, XT, out, metric):  # pragma: no cover - compiled
-    """out[i, j] = distance(Q[i], training column j of XT), accumulated over features in column order.
-
-    Cache blocking: a block of ``_ROW_BLOCK`` test rows runs over a block of ``_COL_BLOCK`` training columns, so
-    the training block stays in L1/L2 for all those rows. Four features are added per pass over the accumulator
-    row, written as ``((acc + t0) + t1) + t2) + t3``: the same left-to-right order as one feature at a time (the
-    result is bit-identical), with a quarter of the accumulator loads and stores. The innermost loop runs over
-    contiguous training columns and vectorises.
-    """
-    n_query, n_features = Q.shape
-    n_train = XT.shape[1]
-    n_blocks = (n_query + _ROW_BLOCK - 1) // _ROW_BLOCK
-    zero = out.dtype.type(0)
-    one = out.dtype.type(1)
+    """out[i, j] = distance(Q[i], training column j of XT), blocks of ``_ROW_BLOCK`` test rows in parallel."""
+    n_blocks = (Q.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK
     for block in prange(n_blocks):
         i0 = block * _ROW_BLOCK
-        i1 = min(i0 + _ROW_BLOCK, n_query)
-        for j0 in range(0, n_train, _COL_BLOCK):
-            j1 = min(j0 + _COL_BLOCK, n_train)
-            width = j1 - j0
+        i1 = min(i0 + _ROW_BLOCK, Q.shape[0])
+        _block_distances(Q, XT, i0, i1, out[i0:i1], metric)
+
+
+@numba.njit(inline="always")
+def _block_distances(Q, XT, i0, i1, out, metric):  # pragma: no cover - compiled
+    """out[i - i0, j] = distance(Q[i], training column j of XT) for the test rows ``i0 .. i1 - 1``.
+
+    Accumulated over features in column order. Cache blocking: the rows run over a block of ``_COL_BLOCK``
+    training columns, so the training block stays in L1/L2 for all of them. Four features are added per pass over
+    the accumulator row, written as ``((acc + t0) + t1) + t2) + t3``: the same left-to-right order as one feature
+    at a time (the result is bit-identical), with a quarter of the accumulator loads and stores. The innermost loop
+    runs over contiguous training columns and vectorises.
+    """
+    n_features = Q.shape[1]
+    n_train = XT.shape[1]
+    zero = out.dtype.type(0)
+    one = out.dtype.type(1)
+    for j0 in range(0, n_train, _COL_BLOCK):
+        j1 = min(j0 + _COL_BLOCK, n_train)
+        width = j1 - j0
+        for i in range(i0, i1):
+            out[i - i0, j0:j1] = zero
+        f = 0
+        while f + 4 <= n_features:
+            c0 = XT[f, j0:j1]
+            c1 = XT[f + 1, j0:j1]
+            c2 = XT[f + 2, j0:j1]
+            c3 = XT[f + 3, j0:j1]
             for i in range(i0, i1):
-                out[i, j0:j1] = zero
-            f = 0
-            while f + 4 <= n_features:
-                c0 = XT[f, j0:j1]
-                c1 = XT[f + 1, j0:j1]
-                c2 = XT[f + 2, j0:j1]
-                c3 = XT[f + 3, j0:j1]
-                for i in range(i0, i1):
-                    q0 = Q[i, f]
-                    q1 = Q[i, f + 1]
-                    q2 = Q[i, f + 2]
-                    q3 = Q[i, f + 3]
-                    acc = out[i, j0:j1]
-                    if metric == 0:
-                        for j in range(width):
-                            acc[j] = acc[j] + abs(q0 - c0[j]) + abs(q1 - c1[j]) + abs(q2 - c2[j]) + abs(q3 - c3[j])
-                    elif metric == 1:
-                        for j in range(width):
-                            d0 = q0 - c0[j]
-                            d1 = q1 - c1[j]
-                            d2 = q2 - c2[j]
-                            d3 = q3 - c3[j]
-                            acc[j] = acc[j] + d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3
-                    else:
-                        for j in range(width):
-                            acc[j] = acc[j] + q0 * c0[j] + q1 * c1[j] + q2 * c2[j] + q3 * c3[j]
-                f += 4
-            while f < n_features:
-                c0 = XT[f, j0:j1]
-                for i in range(i0, i1):
-                    q0 = Q[i, f]
-                    acc = out[i, j0:j1]
-                    if metric == 0:
-                        for j in range(width):
-                            acc[j] += abs(q0 - c0[j])
-                    elif metric == 1:
-                        for j in range(width):
-                            d0 = q0 - c0[j]
-                            acc[j] += d0 * d0
-                    else:
-                        for j in range(width):
-                            acc[j] += q0 * c0[j]
-                f += 1
-            if metric == 1:
-                for i in range(i0, i1):
-                    acc = out[i, j0:j1]
+                q0 = Q[i, f]
+                q1 = Q[i, f + 1]
+                q2 = Q[i, f + 2]
+                q3 = Q[i, f + 3]
+                acc = out[i - i0, j0:j1]
+                if metric == 0:
                     for j in range(width):
-                        acc[j] = np.sqrt(acc[j])
-            elif metric == 2:
-                for i in range(i0, i1):
-                    acc = out[i, j0:j1]
+                        acc[j] = acc[j] + abs(q0 - c0[j]) + abs(q1 - c1[j]) + abs(q2 - c2[j]) + abs(q3 - c3[j])
+                elif metric == 1:
                     for j in range(width):
-                        value = one - acc[j]
-                        # Rounding can push 1 - cos slightly below 0 (or to -0.0); distances are >= +0.
-                        acc[j] = value if value > zero else zero
+                        d0 = q0 - c0[j]
+                        d1 = q1 - c1[j]
+                        d2 = q2 - c2[j]
+                        d3 = q3 - c3[j]
+                        acc[j] = acc[j] + d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3
+                else:
+                    for j in range(width):
+                        acc[j] = acc[j] + q0 * c0[j] + q1 * c1[j] + q2 * c2[j] + q3 * c3[j]
+            f += 4
+        while f < n_features:
+            c0 = XT[f, j0:j1]
+            for i in range(i0, i1):
+                q0 = Q[i, f]
+                acc = out[i - i0, j0:j1]
+                if metric == 0:
+                    for j in range(width):
+                        acc[j] += abs(q0 - c0[j])
+                elif metric == 1:
+                    for j in range(width):
+                        d0 = q0 - c0[j]
+                        acc[j] += d0 * d0
+                else:
+                    for j in range(width):
+                        acc[j] += q0 * c0[j]
+            f += 1
+        if metric == 1:
+            for i in range(i0, i1):
+                acc = out[i - i0, j0:j1]
+                for j in range(width):
+                    acc[j] = np.sqrt(acc[j])
+        elif metric == 2:
+            for i in range(i0, i1):
+                acc = out[i - i0, j0:j1]
+                for j in range(width):
+                    value = one - acc[j]
+                    # Rounding can push 1 - cos slightly below 0 (or to -0.0); distances are >= +0.
+                    acc[j] = value if value > zero else zero
 
 
 @numba.njit(inline="always")
@@ -275,108 +282,176 @@ def _select_numba(B, k, out_pos):  # pragma: no cover - compiled
     """out_pos[i] = internal positions of the first k of row i in the order (distance, position).
 
     ``B`` is the distance matrix viewed as signed integers of the same width: distances are >= +0.0, and for
-    non-negative IEEE floats the integer bit pattern orders exactly like the value. Per row: one histogram pass
-    over ``(bits - min) >> shift`` (4096 bins) finds the bin holding the k-th smallest; one pass collects every
-    element of a lower bin and the elements of that bin (both in position order); a radix selection inside the
-    bin settles the k-th value and how many of the elements equal to it are taken (the smallest positions).
-    The k winners are then sorted by a stable LSD radix sort, so equal distances stay in position order.
+    non-negative IEEE floats the integer bit pattern orders exactly like the value. Rows in parallel
+    (:func:`_select_row`).
     """
-    n_query, n_train = B.shape
+    for i in prange(B.shape[0]):
+        scratch = _select_scratch(k, B.dtype)
+        _select_row(B[i], k, scratch, out_pos[i])
+
+
+@numba.njit(inline="always")
+def _select_scratch(k, dtype):  # pragma: no cover - compiled
+    """Per-thread buffers of :func:`_select_row`: histogram, keys and positions and their sort copies."""
+    return (np.zeros(4097, np.int64), np.empty(k, dtype), np.empty(k, np.int64), np.empty(k, dtype),
+            np.empty(k, np.int64))
+
+
+@numba.njit(inline="always")
+def _select_row(bits, k, scratch, out_pos):  # pragma: no cover - compiled
+    """out_pos = positions of the first k of ``bits`` (non-negative integers) ascending, ties by position.
+
+    One histogram pass over ``(bits - min) >> shift`` (4096 bins) finds the bin holding the k-th smallest; one pass
+    collects every element of a lower bin and the elements of that bin (both in position order); a radix
+    selection inside the bin settles the k-th value and how many of the elements equal to it are taken (the
+    smallest positions). The k winners are then sorted by a stable LSD radix sort, so equal distances stay in
+    position order.
+    """
+    hist, keys, positions, keys_tmp, positions_tmp = scratch
+    n_train = bits.shape[0]
     n_bins = 4096
-    for i in prange(n_query):
-        bits = B[i]
-        hist = np.zeros(n_bins + 1, np.int64)
-        low = bits[0]
-        high = bits[0]
-        for j in range(n_train):
-            low = min(low, bits[j])
-            high = max(high, bits[j])
-        span = high - low
-        shift = 0
-        while (span >> shift) >= n_bins:
-            shift += 1
-        for j in range(n_train):
-            hist[(bits[j] - low) >> shift] += 1
-        below = 0
-        split = 0
-        for b in range(n_bins):
-            if below + hist[b] >= k:
-                split = b
-                break
-            below += hist[b]
-        keys = np.empty(k, bits.dtype)
+    hist[:] = 0
+    low = bits[0]
+    high = bits[0]
+    for j in range(n_train):
+        low = min(low, bits[j])
+        high = max(high, bits[j])
+    span = high - low
+    shift = 0
+    while (span >> shift) >= n_bins:
+        shift += 1
+    for j in range(n_train):
+        hist[(bits[j] - low) >> shift] += 1
+    below = 0
+    split = 0
+    for b in range(n_bins):
+        if below + hist[b] >= k:
+            split = b
+            break
+        below += hist[b]
+    bucket_keys = np.empty(hist[split], bits.dtype)
+    bucket_positions = np.empty(hist[split], np.int64)
+    c = 0
+    m = 0
+    for j in range(n_train):
+        value = bits[j]
+        digit = (value - low) >> shift
+        if digit < split:
+            keys[c] = value
+            positions[c] = j
+            c += 1
+        elif digit == split:
+            bucket_keys[m] = value
+            bucket_positions[m] = j
+            m += 1
+    kth, need_equal = _radix_select(bucket_keys, k - c, hist)
+    for t in range(m):
+        value = bucket_keys[t]
+        if value < kth or (value == kth and need_equal > 0):
+            if value == kth:
+                need_equal -= 1
+            keys[c] = value
+            positions[c] = bucket_positions[t]
+            c += 1
+    _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist)
+    out_pos[:] = positions
+
+
+@numba.njit(parallel=True, fastmath=False, cache=True)
+def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_radii, out_votes, row_block, n_threads
+                  ):  # pragma: no cover - compiled
+    """kNN ordered labels and rNN counts of the test rows ``Q`` in one fused pass.
+
+    Per block of ``row_block`` test rows (in parallel): the block's distances into a thread-local buffer
+    (:func:`_block_distances`; 16 rows x 60,000 float32 is 3.8 MB, so it stays in cache), then, row by row while
+    the row is hot, its radius counts (:func:`_radius_row`, when ``n_radii > 0``) and the labels of its first
+    ``k`` in order (:func:`_select_row`, when ``k > 0``). Results equal those of the separate kernels
+    (:func:`_distances_numba`, :func:`_radius_counts_numba`, :func:`_select_numba`); the full distance matrix is
+    never written to memory. ``probe`` is an empty integer array as wide as the distances (bit patterns).
+    """
+    n_query = Q.shape[0]
+    n_train = XT.shape[1]
+    n_classes = out_votes.shape[2]
+    n_blocks = (n_query + row_block - 1) // row_block
+    n_workers = max(1, min(n_threads, n_blocks))
+    # One worker per thread, each with its buffers allocated once and taking every n_workers-th block: a fresh
+    # multi-megabyte buffer per block would page-fault its whole size every time.
+    for worker in prange(n_workers):
+        bits = np.empty((row_block, n_train), probe.dtype)
+        counts = np.zeros((n_radii + 1, n_classes), np.int64)
+        bin_buffer = np.empty(_RADIUS_BLOCK, np.int32)
+        scratch = _select_scratch(k, probe.dtype)
         positions = np.empty(k, np.int64)
-        bucket_keys = np.empty(hist[split], bits.dtype)
-        bucket_positions = np.empty(hist[split], np.int64)
-        c = 0
-        m = 0
-        for j in range(n_train):
-            value = bits[j]
-            digit = (value - low) >> shift
-            if digit < split:
-                keys[c] = value
-                positions[c] = j
-                c += 1
-            elif digit == split:
-                bucket_keys[m] = value
-                bucket_positions[m] = j
-                m += 1
-        kth, need_equal = _radix_select(bucket_keys, k - c, hist)
-        for t in range(m):
-            value = bucket_keys[t]
-            if value < kth or (value == kth and need_equal > 0):
-                if value == kth:
-                    need_equal -= 1
-                keys[c] = value
-                positions[c] = bucket_positions[t]
-                c += 1
-        _stable_radix_sort(keys, positions, np.empty(k, bits.dtype), np.empty(k, np.int64), hist)
-        out_pos[i, :] = positions
+        for block in range(worker, n_blocks, n_workers):
+            i0 = block * row_block
+            i1 = min(i0 + row_block, n_query)
+            D = bits[: i1 - i0].view(XT.dtype)
+            _block_distances(Q, XT, i0, i1, D, metric)
+            for i in range(i0, i1):
+                if n_radii > 0:
+                    _radius_row(D[i - i0], labels, padded_radii, n_radii, counts, bin_buffer)
+                    for c in range(n_classes):
+                        running = 0
+                        for r in range(n_radii):
+                            running += counts[r, c]
+                            out_votes[r, i, c] = running
+                if k > 0:
+                    _select_row(bits[i - i0], k, scratch, positions)
+                    row = out_labels[i]
+                    for t in range(k):
+                        row[t] = labels[positions[t]]
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
 def _radius_counts_numba(D, labels, padded_radii, n_radii, n_classes, out):  # pragma: no cover - compiled
-    """out[r, i, l] = #{j : labels[j] == l and D[i, j] <= radii[r]}, all radii in one pass per row.
-
-    Each distance goes to bin ``b`` = number of radii strictly below it (so it counts for every radius from
-    ``b`` on); per-bin label counts are then cumulated over the radii. Up to 64 radii the bins of a block of
-    distances are counted with one vectorised comparison pass per radius; beyond that, a fixed-trip branch-free
-    binary search over ``padded_radii`` (the radii ascending, padded with +inf to a power-of-two length).
-    """
-    n_query, n_train = D.shape
-    size = padded_radii.shape[0]
-    block = 1024
-    for i in prange(n_query):
+    """out[r, i, l] = #{j : labels[j] == l and D[i, j] <= radii[r]}, all radii in one pass per row (rows in
+    parallel; :func:`_radius_row`)."""
+    for i in prange(D.shape[0]):
         counts = np.zeros((n_radii + 1, n_classes), np.int64)
-        bins = np.empty(block, np.int32)
-        row = D[i]
-        for j0 in range(0, n_train, block):
-            j1 = min(j0 + block, n_train)
-            width = j1 - j0
-            values = row[j0:j1]
-            if n_radii <= 64:
-                bins[:width] = 0
-                for r in range(n_radii):
-                    radius = padded_radii[r]
-                    for j in range(width):
-                        bins[j] += values[j] > radius
-            else:
-                for j in range(width):
-                    d = values[j]
-                    base = 0
-                    step = size >> 1
-                    while step > 0:
-                        base += step * (padded_radii[base + step - 1] < d)
-                        step >>= 1
-                    bins[j] = base
-            for j in range(width):
-                if bins[j] < n_radii:  # typically most distances lie outside every radius
-                    counts[bins[j], labels[j0 + j]] += 1
+        bins = np.empty(_RADIUS_BLOCK, np.int32)
+        _radius_row(D[i], labels, padded_radii, n_radii, counts, bins)
         for c in range(n_classes):
             running = 0
             for r in range(n_radii):
                 running += counts[r, c]
                 out[r, i, c] = running
+
+
+@numba.njit(inline="always")
+def _radius_row(row, labels, padded_radii, n_radii, counts, bins):  # pragma: no cover - compiled
+    """counts[b, l] = training examples of label l whose distance has ``b`` radii strictly below it (reset first).
+
+    Each distance goes to bin ``b`` (so it counts for every radius from ``b`` on); the caller cumulates the bins
+    over the radii. Up to 64 radii the bins of a block of distances are counted with one vectorised comparison
+    pass per radius; beyond that, a fixed-trip branch-free binary search over ``padded_radii`` (the radii
+    ascending, padded with +inf to a power-of-two length).
+    """
+    counts[:, :] = 0
+    n_train = row.shape[0]
+    size = padded_radii.shape[0]
+    block = bins.shape[0]
+    for j0 in range(0, n_train, block):
+        j1 = min(j0 + block, n_train)
+        width = j1 - j0
+        values = row[j0:j1]
+        if n_radii <= 64:
+            bins[:width] = 0
+            for r in range(n_radii):
+                radius = padded_radii[r]
+                for j in range(width):
+                    bins[j] += values[j] > radius
+        else:
+            for j in range(width):
+                d = values[j]
+                base = 0
+                step = size >> 1
+                while step > 0:
+                    base += step * (padded_radii[base + step - 1] < d)
+                    step >>= 1
+                bins[j] = base
+        for j in range(width):
+            if bins[j] < n_radii:  # typically most distances lie outside every radius
+                counts[bins[j], labels[j0 + j]] += 1
 
 
 @numba.njit(parallel=True, cache=True)
@@ -624,23 +699,10 @@ class NeighbourIndex:
             votes_sorted = np.empty((len(radii_array), len(Q), n_classes), dtype=np.int64)
             padded = np.full(1 << int(len(sorted_radii)).bit_length(), np.inf, dtype=sorted_radii.dtype)
             padded[: len(sorted_radii)] = sorted_radii
-        position_buffer = None
-        for start, stop, D in self._distance_chunks(Q, k=k or 0):
-            if k is not None:
-                if self.backend == "torch":
-                    positions = self._torch_select(D, k)
-                else:
-                    if position_buffer is None:
-                        position_buffer = np.empty((stop - start, k), dtype=np.int64)
-                    positions = position_buffer[: stop - start]
-                    _select_numba(D.view(np.int32 if D.dtype.itemsize == 4 else np.int64), k, positions)
-                _take_rows(self._labels_out, positions, labels[start:stop])
-            if votes_sorted is not None:
-                if self.backend == "torch":
-                    votes_sorted[:, start:stop] = self._torch_radius(D, sorted_radii, n_classes)
-                else:
-                    _radius_counts_numba(D, self._labels, padded, len(sorted_radii), n_classes,
-                                         votes_sorted[:, start:stop])
+        if self.backend == "torch":
+            self._torch_search(Q, k, labels, votes_sorted, sorted_radii if radii is not None else None, n_classes)
+        else:
+            self._numba_search(Q, k, labels, votes_sorted, padded if radii is not None else None)
         votes = None
         if votes_sorted is not None:
             votes = np.empty_like(votes_sorted)
@@ -698,6 +760,48 @@ class NeighbourIndex:
         return indptr, indices
 
     # ---------------------------------------------------------------------------------------------------------
+    def _numba_search(self, Q: np.ndarray, k: int | None, labels: np.ndarray | None, votes_sorted: np.ndarray | None,
+                      padded: np.ndarray | None) -> None:
+        """Fill ``labels`` and ``votes_sorted`` with the fused kernel (:func:`_search_numba`), chunk by chunk."""
+        probe = np.empty(0, np.int32 if np.dtype(self.dtype_).itemsize == 4 else np.int64)
+        n_radii = 0 if votes_sorted is None else votes_sorted.shape[0]
+        radii = padded if padded is not None else np.zeros(1, self.dtype_)
+        no_labels = np.empty((1, 1), self._label_dtype)
+        no_votes = np.empty((1, 1, 1), np.int64)
+        metric = _METRIC_CODES[self.metric]
+        # Chunks only pace the progress bar: the fused kernel holds no distance matrix, just one cache-sized block
+        # per thread.
+        # Working memory: each thread's block of distance rows and its selection buffers, within max_memory_mb.
+        per_row = self.n_train_ * np.dtype(self.dtype_).itemsize
+        room = self.max_memory_mb * 2**20 / numba.get_num_threads() - 5 * 8 * (k or 0)
+        row_block = int(max(1, min(_ROW_BLOCK, room // per_row)))
+        # Chunks only pace the progress bar: the fused kernel never holds a chunk's whole distance matrix.
+        chunk = min(self.chunk_size or 1024, len(Q))
+        for start, stop in self._chunk_bounds(len(Q), chunk):
+            _search_numba(Q[start:stop], self._XT, metric, k or 0, self._labels, probe,
+                          no_labels if labels is None else labels[start:stop], radii, n_radii,
+                          no_votes if votes_sorted is None else votes_sorted[:, start:stop], row_block,
+                          numba.get_num_threads())
+
+    def _chunk_bounds(self, n_test: int, chunk: int) -> Iterator[tuple[int, int]]:
+        starts = range(0, n_test, chunk)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, total=len(starts), desc="neighbours", unit="chunk")
+        for start in starts:
+            yield start, min(start + chunk, n_test)
+
+    def _torch_search(self, Q: np.ndarray, k: int | None, labels: np.ndarray | None, votes_sorted: np.ndarray | None,
+                      sorted_radii: np.ndarray | None, n_classes: int | None) -> None:
+        for start, stop, D in self._distance_chunks(Q, k=k or 0):
+            if k is not None:
+                positions = self._torch_select(D, k)
+                _take_rows(self._labels_out, positions, labels[start:stop])
+            if votes_sorted is not None:
+                votes_sorted[:, start:stop] = self._torch_radius(D, sorted_radii, n_classes)
+
+    # ---------------------------------------------------------------------------------------------------------
     def _ordered(self, X_test: np.ndarray, n_neighbors: int, want_distances: bool) -> tuple[np.ndarray, np.ndarray]:
         if not want_distances:
             return self.search(X_test, n_neighbors=n_neighbors)[0], np.empty((0, 0))
@@ -744,15 +848,8 @@ class NeighbourIndex:
         return int(max(1, min(n_test, (self.max_memory_mb * 2**20) // per_row)))
 
     def _distance_chunks(self, Q: np.ndarray, k: int) -> Iterator[tuple[int, int, object]]:
-        chunk = self._resolved_chunk_size(len(Q), k)
-        starts = range(0, len(Q), chunk)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, total=len(starts), desc="neighbours", unit="chunk")
         D_buffer = None
-        for start in starts:
-            stop = min(start + chunk, len(Q))
+        for start, stop in self._chunk_bounds(len(Q), self._resolved_chunk_size(len(Q), k)):
             if self.backend == "torch":
                 torch, XT, device = self._torch_state()
                 Qt = torch.from_numpy(Q[start:stop]).to(device)
