@@ -136,15 +136,19 @@ def test_ordered_neighbours_match_reference(metric, dtype, chunk_size):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("chunk_size", [None, 4])
 def test_ordered_labels_match_reference_on_real_valued_features(metric, chunk_size):
+    # 19 features: the kernel's groups of eight features (twice) and the one-by-one remainder must give the
+    # reference's feature-by-feature sums bit for bit.
     rng = np.random.default_rng(4)
-    X_train = rng.random((300, 7)).astype(np.float32)
+    X_train = rng.random((300, 19)).astype(np.float32)
     y_train = rng.integers(0, N_CLASSES, 300)
-    X_test = rng.random((19, 7)).astype(np.float32)
-    order, _ = reference_order(X_train, y_train, X_test, metric)
-    labels = NeighbourIndex(X_train, y_train, metric=metric, chunk_size=chunk_size, backend="numba").ordered_labels(
-        X_test, 120
-    )
+    X_test = rng.random((19, 19)).astype(np.float32)
+    order, D = reference_order(X_train, y_train, X_test, metric)
+    index = NeighbourIndex(X_train, y_train, metric=metric, chunk_size=chunk_size, backend="numba")
+    labels = index.ordered_labels(X_test, 120)
     np.testing.assert_array_equal(labels, y_train[order[:, :120]])
+    indices, distances = index.ordered_neighbors(X_test, 120)
+    np.testing.assert_array_equal(indices, order[:, :120])
+    np.testing.assert_array_equal(distances, np.take_along_axis(D, order[:, :120], axis=1))
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -133,9 +133,9 @@ def _block_distances(Q, XT, i0, i1, out, metric):  # pragma: no cover - compiled
     """out[i - i0, j] = distance(Q[i], training column j of XT) for the test rows ``i0 .. i1 - 1``.
 
     Accumulated over features in column order. Cache blocking: the rows run over a block of ``_COL_BLOCK``
-    training columns, so the training block stays in L1/L2 for all of them. Four features are added per pass over
-    the accumulator row, written as ``((acc + t0) + t1) + t2) + t3``: the same left-to-right order as one feature
-    at a time (the result is bit-identical), with a quarter of the accumulator loads and stores. The innermost loop
+    training columns, so the training block stays in L1/L2 for all of them. Eight features are added per pass over
+    the accumulator row, written as ``(((acc + t0) + t1) + ...) + t7``: the same left-to-right order as one feature
+    at a time (the result is bit-identical), with an eighth of the accumulator loads and stores. The innermost loop
     runs over contiguous training columns and vectorises.
     """
     n_features = Q.shape[1]
@@ -148,31 +148,46 @@ def _block_distances(Q, XT, i0, i1, out, metric):  # pragma: no cover - compiled
         for i in range(i0, i1):
             out[i - i0, j0:j1] = zero
         f = 0
-        while f + 4 <= n_features:
+        while f + 8 <= n_features:
             c0 = XT[f, j0:j1]
             c1 = XT[f + 1, j0:j1]
             c2 = XT[f + 2, j0:j1]
             c3 = XT[f + 3, j0:j1]
+            c4 = XT[f + 4, j0:j1]
+            c5 = XT[f + 5, j0:j1]
+            c6 = XT[f + 6, j0:j1]
+            c7 = XT[f + 7, j0:j1]
             for i in range(i0, i1):
                 q0 = Q[i, f]
                 q1 = Q[i, f + 1]
                 q2 = Q[i, f + 2]
                 q3 = Q[i, f + 3]
+                q4 = Q[i, f + 4]
+                q5 = Q[i, f + 5]
+                q6 = Q[i, f + 6]
+                q7 = Q[i, f + 7]
                 acc = out[i - i0, j0:j1]
                 if metric == 0:
                     for j in range(width):
-                        acc[j] = acc[j] + abs(q0 - c0[j]) + abs(q1 - c1[j]) + abs(q2 - c2[j]) + abs(q3 - c3[j])
+                        acc[j] = (acc[j] + abs(q0 - c0[j]) + abs(q1 - c1[j]) + abs(q2 - c2[j]) + abs(q3 - c3[j])
+                                  + abs(q4 - c4[j]) + abs(q5 - c5[j]) + abs(q6 - c6[j]) + abs(q7 - c7[j]))
                 elif metric == 1:
                     for j in range(width):
                         d0 = q0 - c0[j]
                         d1 = q1 - c1[j]
                         d2 = q2 - c2[j]
                         d3 = q3 - c3[j]
-                        acc[j] = acc[j] + d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3
+                        d4 = q4 - c4[j]
+                        d5 = q5 - c5[j]
+                        d6 = q6 - c6[j]
+                        d7 = q7 - c7[j]
+                        acc[j] = (acc[j] + d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3 + d4 * d4 + d5 * d5 + d6 * d6
+                                  + d7 * d7)
                 else:
                     for j in range(width):
-                        acc[j] = acc[j] + q0 * c0[j] + q1 * c1[j] + q2 * c2[j] + q3 * c3[j]
-            f += 4
+                        acc[j] = (acc[j] + q0 * c0[j] + q1 * c1[j] + q2 * c2[j] + q3 * c3[j] + q4 * c4[j]
+                                  + q5 * c5[j] + q6 * c6[j] + q7 * c7[j])
+            f += 8
         while f < n_features:
             c0 = XT[f, j0:j1]
             for i in range(i0, i1):
