@@ -217,3 +217,12 @@ def test_truncated_neighbour_tables_never_give_optimistic_certificates():
     with pytest.raises(ValueError, match="pass n_train"):
         certify.knn_joint_certified_accuracy(order[:, :2], [0], [0], 2, n_neighbors=4)
     assert certify.knn_joint_certified_accuracy(order, [0], [0], 2, n_neighbors=4).tolist() == [0.0]
+
+
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_votes_from_labels_refuse_labels_outside_the_classes(bad):
+    table = np.array([[0, 1, 2, 1], [2, 2, bad, 0]])
+    with pytest.raises(ValueError, match=r"label indices in 0..2"):
+        knn_votes_from_labels(table, 3, 3)
+    # Columns past every k are not read: the same table votes fine for k = 2 (from a column slice, not a copy).
+    np.testing.assert_array_equal(knn_votes_from_labels(table[:, :4], 2, 3), [[1, 1, 0], [0, 0, 2]])

@@ -449,22 +449,37 @@ def _knn_profiles(table, inputs, pred, votes, pair_row, k, n, reach, sl_bits, sr
                     counts[lab] = votes[i, lab]
                     running[lab] = votes[i, lab] - votes[i, a]
                     word[lab] = 0
+                own = votes[i, a]
                 for x in range(reach):
+                    bit = np.uint64(1) << np.uint64(x & 63)
+                    # One position changes one count. A rival's count moves only its own D; the predicted label's
+                    # count moves every D the other way. So a new maximum can only be the rival's when it gains
+                    # (taking a neighbour in) or every rival's when the predicted label loses (dropping one).
                     if side == 0:
                         position = k - x - 1  # D(k - x - 1): one more neighbour dropped from the prefix
                         if position < k_eff:
-                            counts[row[position]] -= 1
+                            label = row[position]
+                            if label == a:
+                                own -= 1
+                                for lab in range(c):
+                                    value = counts[lab] - own
+                                    if value > running[lab]:
+                                        running[lab] = value
+                                        word[lab] |= bit
+                            else:
+                                counts[label] -= 1
                     else:
                         position = k + x  # D(k + x + 1): one more neighbour taken in
                         if position < n and position < row.shape[0]:
-                            counts[row[position]] += 1
-                    own = counts[a]
-                    bit = np.uint64(1) << np.uint64(x & 63)
-                    for lab in range(c):
-                        value = counts[lab] - own
-                        if value > running[lab]:
-                            running[lab] = value
-                            word[lab] |= bit
+                            label = row[position]
+                            if label == a:
+                                own += 1
+                            else:
+                                counts[label] += 1
+                                value = counts[label] - own
+                                if value > running[label]:
+                                    running[label] = value
+                                    word[label] |= bit
                     if (x & 63) == 63 or x == reach - 1:
                         w = x >> 6
                         for lab in range(c):

@@ -110,15 +110,16 @@ def knn_votes_from_labels(
     ks = np.atleast_1d(np.asarray(n_neighbors, dtype=np.int64))
     if np.any(ks < 1):
         raise ValueError(f"every k must be >= 1, got {ks.tolist()}")
-    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"neighbor_labels must hold label indices in 0..{n_classes - 1}")
     if labels.dtype.kind not in "iu":
         labels = labels.astype(np.int64)
     n_test, width = labels.shape
     order = np.argsort(ks, kind="stable")
     stops = np.minimum(ks[order], width).astype(np.int64)
     out_sorted = np.zeros((len(ks), n_test, n_classes), dtype=np.int64)
-    _prefix_votes(np.ascontiguousarray(labels), stops, out_sorted)
+    # The kernel reads the table in place (a column slice of a wider table is not copied) and checks each label it
+    # counts, so a table is read once.
+    if not _prefix_votes(labels, stops, out_sorted):
+        raise ValueError(f"neighbor_labels must hold label indices in 0..{n_classes - 1}")
     out = np.empty_like(out_sorted)
     out[order] = out_sorted
     return out[0] if single else out
@@ -126,15 +127,24 @@ def knn_votes_from_labels(
 
 @numba.njit(parallel=True, cache=True)
 def _prefix_votes(labels, stops, out):  # pragma: no cover - compiled
-    """out[s, i, l] = label-l count among the first stops[s] columns of row i (stops ascending); rows in parallel."""
+    """out[s, i, l] = label-l count among the first stops[s] columns of row i (stops ascending); rows in parallel.
+
+    Returns False when a counted entry is not a label index in ``0 .. out.shape[2] - 1`` (``out`` is then void).
+    """
+    n_classes = out.shape[2]
+    bad = 0
     for i in numba.prange(labels.shape[0]):
-        counts = np.zeros(out.shape[2], np.int64)
+        counts = np.zeros(n_classes + 1, np.int64)  # the last slot collects out-of-range entries
+        row = labels[i]
         start = 0
         for s in range(stops.shape[0]):
             for j in range(start, stops[s]):
-                counts[labels[i, j]] += 1
+                label = row[j]
+                counts[label if 0 <= label < n_classes else n_classes] += 1
             start = max(start, stops[s])
-            out[s, i, :] = counts
+            out[s, i, :] = counts[:n_classes]
+        bad += counts[n_classes]
+    return bad == 0
 
 
 def prefix_label_counts(neighbor_labels: np.ndarray, label: np.ndarray) -> np.ndarray:
