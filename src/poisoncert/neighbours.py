@@ -301,15 +301,15 @@ def _select_numba(B, k, out_pos):  # pragma: no cover - compiled
     (:func:`_select_row`).
     """
     for i in prange(B.shape[0]):
-        scratch = _select_scratch(k, B.dtype)
+        scratch = _select_scratch(k, B.shape[1], B.dtype)
         _select_row(B[i], k, scratch, out_pos[i])
 
 
 @numba.njit(inline="always")
-def _select_scratch(k, dtype):  # pragma: no cover - compiled
-    """Per-thread buffers of :func:`_select_row`: histogram, keys and positions and their sort copies."""
+def _select_scratch(k, n_train, dtype):  # pragma: no cover - compiled
+    """Per-thread buffers of :func:`_select_row`: histogram, keys and positions and their sort copies, candidates."""
     return (np.zeros(4097, np.int64), np.empty(k, dtype), np.empty(k, np.int64), np.empty(k, dtype),
-            np.empty(k, np.int64))
+            np.empty(k, np.int64), np.empty(n_train + 1, np.int64))
 
 
 @numba.njit(inline="always")
@@ -322,7 +322,7 @@ def _select_row(bits, k, scratch, out_pos):  # pragma: no cover - compiled
     smallest positions). The k winners are then sorted by a stable LSD radix sort, so equal distances stay in
     position order.
     """
-    hist, keys, positions, keys_tmp, positions_tmp = scratch
+    hist, keys, positions, keys_tmp, positions_tmp, _ = scratch
     n_train = bits.shape[0]
     n_bins = 4096
     hist[:] = 0
@@ -344,18 +344,28 @@ def _select_row(bits, k, scratch, out_pos):  # pragma: no cover - compiled
             split = b
             break
         below += hist[b]
+    # Candidates (every element of a bin up to ``split``) by branch-free compaction: each position is written at
+    # the cursor, which advances only when it belongs; a data-dependent branch here mispredicts often.
+    candidates = scratch[5]
+    n_candidates = 0
+    base = np.int64(low)
+    limit = np.int64(split) << shift  # offsets from low below it lie in a bin before split (int64: no overflow)
+    end = limit + (np.int64(1) << shift)
+    for j in range(n_train):
+        candidates[n_candidates] = j
+        n_candidates += (np.int64(bits[j]) - base) < end
     bucket_keys = np.empty(hist[split], bits.dtype)
     bucket_positions = np.empty(hist[split], np.int64)
     c = 0
     m = 0
-    for j in range(n_train):
+    for t in range(n_candidates):
+        j = candidates[t]
         value = bits[j]
-        digit = (value - low) >> shift
-        if digit < split:
+        if np.int64(value) - base < limit:
             keys[c] = value
             positions[c] = j
             c += 1
-        elif digit == split:
+        else:
             bucket_keys[m] = value
             bucket_positions[m] = j
             m += 1
@@ -395,7 +405,7 @@ def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_r
         bits = np.empty((row_block, n_train), probe.dtype)
         counts = np.zeros((n_radii + 1, n_classes), np.int64)
         bin_buffer = np.empty(_RADIUS_BLOCK, np.int32)
-        scratch = _select_scratch(k, probe.dtype)
+        scratch = _select_scratch(k, n_train, probe.dtype)
         positions = np.empty(k, np.int64)
         for block in range(worker, n_blocks, n_workers):
             i0 = block * row_block
