@@ -280,17 +280,23 @@ def write_examples_csv(path: str | Path, results: Sequence[CertificationResult])
     buffer.write(f"# poisoncert {__version__}: per-example individual certificates; certified_size -1 = "
                  "misclassified or not certified; votes are neighbour (kNN/rNN) or base-classifier (DPA, Bagging) "
                  "counts\n")
-    writer: csv.DictWriter | None = None
+    writer = csv.writer(buffer)
+    header: list[str] | None = None
     for result in results:
-        for row in result.per_example_rows():
-            votes = row.pop("votes")
-            record = {"classifier": result.label(), "threat_model": result.threat_model, **row}
-            record.update({f"votes_{name}": count
-                           for name, count in zip(np.asarray(result.classes).tolist(), votes, strict=True)})
-            if writer is None:
-                writer = csv.DictWriter(buffer, fieldnames=list(record), extrasaction="ignore", restval="")
-                writer.writeheader()
-            writer.writerow(record)
+        classes = np.asarray(result.classes).tolist()
+        if header is None:
+            header = ["classifier", "threat_model", "index", "y_true", "prediction", "certified_size",
+                      *(f"votes_{name}" for name in classes)]
+            writer.writerow(header)
+        n_votes = len(header) - 6  # later results are written under the first one's vote columns
+        truth = [""] * result.n_test if result.y_true is None else [classes[t] for t in result.y_true.tolist()]
+        prefix = (result.label(), result.threat_model)
+        # Plain rows from whole-array lists: a dict per row cost more than the numbers themselves.
+        writer.writerows(
+            (*prefix, index, t, classes[p], size, *votes[:n_votes], *([""] * (n_votes - len(votes))))
+            for index, (t, p, size, votes) in enumerate(zip(
+                truth, result.prediction_indices.tolist(), result.certified_size.tolist(), result.votes.tolist(),
+                strict=True)))
     with atomic_write(path, "w", encoding="utf-8", newline="") as handle:
         handle.write(buffer.getvalue())
 
