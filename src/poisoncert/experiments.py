@@ -10,7 +10,8 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,8 +222,8 @@ def write_outputs(
     rows = [row for result_rows in curves for row in result_rows]
     if not rows:
         paths = {kind: path for kind, path in paths.items() if kind in ("json", "examples")}
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".poisoncert-staging-") as staging:
-        staged = {kind: Path(staging) / path.name for kind, path in paths.items()}
+    with _staged(out_dir) as staging:
+        staged = {kind: staging / path.name for kind, path in paths.items()}
         if rows:
             write_curves_csv(staged["csv"], list(results), e, extra_metadata=settings, rows=rows)
             plot_curves(rows, staged["png"], title=title, subtitle=subtitle)
@@ -236,9 +237,20 @@ def write_outputs(
             },
         )
         write_examples_csv(staged["examples"], results)
-        for kind, path in staged.items():
-            os.replace(path, paths[kind])
     return paths
+
+
+@contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """A staging folder inside ``out_dir`` whose files are renamed into ``out_dir`` when the block completes.
+
+    Results are written as a set: an error inside the block leaves ``out_dir`` as it was (the staging folder is
+    removed), never a new file next to an old one.
+    """
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".poisoncert-staging-") as staging:
+        yield Path(staging)
+        for path in sorted(Path(staging).iterdir()):
+            os.replace(path, out_dir / path.name)
 
 
 def _output_names(stem: str) -> dict[str, str]:
@@ -480,8 +492,7 @@ def write_attack_outputs(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [row for run in runs for row in run.bracket_rows()]
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".poisoncert-staging-") as staging:
-        staged = Path(staging)
+    with _staged(out_dir) as staged:
         for run in runs:
             for attack in run.attacks:
                 stem = f"attack-{run.name}-e{attack.poisoned.e}"
@@ -500,11 +511,8 @@ def write_attack_outputs(
             curves.append((run.result.label(), run.result.spec_section(run.result.default_method), grid, lower,
                            run.result.clean_accuracy, [(a.poisoned.e, a.accuracy) for a in run.attacks]))
         plot_bracket(curves, staged / "bracket.png", title=title, subtitle=subtitle)
-        paths = {}
-        for path in sorted(staged.iterdir()):
-            os.replace(path, out_dir / path.name)
-            paths[path.name] = out_dir / path.name
-    return paths
+        names = sorted(path.name for path in staged.iterdir())
+    return {name: out_dir / name for name in names}
 
 
 def _write_bracket_csv(path: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
