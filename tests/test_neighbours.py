@@ -215,16 +215,20 @@ def test_memory_budget_and_chunking_do_not_change_results():
 def test_fused_search_matches_reference(metric, dtype, max_memory_mb):
     # The one-pass kernel (distances, radius counts and selection per cache-sized block of test rows) against the
     # reference, over several blocks and a partial one, and with blocks cut down to single rows by the budget.
+    # Radius counts come from the first k when the k-th neighbour lies beyond every radius, else from a pass over
+    # the row: k = 3 takes the pass, k = 70 (every example) the first k, k = 40 either, row by row.
     X_train, y_train, X_test = tie_heavy_data(31, n_train=70, n_test=53, dtype=dtype)
     order, D = reference_order(X_train, y_train, X_test, metric)
     index = NeighbourIndex(X_train, y_train, metric=metric, backend="numba", max_memory_mb=max_memory_mb)
     radii = [0.5, 2.0, 1.0]
-    labels, votes = index.search(X_test, n_neighbors=40, radii=radii, n_classes=N_CLASSES)
-    np.testing.assert_array_equal(labels, y_train[order[:, :40]])
-    for position, r in enumerate(radii):
-        cast = _radius_in(r, dtype)
-        expected = np.stack([np.bincount(y_train[D[i] <= cast], minlength=N_CLASSES) for i in range(len(X_test))])
-        np.testing.assert_array_equal(votes[position], expected)
+    for k in (3, 40, 70):
+        labels, votes = index.search(X_test, n_neighbors=k, radii=radii, n_classes=N_CLASSES)
+        np.testing.assert_array_equal(labels, y_train[order[:, :k]])
+        for position, r in enumerate(radii):
+            cast = _radius_in(r, dtype)
+            expected = np.stack([np.bincount(y_train[D[i] <= cast], minlength=N_CLASSES)
+                                 for i in range(len(X_test))])
+            np.testing.assert_array_equal(votes[position], expected)
 
 
 def _radius_in(r: float, dtype) -> float:

@@ -389,8 +389,9 @@ def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_r
 
     Per block of ``row_block`` test rows (in parallel): the block's distances into a thread-local buffer
     (:func:`_block_distances`; 16 rows x 60,000 float32 is 3.8 MB, so it stays in cache), then, row by row while
-    the row is hot, its radius counts (:func:`_radius_row`, when ``n_radii > 0``) and the labels of its first
-    ``k`` in order (:func:`_select_row`, when ``k > 0``). Results equal those of the separate kernels
+    the row is hot, the labels of its first ``k`` in order (:func:`_select_row`, when ``k > 0``) and its radius
+    counts (when ``n_radii > 0``: from those first k when the k-th lies beyond every radius, else
+    :func:`_radius_row`). Results equal those of the separate kernels
     (:func:`_distances_numba`, :func:`_radius_counts_numba`, :func:`_select_numba`); the full distance matrix is
     never written to memory. ``probe`` is an empty integer array as wide as the distances (bit patterns).
     """
@@ -413,18 +414,32 @@ def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_r
             D = bits[: i1 - i0].view(XT.dtype)
             _block_distances(Q, XT, i0, i1, D, metric)
             for i in range(i0, i1):
-                if n_radii > 0:
-                    _radius_row(D[i - i0], labels, padded_radii, n_radii, counts, bin_buffer)
-                    for c in range(n_classes):
-                        running = 0
-                        for r in range(n_radii):
-                            running += counts[r, c]
-                            out_votes[r, i, c] = running
+                distances = D[i - i0]
                 if k > 0:
                     _select_row(bits[i - i0], k, scratch, positions)
                     row = out_labels[i]
                     for t in range(k):
                         row[t] = labels[positions[t]]
+                if n_radii > 0:
+                    # When the k-th distance lies beyond the largest radius, every example within a radius is
+                    # among the first k, already in order: count them there instead of passing over the row.
+                    if k > 0 and (k >= n_train or distances[positions[k - 1]] > padded_radii[n_radii - 1]):
+                        counts[:, :] = 0
+                        b = 0
+                        for t in range(k):
+                            d = distances[positions[t]]
+                            while b < n_radii and padded_radii[b] < d:
+                                b += 1
+                            if b == n_radii:
+                                break
+                            counts[b, labels[positions[t]]] += 1
+                    else:
+                        _radius_row(distances, labels, padded_radii, n_radii, counts, bin_buffer)
+                    for c in range(n_classes):
+                        running = 0
+                        for r in range(n_radii):
+                            running += counts[r, c]
+                            out_votes[r, i, c] = running
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
