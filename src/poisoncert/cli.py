@@ -7,6 +7,7 @@ import functools
 import json
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -279,9 +280,25 @@ def _harmonise_labels(y_train, y_test):
     return labels[: len(y_train)], labels[len(y_train):]
 
 
-def _load_inputs(train: Path | None, test: Path | None, train_labels: Path | None, test_labels: Path | None,
+@dataclass
+class _Inputs:
+    """Training and test data of a command, with what they are (results metadata) and a short source name."""
+
+    X_train: Any
+    y_train: Any
+    X_test: Any
+    y_test: Any
+    info: dict[str, Any]
+    source: str
+
+    def subtitle(self, metric: str, threat_model: str) -> str:
+        return (f"{self.source}, n_train={len(self.X_train)}, n_test={len(self.X_test)}, {metric}, {threat_model} "
+                "threat model")
+
+
+def _load_inputs(*, train: Path | None, test: Path | None, train_labels: Path | None, test_labels: Path | None,
                  dataset: str | None, features: str, data_path: Path | None, checkpoint: Path | None,
-                 cache_dir: Path | None, unlabelled: bool, progress: bool):
+                 cache_dir: Path | None, unlabelled: bool, progress: bool) -> _Inputs:
     """Features and labels from --dataset or --train/--test files, checked, with a description of their source."""
     import numpy as np
 
@@ -309,7 +326,7 @@ def _load_inputs(train: Path | None, test: Path | None, train_labels: Path | Non
         y_train, y_test = _harmonise_labels(y_train, y_test)
         info = {"dataset": f"user files: {train}, {test}", "features": "as given"}
         source = f"{train.name} / {test.name}"
-    return X_train, y_train, X_test, y_test, info, source
+    return _Inputs(X_train, y_train, X_test, y_test, info, source)
 
 
 # Inputs shared by `certify` and `attack`.
@@ -392,7 +409,6 @@ def certify(
     Test inputs without labels (an .npz without y, a .npy without --test-labels, or --unlabelled) get certified
     sizes for their predictions, which need no label, and no accuracy curves.
     """
-    import numpy as np
 
     from .experiments import certify_methods, check_methods, parse_budgets, prepare_output_folder
 
@@ -410,31 +426,36 @@ def certify(
                "threat_model": threat_model}
     check_methods(None, **methods)  # every parameter is checked before any data is read
     with _neighbour_backend(scheduler) as backend:  # an unreachable scheduler fails here, before any work
-        X_train, y_train, X_test, y_test, info, source = _load_inputs(
-            train, test, train_labels, test_labels, dataset, features, data_path, checkpoint, cache_dir, unlabelled,
-            progress)
-        settings = {**info, "metric": metric, "threat_model": threat_model, "alpha": alpha if bagging else None,
-                    "split_time_limit_s": split_time_limit, "neighbour_backend": backend,
-                    "scheduler": scheduler}
-        results = certify_methods(X_train, y_train, X_test, y_test, **methods, backend=backend, progress=progress,
-                                  metadata=info, max_e=e_max, time_limit=split_time_limit)
-        subtitle = (f"{source}, n_train={len(np.asarray(X_train))}, n_test={len(np.asarray(X_test))}, {metric}, "
-                    f"{threat_model} threat model")
+        inputs = _load_inputs(train=train, test=test, train_labels=train_labels, test_labels=test_labels,
+                              dataset=dataset, features=features, data_path=data_path, checkpoint=checkpoint,
+                              cache_dir=cache_dir, unlabelled=unlabelled, progress=progress)
+        settings = {**inputs.info, "metric": metric, "threat_model": threat_model,
+                    "alpha": alpha if bagging else None, "split_time_limit_s": split_time_limit,
+                    "neighbour_backend": backend, "scheduler": scheduler}
+        results = certify_methods(inputs.X_train, inputs.y_train, inputs.X_test, inputs.y_test, **methods,
+                                  backend=backend, progress=progress, metadata=inputs.info, max_e=e_max,
+                                  time_limit=split_time_limit)
+        subtitle = inputs.subtitle(metric, threat_model)
         _report(results, e_max, e_step, out, "Certified accuracy under data poisoning", subtitle, settings)
         if budgets is not None:
-            if y_test is None:
+            if inputs.y_test is None:
                 _fail("--attack needs test labels: an attack's verified accuracy is measured on them")
-            _attack_report(X_train, y_train, X_test, y_test, budgets, knn, rnn, metric, threat_model, seed,
-                           attack_time_budget, progress, results, info, settings, subtitle, out)
+            _attack_report(inputs, budgets, knn=knn, rnn=rnn, metric=metric, threat_model=threat_model, seed=seed,
+                           time_budget=attack_time_budget, progress=progress, results=results, settings=settings,
+                           out=out)
 
 
-def _attack_report(X_train, y_train, X_test, y_test, budgets, knn, rnn, metric, threat_model, seed, time_budget,
-                   progress, results, info, settings, subtitle, out) -> None:
+def _attack_report(inputs: _Inputs, budgets: list[int], *, knn: list[int], rnn: list[float], metric: str,
+                   threat_model: str, seed: int, time_budget: float, progress: bool, results: list | None,
+                   settings: dict[str, Any], out: Path) -> None:
+    """Attack every kNN/rNN at every budget, print the bracket table and write the attack files."""
     from .experiments import bracket_table, run_attacks, write_attack_outputs
 
-    runs = run_attacks(X_train, y_train, X_test, y_test, budgets, knn=knn, rnn=rnn, metric=metric,
-                       threat_model=threat_model, seed=seed, time_budget=time_budget, progress=progress,
-                       results=[r for r in results or () if r.method in ("knn", "rnn")], metadata=info)
+    runs = run_attacks(inputs.X_train, inputs.y_train, inputs.X_test, inputs.y_test, budgets, knn=knn, rnn=rnn,
+                       metric=metric, threat_model=threat_model, seed=seed, time_budget=time_budget,
+                       progress=progress, results=[r for r in results or () if r.method in ("knn", "rnn")],
+                       metadata=inputs.info)
+    subtitle = inputs.subtitle(metric, threat_model)
     typer.echo("\nbracket: certified lower bound <= CA(e) <= verified attack accuracy (the classifier refitted on "
                f"the poisoned set); threat model: {threat_model}\n")
     typer.echo(bracket_table(runs))
@@ -480,17 +501,14 @@ def attack_command(
     if not time_budget > 0:
         _fail(f"--time-budget must be a positive number of seconds, got {time_budget}")
     check_methods(None, knn=knn, rnn=rnn, metric=metric, threat_model=threat_model)
-    X_train, y_train, X_test, y_test, info, source = _load_inputs(
-        train, test, train_labels, test_labels, dataset, features, data_path, checkpoint, cache_dir, False, progress)
-    if y_test is None:
+    inputs = _load_inputs(train=train, test=test, train_labels=train_labels, test_labels=test_labels,
+                          dataset=dataset, features=features, data_path=data_path, checkpoint=checkpoint,
+                          cache_dir=cache_dir, unlabelled=False, progress=progress)
+    if inputs.y_test is None:
         _fail("attacks need test labels: an attack's verified accuracy is measured on them")
-    import numpy as np
-
-    subtitle = (f"{source}, n_train={len(np.asarray(X_train))}, n_test={len(np.asarray(X_test))}, {metric}, "
-                f"{threat_model} threat model")
-    settings = {**info, "metric": metric, "threat_model": threat_model}
-    _attack_report(X_train, y_train, X_test, y_test, budgets, knn, rnn, metric, threat_model, seed, time_budget,
-                   progress, None, info, settings, subtitle, out)
+    settings = {**inputs.info, "metric": metric, "threat_model": threat_model}
+    _attack_report(inputs, budgets, knn=knn, rnn=rnn, metric=metric, threat_model=threat_model, seed=seed,
+                   time_budget=time_budget, progress=progress, results=None, settings=settings, out=out)
 
 
 CacheOption = Annotated[Path | None, typer.Option(help="Cache folder (default: $POISONCERT_CACHE or the user "
