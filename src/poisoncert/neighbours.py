@@ -3,7 +3,10 @@
 Every nearest-neighbour certificate in poisoncert needs, per test input, either the labels of its first ``K``
 training examples in the order of spec section 3 (distance ascending, content-hash rank descending) or the
 per-label number of training examples within each radius. This module computes both **exactly** (brute force,
-no approximation), streaming the test set in chunks so that peak memory is bounded whatever its size.
+no approximation), streaming the test set in chunks so that peak memory is bounded whatever its size. With the
+Numba backend, :meth:`NeighbourIndex.search` runs one fused kernel: each thread takes a block of 16 test rows,
+computes their distances into a cache-sized buffer and, while they are hot, selects and orders each row's first
+``K`` and counts its radii; no chunk-wide distance matrix is ever written.
 
 Determinism and precision
 -------------------------
@@ -570,10 +573,12 @@ class NeighbourIndex:
         sharded over the active dask.distributed client (:class:`poisoncert.distributed.DaskNeighbourIndex`, which
         this constructor then returns; optional dependency). All give identical results.
     chunk_size : int, optional
-        Test inputs per chunk. By default derived from ``max_memory_mb`` and ``n_train``.
+        Test inputs per chunk. By default derived from ``max_memory_mb`` and ``n_train`` (1,024 for the fused
+        kNN/rNN pass of :meth:`search`, whose chunks only pace the progress bar).
     max_memory_mb : float, default 512
-        Budget for the per-chunk working memory (the chunk's distance matrix and selection buffers); outputs come
-        on top of it.
+        Budget for the working memory: a chunk's distance matrix and selection buffers, or for :meth:`search`
+        (:meth:`ordered_labels`, :meth:`radius_votes`) with the Numba backend, every thread's block of up to 16
+        distance rows and its selection buffers. Outputs come on top of it.
     progress : bool, default False
         Show a tqdm progress bar over chunks.
 
