@@ -860,12 +860,13 @@ def attack(
     top_sites : int
         How many of the best single (site, label) pairs the concentrated strategy tries.
     strategies : tuple of {"cover", "concentrated", "spread"}
-        "cover" (rNN only; first): the whole addition budget at one central site, split over labels, with
-        removals chosen per label as a threshold cover (every target needs a known number of its neighbours of
-        its label removed) and split over labels by a knapsack, the site, the split and the removals refined in
-        turn; "concentrated": the whole addition budget at one site, removals for the inputs it reaches;
-        "spread": a lazy greedy over many sites and labels alternating with removals. The best set found (by
-        exact votes) is kept; strategies after "cover" only run while the time budget lasts.
+        "cover" (first; kNN only for e < k): the whole addition budget at one central site, split over
+        labels, with removals chosen per label as a threshold cover (every target needs a known number of its
+        neighbours of its label removed: rNN's counts, kNN's spec 5e window) and split over labels by a
+        knapsack, the site (coordinate ascent on the count it misclassifies), the split and the removals
+        refined in turn; "concentrated": the whole addition budget at one site, removals for the inputs it
+        reaches; "spread": a lazy greedy over many sites and labels alternating with removals. The best set
+        found by the search's votes is kept; strategies after "cover" only run while the time budget lasts.
     prepared : AttackPreparation, optional
         From :func:`prepare_attack` for this estimator and test set, to share the neighbour state and the
         candidates between several budgets (the CLI does this).
@@ -907,9 +908,10 @@ def attack(
     c = len(estimator.classes_)
     # 0. Cover (rNN): one site, covering removals split over labels, refined in turn on exact votes.
     cover = None
-    if "cover" in strategies and not knn and not flip:
-        cover = _rnn_cover_attack(estimator, prepared, X_train.dtype, add_budget, remove_budget, start_time,
-                                  time_budget)
+    # kNN with k <= e: more copies than k cannot all count, which the cover's window does not model.
+    if "cover" in strategies and not flip and (not knn or e < int(estimator.n_neighbors)):
+        cover = _cover_attack(estimator, prepared, X_train.dtype, e, add_budget, remove_budget, start_time,
+                              time_budget)
     legacy = {"concentrated", "spread"} & set(strategies)
     if cover is not None and (not legacy or _over(start_time, time_budget)):
         legacy = set()
@@ -1215,60 +1217,205 @@ def _cover_removals(groups: list[_CoverGroup], need: np.ndarray, budget: int, fo
     return np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
 
 
-class _RnnCoverSearch:
-    """Exact rNN bookkeeping for the covering attack: votes after a site's copies and a set of removals."""
+@numba.njit(cache=True)
+def _window_votes(labels, indices, removed, inside, k, c):  # pragma: no cover - compiled
+    """kNN votes of the clean survivors: per input the first ``k - inside[i]`` examples of its clean order that
+    are not removed (``inside[i]`` added examples sit in its top k)."""
+    n, width = labels.shape
+    out = np.zeros((n, c), np.int64)
+    for i in range(n):
+        take = k - inside[i]
+        q = 0
+        got = 0
+        while got < take and q < width:
+            if not removed[indices[i, q]]:
+                out[i, labels[i, q]] += 1
+                got += 1
+            q += 1
+    return out
 
-    def __init__(self, estimator: Any, prepared: AttackPreparation, groups: list[_CoverGroup], dtype: np.dtype):
+
+@numba.njit(cache=True)
+def _knn_removal_need(labels, a, correct, inside, reached, alpha, k, e):  # pragma: no cover - compiled
+    """Removals of label ``a`` inside its window that flip each correctly classified kNN input (``e + 1``: none
+    within ``e``), given ``inside[i]`` added examples in its top k (``alpha`` per label where ``reached``).
+
+    Spec 5e's count: removing rho examples of label a from the first p = k - inside + rho clean entries leaves
+    ``A(p) - rho`` votes for a and ``C_l(p)`` for every other label l (the window pulls in the next entries).
+    """
+    n, width = labels.shape
+    c = len(alpha)
+    out = np.full(n, e + 1, np.int64)
+    counts = np.zeros(c, np.int64)
+    for i in range(n):
+        if not correct[i]:
+            continue
+        counts[:] = 0
+        span = k - inside[i]
+        for q in range(min(span, width)):
+            counts[labels[i, q]] += 1
+        for rho in range(e + 1):
+            if rho > 0 and span + rho - 1 < width:
+                counts[labels[i, span + rho - 1]] += 1
+            own = counts[a[i]] - rho + (alpha[a[i]] if reached[i] else 0)
+            flipped = False
+            for lab in range(c):
+                if lab != a[i] and counts[lab] + (alpha[lab] if reached[i] else 0) - own >= (1 if a[i] > lab else 0):
+                    flipped = True
+                    break
+            if flipped:
+                out[i] = rho
+                break
+    return out
+
+
+@numba.njit(cache=True)
+def _knn_cover_lists(labels, indices, local, targets, inside, k, lab):  # pragma: no cover - compiled
+    """Per target, its examples of label ``lab`` that stay inside its top k whatever is removed (the first
+    ``k - inside`` clean entries), as positions ``local`` among that label's training rows."""
+    width = labels.shape[1]
+    tptr = np.zeros(len(targets) + 1, np.int64)
+    for j in range(len(targets)):
+        i = targets[j]
+        count = 0
+        for q in range(min(k - inside[i], width)):
+            if labels[i, q] == lab:
+                count += 1
+        tptr[j + 1] = tptr[j] + count
+    tlist = np.empty(tptr[-1], np.int64)
+    for j in range(len(targets)):
+        i = targets[j]
+        at = tptr[j]
+        for q in range(min(k - inside[i], width)):
+            if labels[i, q] == lab:
+                tlist[at] = local[indices[i, q]]
+                at += 1
+    return tptr, tlist
+
+
+class _CoverSearch:
+    """Vote bookkeeping for the covering attack: exact for rNN (counts are additive), the spec 5e window for
+    kNN (copies closer than an input's (k - e)-th clean neighbour push out its last survivors, removals pull in
+    the next ones; the refit decides near the boundary)."""
+
+    def __init__(self, estimator: Any, prepared: AttackPreparation, dtype: np.dtype, e: int):
         from .neighbours import NeighbourIndex
 
         self.state, self.a, self.y = prepared.state, prepared.a, prepared.y_index
+        self.correct = self.a == self.y
         self.X_test = prepared.X_test
         # Sites are written in the training set's dtype, so their reach is measured from the rounded point.
         self.dtype = dtype
-        self.radius = float(estimator.radius)
+        self.knn = hasattr(estimator, "n_neighbors")
         self.metric = estimator.index_.metric
         self.c = len(estimator.classes_)
-        self.groups = groups
+        self.e = e
+        if self.knn:
+            self.k = int(estimator.n_neighbors)
+            self.radii = _knn_inner(self.state, e)
+            train_labels = self.state["train_labels"]
+            self.local = np.zeros(len(train_labels), np.int64)
+            for lab in range(self.c):  # each training row's position among the rows of its label
+                rows = np.flatnonzero(train_labels == lab)
+                self.local[rows] = np.arange(len(rows))
+            self.label_rows = [np.flatnonzero(train_labels == lab) for lab in range(self.c)]
+        else:
+            self.radii = np.full(len(self.y), float(estimator.radius))
+            if "cover_groups" not in self.state:
+                self.state["cover_groups"] = _cover_groups(self.state, self.a, self.correct, self.c)
         self.probe = NeighbourIndex(self.X_test, np.zeros(len(self.X_test), np.int64),
                                     metric=estimator.index_.metric, backend="numba")
 
-    def reach(self, site: np.ndarray, radius: float | None = None) -> np.ndarray:
-        """Test inputs within ``radius`` (default r) of ``site``, by the engine's own distances."""
-        return self.probe.radius_neighbors(site[None, :], self.radius if radius is None else radius)[1]
+    def reach(self, site: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """Test inputs the site reaches (rNN: within r; kNN: strictly closer than the (k - e)-th clean
+        neighbour), by the engine's own distances; ``scale`` widens the reach."""
+        if self.knn:
+            return self.probe.within(site[None, :], self.radii * scale)[1]
+        return self.probe.radius_neighbors(site[None, :], self.radii[0] * scale)[1]
 
-    def additions(self, ball: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-        added = np.zeros_like(self.state["votes"])
-        added[ball] += alpha[None, :]
-        return added
-
-    def removed_votes(self, removed: np.ndarray) -> np.ndarray:
+    def window(self, removed: np.ndarray, inside: np.ndarray | int) -> np.ndarray:
+        """Votes of the clean survivors of every input, ``inside`` added examples sitting in each kNN top k."""
         flags = np.zeros(self.state["n_train"], np.bool_)
         flags[removed] = True
-        return _removed_votes(self.state["indptr"], self.state["members"], self.state["train_labels"], flags,
-                              self.c)
+        if self.knn:
+            inside = np.broadcast_to(np.asarray(inside, np.int64), self.y.shape).copy()
+            return _window_votes(self.state["labels"], self.state["indices"], flags, inside, self.k, self.c)
+        return self.state["votes"] - _removed_votes(self.state["indptr"], self.state["members"],
+                                                    self.state["train_labels"], flags, self.c)
 
     def wrong(self, votes: np.ndarray, rows: np.ndarray | None = None) -> int:
         """Misclassified inputs among ``rows`` (default all), given their votes."""
         return int(np.count_nonzero(predict(votes) != (self.y if rows is None else self.y[rows])))
 
-    def best_single_label(self, base: np.ndarray, ball: np.ndarray, copies: int) -> tuple[np.ndarray, int]:
-        """All ``copies`` on the one label that misclassifies the most more inputs of ``ball`` (given ``base``),
-        and how many more."""
-        before = self.wrong(base[ball], ball)
-        best, best_wrong = np.zeros(self.c, np.int64), -1
+    def evaluate(self, ball: np.ndarray, alpha: np.ndarray, removed: np.ndarray) -> int:
+        """Misclassified inputs after ``alpha`` copies at a site reaching ``ball`` and the removals."""
+        inside = np.zeros(len(self.y), np.int64)
+        inside[ball] = alpha.sum()
+        votes = self.window(removed, inside)
+        votes[ball] += alpha[None, :]
+        return self.wrong(votes)
+
+    def removal_need(self, ball: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        if self.knn:
+            inside = np.zeros(len(self.y), np.int64)
+            inside[ball] = alpha.sum()
+            reached = np.zeros(len(self.y), np.bool_)
+            reached[ball] = True
+            return _knn_removal_need(self.state["labels"], self.a, self.correct, inside, reached, alpha, self.k,
+                                     self.e)
+        added = np.zeros_like(self.state["votes"])
+        added[ball] += alpha[None, :]
+        return _removal_need(self.state["votes"] + added, self.a)
+
+    def groups(self, ball: np.ndarray, alpha: np.ndarray, need: np.ndarray, budget: int) -> list[_CoverGroup]:
+        """The per-label cover instances (kNN: of the targets within reach of the budget, for this site)."""
+        if not self.knn:
+            return self.state["cover_groups"]
+        inside = np.zeros(len(self.y), np.int64)
+        inside[ball] = alpha.sum()
+        groups = []
+        for lab in range(self.c):
+            targets = np.flatnonzero(self.correct & (self.a == lab) & (need <= budget))
+            tptr, tlist = _knn_cover_lists(self.state["labels"], self.state["indices"], self.local, targets,
+                                           inside, self.k, lab)
+            n_cand = len(self.label_rows[lab])
+            order = _counting_order(tlist, n_cand)
+            owner = np.repeat(np.arange(len(targets), dtype=np.int64), np.diff(tptr))
+            inv_ptr = np.r_[0, np.cumsum(np.bincount(tlist, minlength=n_cand))].astype(np.int64)
+            groups.append(_CoverGroup(lab, targets, self.label_rows[lab], tptr, tlist, inv_ptr, owner[order]))
+        return groups
+
+    def gain(self, removed: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        """+1 for an input the copies would misclassify if they reached it (given the removals), -1 for one
+        they would make correct, 0 otherwise."""
+        before = predict(self.window(removed, 0)) == self.y
+        after = predict(self.window(removed, int(alpha.sum())) + alpha[None, :]) == self.y
+        return (before & ~after).astype(np.int64) - (~before & after)
+
+    def best_single_label(self, ball: np.ndarray, copies: int) -> tuple[np.ndarray, int]:
+        """All ``copies`` on the one label that misclassifies the most more inputs of ``ball``, and how many."""
+        best, best_gain = np.zeros(self.c, np.int64), -1
         for lab in range(self.c):
             alpha = np.zeros(self.c, np.int64)
             alpha[lab] = copies
-            wrong = self.wrong(base[ball] + alpha[None, :], ball)
-            if wrong > best_wrong:
-                best, best_wrong = alpha, wrong
-        return best, best_wrong - before
+            gain = int(self.gain_for(alpha)[ball].sum())
+            if gain > best_gain:
+                best, best_gain = alpha, gain
+        return best, best_gain
 
-    def refine_split(self, base: np.ndarray, ball: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    def gain_for(self, alpha: np.ndarray) -> np.ndarray:
+        key = tuple(alpha.tolist())
+        cache = self.__dict__.setdefault("_clean_gain", {})
+        if key not in cache:
+            cache[key] = self.gain(np.zeros(0, np.int64), alpha)
+        return cache[key]
+
+    def refine_split(self, removed: np.ndarray, ball: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         """Moves of copies between labels (coarse to fine) while they misclassify more inputs of ``ball``."""
         alpha = alpha.copy()
-        current = self.wrong(base[ball] + alpha[None, :], ball)
         total = int(alpha.sum())
+        base = self.window(removed, total)[ball]  # the copies' number is fixed, so is the window
+        current = self.wrong(base + alpha[None, :], ball)
         for delta in sorted({max(total // d, 1) for d in (4, 10, 20, 50)}, reverse=True):
             improved = True
             while improved:
@@ -1280,31 +1427,27 @@ class _RnnCoverSearch:
                         trial = alpha.copy()
                         trial[source] -= delta
                         trial[sink] += delta
-                        wrong = self.wrong(base[ball] + trial[None, :], ball)
+                        wrong = self.wrong(base + trial[None, :], ball)
                         if wrong > current:
                             alpha, current, improved = trial, wrong, True
         return alpha
 
-    def ascend(self, site: np.ndarray, base: np.ndarray, alpha: np.ndarray,
-               sweeps: int = 4) -> tuple[np.ndarray, np.ndarray]:
-        """Coordinate ascent of the site on the exact count of inputs its copies misclassify (l1 only).
+    def ascend(self, site: np.ndarray, gain: np.ndarray, sweeps: int = 4) -> np.ndarray:
+        """Coordinate ascent of the site on the count of inputs its copies misclassify (l1 only).
 
-        With the other coordinates fixed, input i stays within r while coordinate k lies in an interval around
-        ``x_ik`` whose half-width is what its distance leaves over; the best value of the coordinate is a
-        deepest point of these intervals weighted +1 (an input the copies misclassify) and -1 (one they make
-        correct), found by one sweep over the endpoints. Every move strictly raises the count; the new
-        coordinate is the middle of the best segment, so rounding to the training set's dtype keeps it inside.
+        With the other coordinates fixed, input i stays within its reach while coordinate k lies in an interval
+        around ``x_ik`` whose half-width is what its distance leaves over; the best value of the coordinate is a
+        deepest point of these intervals weighted by ``gain``, found by one sweep over the endpoints. Every move
+        strictly raises the count; the new coordinate is the middle of the best segment, so rounding to the
+        training set's dtype keeps it inside.
         """
-        before = predict(base) == self.y
-        after = predict(base + alpha[None, :]) == self.y
-        gain = (before & ~after).astype(np.int64) - (~before & after)
         rows = np.flatnonzero(gain)
         if not len(rows):
-            return site, self.reach(site)
+            return site
         X, weight = self.X_test[rows].astype(np.float64), gain[rows].astype(np.float64)
+        radius = self.radii[rows] * (1 - 1e-6)  # a margin for the engine's float32 sums (and kNN's strict <)
         point = site.astype(np.float64)
         distance = np.abs(X - point).sum(axis=1)
-        radius = self.radius * (1 - 1e-6)  # a margin for the engine's float32 sums
         current = float(weight[distance <= radius].sum())
         for _ in range(sweeps):
             moved = False
@@ -1328,58 +1471,50 @@ class _RnnCoverSearch:
                 moved = True
             if not moved:
                 break
-        site = point.astype(self.dtype)
-        return site, self.reach(site)
+        return point.astype(self.dtype)
 
-    def recentre(self, site: np.ndarray, base: np.ndarray, alpha: np.ndarray, rounds: int = 4,
-                 pull: float = 1.125) -> tuple[np.ndarray, np.ndarray]:
+    def recentre(self, site: np.ndarray, gain: np.ndarray, rounds: int = 4, pull: float = 1.125) -> np.ndarray:
         """Move the site to the coordinate-wise median of the inputs its copies would misclassify near it.
 
-        The inputs considered are those within ``1.125 r``: a median of only the reached ones never moves
-        towards the flippable inputs just outside the ball. Keeps the best site by exact count.
+        The inputs considered are those within ``pull`` times the reach: a median of only the reached ones never
+        moves towards the flippable inputs just outside. Keeps the best site by the count of ``gain``.
         """
-        before = predict(base) == self.y
-        after = predict(base + alpha[None, :]) == self.y
-        gain = (before & ~after).astype(np.int64) - (~before & after)
-        best_site, best_ball = site, self.reach(site)
-        best_gain = int(gain[best_ball].sum())
+        best_site, best_gain = site, int(gain[self.reach(site)].sum())
         for _ in range(rounds):
-            near = self.reach(site, pull * self.radius)
+            near = self.reach(site, pull)
             near = near[gain[near] > 0]
             if not len(near):
                 break
             site = np.median(self.X_test[near], axis=0).astype(self.dtype)
-            ball = self.reach(site)
-            if int(gain[ball].sum()) > best_gain:
-                best_site, best_ball, best_gain = site, ball, int(gain[ball].sum())
-        return best_site, best_ball
+            value = int(gain[self.reach(site)].sum())
+            if value > best_gain:
+                best_site, best_gain = site, value
+        return best_site
 
 
-def _rnn_cover_attack(estimator: Any, prepared: AttackPreparation, dtype: np.dtype, add_budget: int,
-                      remove_budget: int, start_time: float, time_budget: float | None, rounds: int = 6,
-                      n_sites: int = 3, pulls: tuple[float, ...] = (1.25, 1.125, 1.5), steps: int = 20):
-    """The covering attack on rNN: the whole addition budget at one site (split over labels), removals by a
-    per-label threshold cover and a knapsack, the site, the split and the removals refined in turn on exact
-    votes, from several starts while the time budget lasts.
+def _cover_attack(estimator: Any, prepared: AttackPreparation, dtype: np.dtype, e: int, add_budget: int,
+                  remove_budget: int, start_time: float, time_budget: float | None, rounds: int = 6,
+                  n_sites: int = 3, pulls: tuple[float, ...] = (1.25, 1.125, 1.5), steps: int = 20):
+    """The covering attack: the whole addition budget at one site (split over labels), removals by a per-label
+    threshold cover and a knapsack, the site, the split and the removals refined in turn, from several starts
+    while the time budget lasts.
 
-    Starts: the ``n_sites`` central sites (medians of clusters of all correctly classified inputs) whose ball
-    the best single label misclassifies the most, each with every ``pull`` of :meth:`_RnnCoverSearch.recentre`
+    Starts: the ``n_sites`` central sites (medians of clusters of all correctly classified inputs) whose reach
+    the best single label misclassifies the most, each with every ``pull`` of :meth:`_CoverSearch.recentre`
     (local optima of the site differ by a few tenths of a point on MNIST; the starts are cheap next to them).
-    Returns ``(wrong, removed rows, added_X, added_y)`` of the best poisoned set found (label indices).
+    Returns ``(wrong, removed rows, added_X, added_y)`` of the best poisoned set found (label indices), with
+    ``wrong`` as the search counts it (exact for rNN).
     """
-    state, a, y = prepared.state, prepared.a, prepared.y_index
-    c = len(estimator.classes_)
-    if "cover_groups" not in state:
-        state["cover_groups"] = _cover_groups(state, a, a == y, c) if remove_budget else []
-    search = _RnnCoverSearch(estimator, prepared, state["cover_groups"], dtype)
-    votes = state["votes"]
-    no_site = np.zeros(prepared.X_test.shape[1], search.dtype)
-    best = (search.wrong(votes), np.zeros(0, np.int64), no_site, np.zeros(c, np.int64))
+    search = _CoverSearch(estimator, prepared, dtype, e)
+    c = search.c
+    none = np.zeros(0, np.int64)
+    no_site = np.zeros(prepared.X_test.shape[1], dtype)
+    best = (search.evaluate(none, np.zeros(c, np.int64), none), none, no_site, np.zeros(c, np.int64))
     central = prepared.central.astype(dtype) if add_budget and len(prepared.central) else no_site[None, :]
     ranked = []
     for s, site in enumerate(central):
-        ball = search.reach(site) if add_budget else np.zeros(0, np.int64)
-        alpha, gain = search.best_single_label(votes, ball, add_budget)
+        ball = search.reach(site) if add_budget else none
+        alpha, gain = search.best_single_label(ball, add_budget)
         ranked.append((-gain, s, alpha))
     ranked.sort(key=lambda item: (item[0], item[1]))
     starts = [(s, alpha, pull) for _, s, alpha in ranked[:n_sites] for pull in (pulls if add_budget else pulls[:1])]
@@ -1387,27 +1522,28 @@ def _rnn_cover_attack(estimator: Any, prepared: AttackPreparation, dtype: np.dty
         if _over(start_time, time_budget):
             break
         site = central[s]
-        lost = np.zeros_like(votes)
+        removed = none
         previous = -1
         for _ in range(rounds):
             if _over(start_time, time_budget):
                 break
-            ball = np.zeros(0, np.int64)
+            ball = none
             if add_budget:
-                site, ball = search.recentre(site, votes - lost, alpha, pull=pull)
+                gain = search.gain(removed, alpha)
+                site = search.recentre(site, gain, pull=pull)
                 if search.metric == "l1":
-                    site, ball = search.ascend(site, votes - lost, alpha)
-            added = search.additions(ball, alpha)
+                    site = search.ascend(site, gain)
+                ball = search.reach(site)
+            need = search.removal_need(ball, alpha)
             # Never remove examples of a label being added: that takes back the votes the copies give.
-            removed = _cover_removals(search.groups, _removal_need(votes + added, a), remove_budget,
+            removed = _cover_removals(search.groups(ball, alpha, need, remove_budget), need, remove_budget,
                                       set(np.flatnonzero(alpha).tolist()), steps, start_time, time_budget)
-            lost = search.removed_votes(removed)
-            wrong = search.wrong(votes + added - lost)
+            wrong = search.evaluate(ball, alpha, removed)
             if wrong > best[0]:
                 best = (wrong, removed, site, alpha.copy())
             if add_budget:
-                alpha = search.refine_split(votes - lost, ball, alpha)
-                refined = search.wrong(votes + search.additions(ball, alpha) - lost)
+                alpha = search.refine_split(removed, ball, alpha)
+                refined = search.evaluate(ball, alpha, removed)
                 if refined > best[0]:
                     best = (refined, removed, site, alpha.copy())
             if wrong <= previous:
