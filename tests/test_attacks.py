@@ -81,22 +81,28 @@ def test_attacks_are_deterministic_for_a_seed():
 @pytest.mark.parametrize("threat_model", ("general", "insertion", "deletion"))
 def test_the_cover_strategy_alone_never_goes_below_any_certificate(seed, threat_model):
     X_train, y_train, X_test, y_test = _blobs(seed, n_train=80, n_test=40)
-    model = CertifiedRadiusNeighborsClassifier(radius=1.2).fit(X_train, y_train)
-    result = model.certify(X_test, y_test, threat_model)
-    for e in (1, 2, 5):
-        found = attack(model, X_train, y_train, X_test, y_test, e, threat_model, seed=seed, time_budget=None,
-                       strategies=("cover",))
-        assert found.poisoning_size <= e
-        assert found.search_accuracy == pytest.approx(found.accuracy)  # rNN bookkeeping is exact
-        for method, bound in _bounds(result, e).items():
-            assert found.accuracy >= bound - 1e-12, (
-                f"cover {threat_model} e={e}: verified accuracy {found.accuracy:.4f} is below the {method} "
-                f"certificate {bound:.4f}: one of them is wrong")
+    for model in (CertifiedKNeighborsClassifier(n_neighbors=9), CertifiedRadiusNeighborsClassifier(radius=1.2)):
+        model.fit(X_train, y_train)
+        knn = hasattr(model, "n_neighbors")
+        result = model.certify(X_test, y_test, threat_model, **({"max_e": 5} if knn else {}))
+        for e in (1, 2, 5):
+            found = attack(model, X_train, y_train, X_test, y_test, e, threat_model, seed=seed, time_budget=None,
+                           strategies=("cover",))
+            assert found.poisoning_size <= e
+            assert found.poisoned.strategy.startswith("one central site")
+            if not knn:
+                assert found.search_accuracy == pytest.approx(found.accuracy)  # rNN bookkeeping is exact
+            for method, bound in _bounds(result, e).items():
+                assert found.accuracy >= bound - 1e-12, (
+                    f"cover {type(model).__name__} {threat_model} e={e}: verified accuracy {found.accuracy:.4f} "
+                    f"is below the {method} certificate {bound:.4f}: one of them is wrong")
 
 
-def test_the_cover_strategy_is_deterministic_and_never_removes_the_label_it_adds():
+@pytest.mark.parametrize("make", [lambda: CertifiedKNeighborsClassifier(n_neighbors=15),
+                                  lambda: CertifiedRadiusNeighborsClassifier(radius=1.5)], ids=["knn15", "rnn"])
+def test_the_cover_strategy_is_deterministic_and_never_removes_the_label_it_adds(make):
     X_train, y_train, X_test, y_test = _blobs(7, n_train=150, n_test=80, c=4)
-    model = CertifiedRadiusNeighborsClassifier(radius=1.5).fit(X_train, y_train)
+    model = make().fit(X_train, y_train)
     clean = float(np.mean(model.predict(X_test) == y_test))
     first = attack(model, X_train, y_train, X_test, y_test, 6, seed=1, time_budget=None, strategies=("cover",))
     second = attack(model, X_train, y_train, X_test, y_test, 6, seed=1, time_budget=None, strategies=("cover",))
