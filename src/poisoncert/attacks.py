@@ -15,11 +15,14 @@ and the width of the band says how much certification work is left. Two kinds of
 * :func:`attack`: for a budget ``e``, one poisoned set that lowers the accuracy of the whole test set. It searches
   on exact votes: each test input's poisoned votes (for kNN also its window in the clean neighbour order, so that
   an added example pushes out the real last neighbour and a removal pulls in the real next one) are updated as
-  additions and removals are chosen. Additions go to shared sites (test inputs and L1 medians of groups of
-  targets) that reach many targets at once; removals take training examples that many targets share; the split
-  certificate's label-level attacker (spec 5d/5e) seeds how many additions each label gets. A lazy greedy search
-  over these actions is followed by rounds that drop actions no flipped input needed and spend the budget again.
-  The result is always verified by refitting (:func:`verify`).
+  additions and removals are chosen. The first strategy ("cover") puts the whole addition budget at one site
+  that reaches many inputs (moved by coordinate ascent on the number its copies misclassify) and chooses the
+  removals per label as a threshold cover: a correctly classified input flips once a known number of its
+  neighbours of its predicted label are gone, and removals of examples that many such inputs share reach those
+  numbers together; a knapsack splits the removals over labels, and site, label split and removals are refined
+  in turn. Older strategies (shared sites and removals by a lazy greedy, followed by rounds that drop actions no
+  flipped input needed and spend the budget again) run in the time left. The result is always verified by
+  refitting (:func:`verify`).
 
 This module consumes the fitted estimators and their neighbour engine; it never imports the certificates'
 internals, and nothing in :mod:`poisoncert.certify` imports it.
@@ -1042,7 +1045,7 @@ def attack(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# rNN: one central site, covering removals split over labels, alternating refinement
+# The cover strategy: one central site, covering removals split over labels, alternating refinement
 # --------------------------------------------------------------------------------------------------------------
 #
 # rNN votes are plain counts, so a poisoned set's effect is additive: copies of label l at a site add one vote
@@ -1050,7 +1053,8 @@ def attack(
 # input within r of it. A correctly classified input i with prediction a flips once its removed a-neighbours
 # reach need_i = min over l != a of (s_a + adds_a - s_l - adds_l + [a > l]). For the removals this is a
 # threshold cover per label (choose examples of label a so that as many a-targets as possible get need_i of
-# their neighbours removed); the labels share one budget, which a knapsack splits.
+# their neighbours removed); the labels share one budget, which a knapsack splits. kNN is the same with spec
+# 5e's window: need_i counts removals among i's first k - copies clean entries, each of which pulls in the next.
 
 
 @numba.njit(cache=True)
