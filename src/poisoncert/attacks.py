@@ -1335,6 +1335,7 @@ class _CoverSearch:
                 self.state["cover_groups"] = _cover_groups(self.state, self.a, self.correct, self.c)
         self.probe = NeighbourIndex(self.X_test, np.zeros(len(self.X_test), np.int64),
                                     metric=estimator.index_.metric, backend="numba")
+        self.clean_gain: dict[tuple[int, ...], np.ndarray] = {}
 
     def reach(self, site: np.ndarray, scale: float = 1.0) -> np.ndarray:
         """Test inputs the site reaches (rNN: within r; kNN: strictly closer than the (k - e)-th clean
@@ -1414,11 +1415,11 @@ class _CoverSearch:
         return best, best_gain
 
     def gain_for(self, alpha: np.ndarray) -> np.ndarray:
+        """:meth:`gain` without removals, computed once per split (every start site reuses it)."""
         key = tuple(alpha.tolist())
-        cache = self.__dict__.setdefault("_clean_gain", {})
-        if key not in cache:
-            cache[key] = self.gain(np.zeros(0, np.int64), alpha)
-        return cache[key]
+        if key not in self.clean_gain:
+            self.clean_gain[key] = self.gain(np.zeros(0, np.int64), alpha)
+        return self.clean_gain[key]
 
     def refine_split(self, removed: np.ndarray, ball: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         """Moves of copies between labels (coarse to fine) while they misclassify more inputs of ``ball``."""
