@@ -73,6 +73,81 @@ def test_attacks_are_deterministic_for_a_seed():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The rNN cover strategy: one central site, per-label threshold covers for the removals, a knapsack
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("threat_model", ("general", "insertion", "deletion"))
+def test_the_cover_strategy_alone_never_goes_below_any_certificate(seed, threat_model):
+    X_train, y_train, X_test, y_test = _blobs(seed, n_train=80, n_test=40)
+    for model in (CertifiedKNeighborsClassifier(n_neighbors=9), CertifiedRadiusNeighborsClassifier(radius=1.2)):
+        model.fit(X_train, y_train)
+        knn = hasattr(model, "n_neighbors")
+        result = model.certify(X_test, y_test, threat_model, **({"max_e": 5} if knn else {}))
+        for e in (1, 2, 5):
+            found = attack(model, X_train, y_train, X_test, y_test, e, threat_model, seed=seed, time_budget=None,
+                           strategies=("cover",))
+            assert found.poisoning_size <= e
+            assert found.poisoned.strategy.startswith("one central site")
+            if not knn:
+                assert found.search_accuracy == pytest.approx(found.accuracy)  # rNN bookkeeping is exact
+            for method, bound in _bounds(result, e).items():
+                assert found.accuracy >= bound - 1e-12, (
+                    f"cover {type(model).__name__} {threat_model} e={e}: verified accuracy {found.accuracy:.4f} "
+                    f"is below the {method} certificate {bound:.4f}: one of them is wrong")
+
+
+@pytest.mark.parametrize("make", [lambda: CertifiedKNeighborsClassifier(n_neighbors=15),
+                                  lambda: CertifiedRadiusNeighborsClassifier(radius=1.5)], ids=["knn15", "rnn"])
+def test_the_cover_strategy_is_deterministic_and_never_removes_the_label_it_adds(make):
+    X_train, y_train, X_test, y_test = _blobs(7, n_train=150, n_test=80, c=4)
+    model = make().fit(X_train, y_train)
+    clean = float(np.mean(model.predict(X_test) == y_test))
+    first = attack(model, X_train, y_train, X_test, y_test, 6, seed=1, time_budget=None, strategies=("cover",))
+    second = attack(model, X_train, y_train, X_test, y_test, 6, seed=1, time_budget=None, strategies=("cover",))
+    assert first.accuracy < clean
+    assert np.array_equal(first.poisoned.removed, second.poisoned.removed)
+    assert np.array_equal(first.poisoned.added_X, second.poisoned.added_X)
+    assert np.array_equal(first.poisoned.added_y, second.poisoned.added_y)
+    # Removing an example of a label that is added near the same inputs would take back the votes added.
+    assert not set(y_train[first.poisoned.removed].tolist()) & set(first.poisoned.added_y.tolist())
+    # One site: every added example is at the same point.
+    assert len(np.unique(first.poisoned.added_X, axis=0)) <= 1
+
+
+def test_the_cover_greedy_and_the_knapsack_against_brute_force():
+    from itertools import combinations, product
+
+    from poisoncert.attacks import _cover_greedy, _covered, _knapsack
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n_targets, n_cand = int(rng.integers(1, 6)), int(rng.integers(1, 8))
+        adjacency = rng.random((n_targets, n_cand)) < 0.6
+        need = rng.integers(0, 4, n_targets)
+        tptr = np.r_[0, np.cumsum(adjacency.sum(axis=1))].astype(np.int64)
+        tlist = np.nonzero(adjacency)[1].astype(np.int64)
+        owner, cand = np.nonzero(adjacency.T)
+        inv_ptr = np.r_[0, np.cumsum(adjacency.sum(axis=0))].astype(np.int64)
+        for budget in range(0, 4):
+            chosen = _cover_greedy(tptr, tlist, inv_ptr, cand.astype(np.int64), need, budget, n_cand)
+            assert chosen.sum() <= budget
+            counted = _covered(tptr, tlist, chosen, need)
+            assert counted == int(np.sum(adjacency[:, chosen].sum(axis=1) >= need))
+            best = max(int(np.sum(adjacency[:, list(subset)].sum(axis=1) >= need))
+                       for size in range(min(budget, n_cand) + 1) for subset in combinations(range(n_cand), size))
+            assert counted <= best
+        # A knapsack over labels: the steps it gives never exceed the capacity and reach the best total.
+        value = np.maximum.accumulate(rng.integers(0, 5, (3, 5)), axis=1)
+        share = _knapsack(value)
+        gains = [sum(int(value[lab, j] - value[lab, 0]) for lab, j in enumerate(split))
+                 for split in product(range(5), repeat=3) if sum(split) <= 4]
+        assert share.sum() <= 4
+        assert sum(int(value[lab, j] - value[lab, 0]) for lab, j in enumerate(share)) == max(gains)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Witnesses of the exact individual certificates, on scikit-learn's digits
 # --------------------------------------------------------------------------------------------------------------
 
