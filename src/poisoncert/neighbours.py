@@ -254,16 +254,22 @@ def _radix_select(bits, k, hist):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
+def _min_max(values):  # pragma: no cover - compiled
+    low = values[0]
+    high = values[0]
+    for t in range(values.shape[0]):
+        low = min(low, values[t])
+        high = max(high, values[t])
+    return low, high
+
+
+@numba.njit(inline="always")
 def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist):  # pragma: no cover - compiled
     """Sort ``keys`` ascending (carrying ``positions``), stably, in place; LSD radix with 11-bit digits."""
     n = keys.shape[0]
     if n < 2:
         return
-    low = keys[0]
-    high = keys[0]
-    for t in range(n):
-        low = min(low, keys[t])
-        high = max(high, keys[t])
+    low, high = _min_max(keys)
     span = high - low
     n_bits = 0
     while (span >> n_bits) > 0:
@@ -329,11 +335,7 @@ def _select_row(bits, k, scratch, out_pos):  # pragma: no cover - compiled
     n_train = bits.shape[0]
     n_bins = 4096
     hist[:] = 0
-    low = bits[0]
-    high = bits[0]
-    for j in range(n_train):
-        low = min(low, bits[j])
-        high = max(high, bits[j])
+    low, high = _min_max(bits)
     span = high - low
     shift = 0
     while (span >> shift) >= n_bins:
