@@ -42,7 +42,7 @@ import numpy as np
 from . import __version__
 from ._io import atomic_write, example_digests, label_codes, write_json
 from ._validation import check_features
-from .votes import predict
+from .votes import predict, rival_counts
 
 __all__ = [
     "PoisonedSet",
@@ -1157,12 +1157,11 @@ def _cover_groups(state: dict[str, Any], a: np.ndarray, correct: np.ndarray, c: 
 
 
 def _removal_need(votes: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """Removals of label ``a`` each input needs to lose its prediction ``a`` (0: already lost)."""
-    classes = np.arange(votes.shape[1])
-    rows = np.arange(len(votes))
-    gap = votes[rows, a][:, None] - votes + (a[:, None] > classes[None, :])
-    gap[rows, a] = np.iinfo(np.int64).max
-    return np.maximum(gap.min(axis=1), 0)
+    """Removals of label ``a`` each input needs to lose its prediction ``a`` (0: already lost).
+
+    ``a`` holds while ``s_a >= rival`` (:func:`poisoncert.votes.rival_counts`; fitted models have >= 2 labels).
+    """
+    return np.maximum(votes[np.arange(len(votes)), a] - rival_counts(votes, a) + 1, 0)
 
 
 def _knapsack(value: np.ndarray) -> np.ndarray:
