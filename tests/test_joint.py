@@ -25,7 +25,7 @@ from poisoncert.joint import (
     knn_joint_costs,
     max_flips,
 )
-from poisoncert.votes import knn_votes_from_labels, predict, prefix_label_counts
+from poisoncert.votes import knn_votes_from_labels, predict, prefix_label_counts, rival_counts
 
 
 def _brute_force_flips(labels: list[int], costs: list[int | None], budget: int, n_classes: int) -> int:
@@ -339,16 +339,21 @@ def test_knn_joint_small_training_set_is_not_looser_than_k_equal_n():
     assert np.all(longer >= short) and np.any(longer > short)
 
 
-def test_knn_joint_chunks_agree_with_one_block(monkeypatch):
-    rng = np.random.default_rng(0)
-    table = rng.integers(0, 3, (50, 20))
-    table[:, :8] = np.arange(50)[:, None] % 3
-    y = np.arange(50) % 3
-    e = np.arange(0, 25)
-    whole = knn_joint_certified_accuracy(table, y, e, 3)
-    monkeypatch.setattr(joint, "_KNN_CHUNK_ROWS", 7)
-    np.testing.assert_array_equal(knn_joint_certified_accuracy(table, y, e, 3), whole)
-    assert whole[0] == 1.0 and whole[-1] == 0.0
+@settings(max_examples=150, deadline=None)
+@given(_neighbour_cases())
+def test_knn_joint_costs_from_the_table_match_the_prefix_matrix_version(case):
+    """The certificate's kernel (no prefix matrix, inputs in parallel) equals knn_joint_costs on every input."""
+    table, _, n_classes, k = case
+    table = table[:, : min(k, table.shape[1])]
+    votes = knn_votes_from_labels(table, table.shape[1], n_classes)
+    a = predict(votes)
+    rival = rival_counts(votes, a).astype(np.int64)
+    e = np.arange(0, k + 3)
+    rows = np.arange(table.shape[0])[::-1].copy()  # any subset, in any order
+    out = np.empty((len(e), len(rows)), dtype=np.int64)
+    joint._knn_joint_costs_of_rows(table, rows, a, rival, k, e, out)
+    expected = knn_joint_costs(prefix_label_counts(table, a), rival, k, e)
+    np.testing.assert_array_equal(out, expected[:, rows])
 
 
 @pytest.mark.parametrize(

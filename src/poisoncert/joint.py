@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from ._validation import check_label_indices, check_poisoning_sizes, check_positive_int, check_votes
-from .votes import knn_votes_from_labels, margin_terms, predict, prefix_label_counts, rival_counts
+from .votes import knn_votes_from_labels, margin_terms, predict, rival_counts
 
 __all__ = [
     "UNFLIPPABLE",
@@ -37,8 +37,6 @@ __all__ = [
 #: Cost of an input that no attack within the budget can flip (an int64 sentinel, larger than every budget).
 UNFLIPPABLE = np.iinfo(np.int64).max
 
-#: Rows of the neighbour table processed at once by the kNN certificate (bounds the prefix-count memory).
-_KNN_CHUNK_ROWS = 1024
 
 
 @numba.njit(cache=True)
@@ -410,8 +408,45 @@ def knn_joint_certified_accuracy(
     rival = rival_counts(votes, a)
     correct = np.flatnonzero(a == y)
     costs = np.empty((len(e), len(correct)), dtype=np.int64)
-    for start in range(0, len(correct), _KNN_CHUNK_ROWS):
-        rows = correct[start : start + _KNN_CHUNK_ROWS]
-        prefix = prefix_label_counts(labels[rows], a[rows])
-        costs[:, start : start + len(rows)] = knn_joint_costs(prefix, rival[rows], k, e)
+    _knn_joint_costs_of_rows(labels, correct, a, rival.astype(np.int64), k, e, costs)
     return _curve(a[correct], costs, e, len(y), n_classes)[0]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _knn_joint_costs_of_rows(labels, rows, a, rival, k, e, out):  # pragma: no cover - compiled
+    """``out[j, t] = c_i(e[j])`` of :func:`knn_joint_costs` for input ``i = rows[t]``, straight from the label table.
+
+    Same binary search as :func:`knn_joint_costs`, without its (rows x K) prefix-count matrix: each input's
+    ``A_i(m)`` is built in a per-thread buffer, one pass over its first ``K`` labels; inputs in parallel.
+    """
+    width = labels.shape[1]
+    n_rows = rows.shape[0]
+    n_blocks = min(n_rows, 256)
+    for block in numba.prange(n_blocks):
+        prefix = np.empty(width + 1, np.int64)
+        for t in range(block * n_rows // n_blocks, (block + 1) * n_rows // n_blocks):
+            i = rows[t]
+            own = a[i]
+            count = 0
+            prefix[0] = 0
+            for m in range(width):
+                if labels[i, m] == own:
+                    count += 1
+                prefix[m + 1] = count
+            for j in range(e.shape[0]):
+                budget = e[j]
+                threshold = rival[i] + budget - 1
+                position = min(max(k - budget + budget, 0), width)
+                if prefix[position] - budget > threshold:
+                    out[j, t] = UNFLIPPABLE
+                    continue
+                low = 0
+                high = budget
+                while low < high:
+                    middle = (low + high) // 2
+                    position = min(max(k - budget + middle, 0), width)
+                    if prefix[position] - middle <= threshold:
+                        high = middle
+                    else:
+                        low = middle + 1
+                out[j, t] = low
