@@ -173,3 +173,13 @@ def encode_test_labels(classes: np.ndarray, y: Any, n_rows: int) -> np.ndarray:
         raise ValueError(f"y holds label {labels[unknown][0].item()!r}, unknown to the model "
                          f"(classes_: {classes.tolist()})")
     return positions.astype(np.int64)
+
+
+def check_radii(radii: Any) -> np.ndarray:
+    """Radii as a 1-D float64 array: at least one, each finite and > 0."""
+    values = np.asarray(radii, dtype=np.float64).reshape(-1)
+    if values.size == 0:
+        raise ValueError("radius list is empty: give at least one radius")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"radius must be a finite number > 0, got {values[(~np.isfinite(values)) | (values <= 0)][0]}")
+    return values

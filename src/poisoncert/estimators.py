@@ -15,7 +15,14 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from . import certify as _certify
-from ._validation import check_features, check_metric, check_positive_int, check_training_set, encode_test_labels
+from ._validation import (
+    check_features,
+    check_metric,
+    check_positive_int,
+    check_radii,
+    check_training_set,
+    encode_test_labels,
+)
 from .results import NOT_CERTIFIED, CertificationResult
 from .votes import knn_votes_from_labels, predict
 
@@ -373,7 +380,7 @@ class CertifiedRadiusNeighborsClassifier(_CertifiedNeighborsBase):
 
     def _validate_params_(self) -> None:
         super()._validate_params_()
-        _check_radii([self.radius])
+        check_radii([self.radius])
 
     def vote_counts(self, X: np.ndarray) -> np.ndarray:
         return self.vote_counts_sweep(X, [self.radius])[0]
@@ -381,7 +388,7 @@ class CertifiedRadiusNeighborsClassifier(_CertifiedNeighborsBase):
     def vote_counts_sweep(self, X: np.ndarray, radii: Sequence[float]) -> np.ndarray:
         """Votes for many radii from one distance pass: shape (len(radii), n_test, n_classes)."""
         X = self._check_X(X)
-        radii = _check_radii(radii)
+        radii = check_radii(radii)
         return self.index_.radius_votes(X, radii, len(self.classes_))
 
     def certify(
@@ -419,7 +426,7 @@ class CertifiedRadiusNeighborsClassifier(_CertifiedNeighborsBase):
         X = self._check_X(X)
         y_index = self._test_labels(y, X.shape[0])
         threat_model = _certify._check_threat_model(threat_model)
-        radii = _check_radii(radii)
+        radii = check_radii(radii)
         all_votes = self.index_.radius_votes(X, radii, len(self.classes_))
         return self._results_from_votes(all_votes, radii, y_index, threat_model,
                                         {"time_limit": time_limit, "node_limit": node_limit})
@@ -433,15 +440,6 @@ class CertifiedRadiusNeighborsClassifier(_CertifiedNeighborsBase):
             result.metadata["n_no_neighbour"] = int(np.count_nonzero(votes.sum(axis=1) == 0))
             results[float(radius)] = result
         return results
-
-
-def _check_radii(radii: Sequence[float]) -> np.ndarray:
-    values = np.asarray(radii, dtype=np.float64).reshape(-1)
-    if values.size == 0:
-        raise ValueError("radius list is empty: give at least one radius")
-    if not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise ValueError(f"radius must be a finite number > 0, got {values[(~np.isfinite(values)) | (values <= 0)][0]}")
-    return values
 
 
 def certify_neighbours(
@@ -480,7 +478,7 @@ def certify_neighbours(
         _, _, ks, _, max_e = base._sweep_arguments(X, y_test, knn, threat_model, max_e)
         width = base._table_width(ks, max_e, y_index)
     if radius is not None:
-        radii = _check_radii(rnn)
+        radii = check_radii(rnn)
     labels, votes = fitted.index_.search(X, n_neighbors=width, radii=radii, n_classes=len(fitted.classes_))
     knn_results = base._results_from_labels(X, labels, y_index, ks, threat_model, max_e, options) if base else {}
     rnn_results = radius._results_from_votes(votes, radii, y_index, threat_model, options) if radius else {}

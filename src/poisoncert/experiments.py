@@ -38,16 +38,15 @@ def check_methods(
 
     ``n_train`` (None: not known yet) adds the check that no k exceeds the training set.
     """
-    from ._validation import check_metric, check_positive_int
+    from ._validation import check_metric, check_positive_int, check_radii
     from .certify import _check_threat_model
-    from .estimators import _check_radii
 
     for k in knn:
         check_positive_int(k, "k (--knn)")
         if n_train is not None and k > n_train:
             raise ValueError(f"k={k} is larger than the training set ({n_train} examples)")
     if rnn:
-        _check_radii(list(rnn))
+        check_radii(list(rnn))
     for zeta in dpa:
         check_positive_int(zeta, "DPA partitions (--dpa)")
     for n_estimators, subsample_size in bagging:

@@ -45,11 +45,7 @@ def plot_curves(
     title, subtitle : str
         The subtitle typically names dataset, features, metric and threat model.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     lines: dict[tuple[str, str], tuple[list[int], list[float], list[bool], dict[str, Any]]] = {}
     for row in rows:
         key = (str(row["classifier"]), str(row["certification"]))
@@ -106,11 +102,9 @@ def plot_bracket(
     path : path-like
         PNG file to write (atomically).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = headless_pyplot()
 
     figure, axes = plt.subplots(figsize=(8, 4.8), dpi=120)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -140,10 +134,19 @@ def plot_bracket(
     _save(figure, path)
 
 
-def _save(figure: Any, path: str | os.PathLike[str]) -> None:
-    """Write a finished figure as PNG, atomically, and release it."""
+def headless_pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend: PNG files only, no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(figure: Any, path: str | os.PathLike[str]) -> None:
+    """Write a finished figure as PNG, atomically, and release it."""
+    plt = headless_pyplot()
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
