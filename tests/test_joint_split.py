@@ -306,3 +306,30 @@ def test_a_saturated_coarsened_value_is_not_reused_as_exact(monkeypatch):
     assert np.all(coarse.accuracy <= exact.accuracy + 1e-12)
     wrongly_exact = coarse.exact & (coarse.max_flips != exact.max_flips)
     assert not wrongly_exact.any(), (coarse.accuracy.tolist(), coarse.exact.tolist(), exact.accuracy.tolist())
+
+
+@pytest.mark.parametrize("delays", [(0.0, 0.02), (0.02, 0.0)])
+def test_sizes_above_saturation_record_the_smallest_saturated_attacker(monkeypatch, delays):
+    """Which worker thread solves or fills in a size above saturation depends on timing; the files must not."""
+    import time
+
+    from poisoncert import joint_split
+    from poisoncert.joint_split import _Solution, _solve_curve
+
+    monkeypatch.setattr(joint_split, "_threadsafe_workers", lambda n_tasks: 2)
+    n_candidates = 5
+
+    def solve(size, previous, previous_budget):
+        time.sleep(delays[size % 2])
+        flips = min(size, n_candidates)
+        return _Solution(flips, flips, np.array([size, 0]), 1), np.array([0, size]), False, size
+
+    e = np.arange(12)
+    results = _solve_curve(e, n_candidates, solve)
+    for position, size in enumerate(e.tolist()):
+        solution, removals, _ = results[position]
+        if size <= n_candidates:
+            assert solution.alpha.tolist() == [size, 0] and solution.nodes == 1
+        else:
+            assert solution.alpha.tolist() == [n_candidates, 0] and removals.tolist() == [0, n_candidates]
+            assert solution.nodes == 0

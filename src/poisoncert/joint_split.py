@@ -891,7 +891,8 @@ def _solve_curve(e: np.ndarray, n_candidates: int, solve: Any) -> dict[int, tupl
 
     Sizes are taken in ascending order, each seeded with the previous size's best split; with several numba
     threads they are dealt round-robin to worker threads (each single-threaded inside numba). Once one size
-    provably flips every candidate, so does every larger one (F* is non-decreasing in e): those are filled in.
+    provably flips every candidate, so does every larger one (F* is non-decreasing in e): those are filled in,
+    in the end all from the smallest such size.
     """
     order = np.argsort(e, kind="stable").tolist()
     workers = _threadsafe_workers(len(order))
@@ -924,6 +925,14 @@ def _solve_curve(e: np.ndarray, n_candidates: int, solve: Any) -> dict[int, tupl
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for future in [pool.submit(run, order[w::workers], True) for w in range(workers)]:
                 future.result()
+    if saturated:
+        # Which larger sizes a worker solved itself and which it filled in depends on timing; the smallest
+        # saturated size is always solved (nothing smaller could fill it in), so every size above it takes its
+        # attacker: the files then record the same split whatever the threads did.
+        first, solution, removals, coarsened = min(saturated, key=lambda item: item[0])
+        for position in order:
+            if int(e[position]) > first:
+                results[position] = (replace(solution, nodes=0), removals, coarsened)
     return results
 
 
