@@ -14,6 +14,12 @@ from poisoncert.cli import app
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """Each test's cache folder (neighbour tables, features) is its own, never the user's."""
+    monkeypatch.setenv("POISONCERT_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 def _csv_rows(path):
     return list(csv.DictReader(line for line in path.read_text().splitlines() if not line.startswith("#")))
 
@@ -258,3 +264,29 @@ def test_attack_errors_are_clear(user_files, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert not (user_files / "bad").exists()
+
+
+def test_certify_reuses_the_neighbour_tables_of_the_same_search(user_files, tmp_path, monkeypatch):
+    from poisoncert.neighbours import NeighbourIndex
+
+    args = ["certify", "--train", str(user_files / "train.npz"), "--test", str(user_files / "test.npz"),
+            "--knn", "5", "--rnn", "2", "--no-progress"]
+    first = runner.invoke(app, [*args, "--out", str(tmp_path / "first")])
+    assert first.exit_code == 0, first.output
+    assert "read from the cache" not in first.output
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(NeighbourIndex, "search", no_search)
+    second = runner.invoke(app, [*args, "--out", str(tmp_path / "second")])
+    assert second.exit_code == 0, second.output
+    assert "read from the cache" in second.output
+    assert _csv_rows(tmp_path / "first" / "curves.csv") == _csv_rows(tmp_path / "second" / "curves.csv")
+    records = [json.loads((tmp_path / name / "curves.json").read_text())["results"] for name in ("first", "second")]
+    assert [r["metadata"]["neighbour_tables_from_cache"] for r in records[0]] == [False, False]
+    assert [r["metadata"]["neighbour_tables_from_cache"] for r in records[1]] == [True, True]
+    # Another radius is another search; --no-neighbour-cache searches whatever is cached.
+    for extra in (["--rnn", "3"], ["--no-neighbour-cache"]):
+        result = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / "third")])
+        assert result.exit_code == 1 and "searched again" in repr(result.exception)

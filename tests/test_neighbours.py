@@ -464,3 +464,35 @@ def test_index_and_estimator_order_ties_alike_for_any_label_values(values):
     # The hashes use the values: labels 3 and 10 rank differently from their indices 0 and 1.
     if values.tolist() == [3, 10]:
         assert not np.array_equal(index.ranks_, training_ranks(X_train, y_index % 2)), "values, not indices"
+
+
+def test_cached_search_equals_a_fresh_search_and_keys_on_the_data(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    X = rng.integers(0, 4, (80, 3)).astype(np.float32)  # many distance ties: the tie order must survive too
+    y = rng.integers(0, 3, 80)
+    Q = rng.integers(0, 4, (25, 3)).astype(np.float32)
+    index = NeighbourIndex(X, y, backend="numba")
+    fresh = index.search(Q, n_neighbors=30, radii=[1.0, 2.5], n_classes=3)
+    labels, votes, from_cache = index.cached_search(Q, 30, [1.0, 2.5], 3, cache_dir=tmp_path)
+    assert not from_cache
+    monkeypatch.setattr(NeighbourIndex, "search", lambda *args, **kwargs: pytest.fail("searched again"))
+    again = NeighbourIndex(X.copy(), y.copy(), backend="numba").cached_search(Q.copy(), 30, [1.0, 2.5], 3,
+                                                                            cache_dir=tmp_path)
+    assert again[2]
+    for got in ((labels, votes), again[:2]):
+        np.testing.assert_array_equal(got[0], fresh[0])
+        np.testing.assert_array_equal(got[1], fresh[1])
+        assert got[0].dtype == fresh[0].dtype
+    # Any change of the data or the arguments is another entry: each of these must search.
+    changed_X = X.copy()
+    changed_X[0, 0] += 1
+    changed_y = y.copy()
+    changed_y[0] = (y[0] + 1) % 3
+    for call in (lambda: index.cached_search(Q[:-1], 30, [1.0, 2.5], 3, cache_dir=tmp_path),
+                 lambda: index.cached_search(Q, 29, [1.0, 2.5], 3, cache_dir=tmp_path),
+                 lambda: index.cached_search(Q, 30, [1.0], 3, cache_dir=tmp_path),
+                 lambda: NeighbourIndex(changed_X, y).cached_search(Q, 30, None, None, cache_dir=tmp_path),
+                 lambda: NeighbourIndex(X, changed_y).cached_search(Q, 30, None, None, cache_dir=tmp_path),
+                 lambda: NeighbourIndex(X, y, metric="l2").cached_search(Q, 30, None, None, cache_dir=tmp_path)):
+        with pytest.raises(pytest.fail.Exception, match="searched again"):
+            call()

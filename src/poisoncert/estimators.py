@@ -7,6 +7,7 @@ returns a :class:`~poisoncert.results.CertificationResult` whose guarantees hold
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -454,6 +455,7 @@ def certify_neighbours(
     max_e: int | None = None,
     time_limit: float | None = None,
     node_limit: int | None = None,
+    neighbour_cache: str | os.PathLike[str] | None = None,
     **estimator_params: Any,
 ) -> tuple[dict[int, CertificationResult], dict[float, CertificationResult]]:
     """kNN for every k in ``knn`` and rNN for every radius in ``rnn`` from **one** neighbour index and one pass.
@@ -461,6 +463,9 @@ def certify_neighbours(
     One content-hash ranking of the training set, and each test chunk's distances computed once for the kNN
     selection (out to ``max(k) + max_e``) and the radius counts alike. ``estimator_params`` (metric, backend,
     max_memory_mb, progress) go to both estimators. Results equal those of the separate estimators.
+    ``neighbour_cache``: a cache folder in which that pass's tables are kept and reused
+    (:meth:`~poisoncert.neighbours.NeighbourIndex.cached_search`); None (default) searches every time. Each
+    result's metadata says which (``neighbour_tables_from_cache``).
     """
     if not knn and not rnn:
         raise ValueError("give at least one k (knn) or one radius (rnn)")
@@ -479,7 +484,15 @@ def certify_neighbours(
         width = base._table_width(ks, max_e, y_index)
     if radius is not None:
         radii = check_radii(rnn)
-    labels, votes = fitted.index_.search(X, n_neighbors=width, radii=radii, n_classes=len(fitted.classes_))
+    if neighbour_cache is None:
+        labels, votes = fitted.index_.search(X, n_neighbors=width, radii=radii, n_classes=len(fitted.classes_))
+        from_cache = False
+    else:
+        labels, votes, from_cache = fitted.index_.cached_search(X, n_neighbors=width, radii=radii,
+                                                                n_classes=len(fitted.classes_),
+                                                                cache_dir=neighbour_cache)
     knn_results = base._results_from_labels(X, labels, y_index, ks, threat_model, max_e, options) if base else {}
     rnn_results = radius._results_from_votes(votes, radii, y_index, threat_model, options) if radius else {}
+    for result in [*knn_results.values(), *rnn_results.values()]:
+        result.metadata["neighbour_tables_from_cache"] = from_cache
     return knn_results, rnn_results

@@ -77,12 +77,14 @@ def certify_methods(
     metadata: dict[str, Any] | None = None,
     max_e: int | None = None,
     time_limit: float | None = None,
+    neighbour_cache: str | os.PathLike[str] | None = None,
 ) -> list[CertificationResult]:
     """Certify every requested classifier on one train/test split (``y_test`` None: predictions only).
 
     kNN for every k and rNN for every radius come from one neighbour pass (:func:`certify_neighbours`); the kNN
     table reaches ``max(k) + max_e`` for the joint certificates (``max_e`` default: ``max(k)``). ``time_limit``
     bounds the split certificates' search per poisoning size. Each result records its run time and ``metadata``.
+    ``neighbour_cache``: a cache folder that keeps and reuses that pass's tables (None: search every time).
     """
     from .estimators import certify_neighbours
 
@@ -93,10 +95,13 @@ def certify_methods(
         start = time.perf_counter()
         knn_results, rnn_results = certify_neighbours(
             X_train, y_train, X_test, y_test, knn=list(knn), rnn=list(rnn), threat_model=threat_model,
-            max_e=max_e, time_limit=time_limit, metric=metric, backend=backend, progress=progress)
+            max_e=max_e, time_limit=time_limit, metric=metric, backend=backend, progress=progress,
+            neighbour_cache=neighbour_cache)
         both = "kNN and rNN" if knn and rnn else ("kNN" if knn else "rNN")
-        _stamp([*knn_results.values(), *rnn_results.values()], time.perf_counter() - start,
-               f"one neighbour pass for {both}, every k and r, and the individual certificates", metadata)
+        found = [*knn_results.values(), *rnn_results.values()]
+        cached = " (neighbour tables read from the cache)" if found[0].metadata["neighbour_tables_from_cache"] else ""
+        _stamp(found, time.perf_counter() - start,
+               f"one neighbour pass for {both}, every k and r, and the individual certificates{cached}", metadata)
         results.extend(knn_results.values())
         results.extend(rnn_results.values())
     for n_partitions in dpa:

@@ -756,6 +756,56 @@ class NeighbourIndex:
             votes[order] = votes_sorted
         return labels, votes
 
+    def cached_search(
+        self,
+        X_test: np.ndarray,
+        n_neighbors: int | None = None,
+        radii: float | Sequence[float] | None = None,
+        n_classes: int | None = None,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None, bool]:
+        """:meth:`search`, kept on disk: a second call with the same data and arguments reads the tables back.
+
+        The entry (:func:`poisoncert.cache.cached_arrays`) is keyed by SHA-256 digests of the training set as
+        indexed (features in rank order, label indices and label values) and of the test features as searched,
+        the metric, ``n_neighbors``, ``radii``, ``n_classes`` and the package version; the order of spec
+        section 3 depends on nothing else, so a hit equals a fresh search bit for bit. An index on the Dask
+        backend searches without the cache (its training set is not held here to be digested).
+
+        Returns
+        -------
+        labels, votes : as :meth:`search`
+        from_cache : bool
+            True when the tables were read from the cache.
+        """
+        if not hasattr(self, "_XT"):
+            return (*self.search(X_test, n_neighbors, radii, n_classes), False)
+        from . import __version__
+        from ._io import array_digest
+        from .cache import cached_arrays
+
+        Q = self._check_test(X_test)
+        key = {
+            "kind": "neighbour_search",
+            "poisoncert_version": __version__,
+            "train_sha256": array_digest(self._XT, self._labels, label_codes(self.classes_)),
+            "test_sha256": array_digest(Q),
+            "metric": self.metric,
+            "n_neighbors": None if n_neighbors is None else int(n_neighbors),
+            "radii": None if radii is None else np.atleast_1d(np.asarray(radii, dtype=np.float64)).tolist(),
+            "n_classes": None if n_classes is None else int(n_classes),
+        }
+        computed = []
+
+        def compute() -> dict[str, np.ndarray]:
+            computed.append(True)
+            labels, votes = self.search(Q, n_neighbors, radii, n_classes)
+            return {name: table for name, table in (("labels", labels), ("votes", votes)) if table is not None}
+
+        tables = cached_arrays(key, compute, cache_dir)
+        return tables.get("labels"), tables.get("votes"), not computed
+
     def radius_neighbors(self, X_test: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
         """Training rows within distance ``<= radius`` of each test input, as CSR arrays.
 
