@@ -204,10 +204,8 @@ def _bound_flips(labels, costs, budget, n_classes, threshold, slack, hist, out):
             if x > widest:
                 widest = x
             top = min(budget, reach + x)
-            for b in range(x, top + 1):
-                v = best[b - x] + g
-                if v > new[b]:
-                    new[b] = v
+            # Branch-free max over aligned slices: this inner loop is most of the time and vectorises so.
+            _max_shifted(new[x : top + 1], best[: top + 1 - x], g)
         if n_kept == 0 and not keep_zero:
             out[0] = thr
             out[2] = 1 if thr == lower else 0
@@ -225,6 +223,13 @@ def _bound_flips(labels, costs, budget, n_classes, threshold, slack, hist, out):
     else:
         out[0] = thr
         out[2] = 1 if thr == lower else 0
+
+
+@numba.njit(inline="always")
+def _max_shifted(target, source, gain):  # pragma: no cover - compiled
+    """``target[j] = max(target[j], source[j] + gain)``."""
+    for j in range(target.shape[0]):
+        target[j] = max(target[j], source[j] + gain)
 
 
 # --------------------------------------------------------------------------------------------------------------
