@@ -97,7 +97,7 @@ def main() -> None:
     print(f"peak RSS of the command: {peak_mb:.0f} MiB")
     print("where the command's time goes (in this process, warm; wall seconds):")
     for name, seconds in phases:
-        print(f"  {name:<58} {seconds:7.2f} s")
+        print(f"  {name:<64} {seconds:7.2f} s")
 
 
 def _command_phases(X_train, y_train, X_test, y_test) -> list[tuple[str, float]]:
@@ -114,7 +114,8 @@ def _command_phases(X_train, y_train, X_test, y_test) -> list[tuple[str, float]]
     start = time.perf_counter()
     e = default_e_grid(results, n_points=51)
     e = np.union1d(e, np.asarray(table_points(e), dtype=np.int64))
-    phases.append((f"e grid ({len(e)} sizes; probes the split curves)", time.perf_counter() - start))
+    phases.append((f"e grid ({len(e)} sizes; one kNN split probe, which builds its profiles)",
+                   time.perf_counter() - start))
     for result in results:
         for method in result.available_methods:
             start = time.perf_counter()
