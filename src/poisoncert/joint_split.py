@@ -703,15 +703,18 @@ def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_lim
             incumbent, best_alpha = attained, point
     lo, hi = np.zeros(c, np.int64), np.full(c, budget, np.int64)
     upper, _, exact, active = problem.evaluate(hi, incumbent, _LP_EXACT_GAP)
-    # Heap entries: (-upper bound, counter, bound exact?, lo, capped corner, active counts, feasible point probed?)
-    heap: list[tuple[int, int, bool, np.ndarray, np.ndarray, np.ndarray, bool]] = []
+    # Heap entries: (-upper bound, -flips found in the box, counter, bound exact?, lo, capped corner, active counts,
+    # feasible point probed?). Among equal bounds the box whose feasible point flips most comes first: where every
+    # box is bounded by all candidates (the size at which the curve reaches zero) the search is a hunt for a split
+    # that flips them all, and that box is the nearest to one.
+    heap: list[tuple[int, int, int, bool, np.ndarray, np.ndarray, np.ndarray, bool]] = []
     counter = 0
     if upper > incumbent:
-        heap.append((-upper, counter, exact, lo, hi, active, True))
+        heap.append((-upper, -incumbent, counter, exact, lo, hi, active, True))
     nodes = 0
     stopped_at = -1
     while heap:
-        neg_upper, _, exact, lo, corner, active, probed = heapq.heappop(heap)
+        neg_upper, neg_found, _, exact, lo, corner, active, probed = heapq.heappop(heap)
         if -neg_upper <= incumbent:
             heap.clear()
             break
@@ -728,14 +731,14 @@ def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_lim
                 incumbent, best_alpha = attained, point
             if -neg_upper > incumbent:
                 counter += 1
-                heapq.heappush(heap, (neg_upper, counter, exact, lo, corner, active, True))
+                heapq.heappush(heap, (neg_upper, -attained, counter, exact, lo, corner, active, True))
             continue
         if not exact:
             # An LP bound heads the queue: replace it by F itself (exact above the incumbent) before splitting.
             value, _, _, active = problem.evaluate(corner, incumbent, _NO_SLACK_LIMIT)
             if value > incumbent:
                 counter += 1
-                heapq.heappush(heap, (-value, counter, True, lo, corner, active, True))
+                heapq.heappush(heap, (-value, neg_found, counter, True, lo, corner, active, True))
             continue
         nodes += 1
         width = corner - lo
@@ -760,8 +763,8 @@ def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_lim
             value, _, exact_child, child_active = problem.evaluate(child_corner, incumbent, _LP_EXACT_GAP)
             if value > incumbent:
                 counter += 1
-                heapq.heappush(heap, (-value, counter, exact_child, child_lo.copy(), child_corner, child_active,
-                                      False))
+                heapq.heappush(heap, (-value, neg_found, counter, exact_child, child_lo.copy(), child_corner,
+                                      child_active, False))
     upper_bound = max(incumbent, stopped_at, max((-entry[0] for entry in heap), default=incumbent))
     return _Solution(max(incumbent, 0), max(upper_bound, 0), best_alpha, nodes)
 
