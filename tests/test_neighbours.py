@@ -496,3 +496,22 @@ def test_cached_search_equals_a_fresh_search_and_keys_on_the_data(tmp_path, monk
                  lambda: NeighbourIndex(X, y, metric="l2").cached_search(Q, 30, None, None, cache_dir=tmp_path)):
         with pytest.raises(pytest.fail.Exception, match="searched again"):
             call()
+
+
+def test_cached_search_survives_a_cache_that_cannot_be_written(tmp_path, monkeypatch):
+    import errno
+
+    from poisoncert import cache
+
+    rng = np.random.default_rng(4)
+    X, y, Q = rng.normal(size=(40, 3)), rng.integers(0, 2, 40), rng.normal(size=(6, 3))
+    index = NeighbourIndex(X, y, backend="numba")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "save_npz", full_disk)
+    with pytest.warns(RuntimeWarning, match="not cached.*No space left"):
+        labels, votes, from_cache = index.cached_search(Q, 10, [1.0], 2, cache_dir=tmp_path)
+    assert not from_cache and votes is not None
+    np.testing.assert_array_equal(labels, index.ordered_labels(Q, 10))

@@ -796,14 +796,26 @@ class NeighbourIndex:
             "radii": None if radii is None else np.atleast_1d(np.asarray(radii, dtype=np.float64)).tolist(),
             "n_classes": None if n_classes is None else int(n_classes),
         }
-        computed = []
+        computed: list[dict[str, np.ndarray]] = []
 
         def compute() -> dict[str, np.ndarray]:
-            computed.append(True)
             labels, votes = self.search(Q, n_neighbors, radii, n_classes)
-            return {name: table for name, table in (("labels", labels), ("votes", votes)) if table is not None}
+            computed.append({name: table for name, table in (("labels", labels), ("votes", votes))
+                             if table is not None})
+            return computed[0]
 
-        tables = cached_arrays(key, compute, cache_dir)
+        try:
+            tables = cached_arrays(key, compute, cache_dir)
+        except OSError as error:
+            if not computed:
+                raise
+            # The search is done; a cache that cannot be written (a full disk, a read-only folder) only costs the
+            # next run its reuse.
+            import warnings
+
+            warnings.warn(f"neighbour tables not cached ({error}); they were computed and are used as they are",
+                          RuntimeWarning, stacklevel=2)
+            tables = computed[0]
         return tables.get("labels"), tables.get("votes"), not computed
 
     def radius_neighbors(self, X_test: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
