@@ -263,9 +263,15 @@ def _min_max(values):  # pragma: no cover - compiled
     return low, high
 
 
+#: Widest digit of the LSD radix sort. The passes are as few as this allows and their digits equally wide: the
+#: first K of an MNIST row span about 25 bits, two passes of 13 bits (11-bit digits took three).
+_SORT_DIGIT = 13
+
+
 @numba.njit(inline="always")
 def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist):  # pragma: no cover - compiled
-    """Sort ``keys`` ascending (carrying ``positions``), stably, in place; LSD radix with 11-bit digits."""
+    """Sort ``keys`` ascending (carrying ``positions``), stably, in place; LSD radix with digits of at most
+    ``_SORT_DIGIT`` bits (``hist`` holds ``2 ** _SORT_DIGIT + 2`` counts)."""
     n = keys.shape[0]
     if n < 2:
         return
@@ -278,8 +284,10 @@ def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist):  # pragm
         keys[t] -= low
     src_k, src_p, dst_k, dst_p = keys, positions, keys_tmp, positions_tmp
     shift = 0
+    n_passes = max(1, (n_bits + _SORT_DIGIT - 1) // _SORT_DIGIT)
+    digit = (n_bits + n_passes - 1) // n_passes
     while shift < n_bits:
-        width = min(11, n_bits - shift)
+        width = min(digit, n_bits - shift)
         mask = (1 << width) - 1
         hist[: mask + 2] = 0
         for t in range(n):
@@ -317,8 +325,8 @@ def _select_numba(B, k, out_pos):  # pragma: no cover - compiled
 @numba.njit(inline="always")
 def _select_scratch(k, n_train, dtype):  # pragma: no cover - compiled
     """Per-thread buffers of :func:`_select_row`: histogram, keys and positions and their sort copies, candidates."""
-    return (np.zeros(4097, np.int64), np.empty(k, dtype), np.empty(k, np.int64), np.empty(k, dtype),
-            np.empty(k, np.int64), np.empty(n_train + 1, np.int64))
+    return (np.zeros((1 << max(12, _SORT_DIGIT)) + 2, np.int64), np.empty(k, dtype), np.empty(k, np.int64),
+            np.empty(k, dtype), np.empty(k, np.int64), np.empty(n_train + 1, np.int64))
 
 
 @numba.njit(inline="always")
@@ -334,7 +342,7 @@ def _select_row(bits, k, scratch, out_pos):  # pragma: no cover - compiled
     hist, keys, positions, keys_tmp, positions_tmp, _ = scratch
     n_train = bits.shape[0]
     n_bins = 4096
-    hist[:] = 0
+    hist[:n_bins] = 0
     low, high = _min_max(bits)
     span = high - low
     shift = 0
