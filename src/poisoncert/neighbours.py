@@ -560,6 +560,11 @@ def _torch_distances(torch, Q, XT, metric: int):  # type: ignore[no-untyped-def]
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: Version of what a cached neighbour table holds (spec section 3's order, the label and vote encodings), part of
+#: every cache key: a change to any of them must bump it, so that no entry written before is read as current.
+_TABLE_FORMAT = 1
+
+
 class NeighbourIndex:
     """Exact brute-force nearest-neighbour index with the deterministic tie rule of spec sections 2 and 3.
 
@@ -796,6 +801,7 @@ class NeighbourIndex:
         Q = self._check_test(X_test)
         key = {
             "kind": "neighbour_search",
+            "table_format": _TABLE_FORMAT,
             "poisoncert_version": __version__,
             "train_sha256": array_digest(self._XT, self._labels, label_codes(self.classes_)),
             "test_sha256": array_digest(Q),
