@@ -515,3 +515,52 @@ def test_cached_search_survives_a_cache_that_cannot_be_written(tmp_path, monkeyp
         labels, votes, from_cache = index.cached_search(Q, 10, [1.0], 2, cache_dir=tmp_path)
     assert not from_cache and votes is not None
     np.testing.assert_array_equal(labels, index.ordered_labels(Q, 10))
+
+
+def test_cached_search_gives_the_classifier_s_own_tables_for_cosine(tmp_path):
+    """Regression (review): the cache searched rows it had already made unit length, and normalising twice moved
+    the last bits, so the certified neighbours were not the classifier's. Near-identical rows, distances ~1e-16."""
+    X = np.array([[-1.13948128583287, -2.3681708810941697, 0.6068921888261192],
+                  [-1.1394812961422474, -2.3681708035210596, 0.6068921343502095],
+                  [-1.139481107610607, -2.368170705061478, 0.6068920551530653],
+                  [-1.1394811867949461, -2.3681708051255725, 0.6068921428382499],
+                  [-1.1394812090463076, -2.368170728571609, 0.606892020618209],
+                  [-1.1394811617865195, -2.3681706885475937, 0.6068921134712584],
+                  [-1.139480985017699, -2.3681708797161574, 0.6068921632078629],
+                  [-1.1394811867949461, -2.3681708051255725, 0.6068921428382499],
+                  [-1.1394811867949461, -2.3681708051255725, 0.6068921428382499],
+                  [-1.1394811867949461, -2.3681708051255725, 0.6068921428382499],
+                  [-1.1394811043106101, -2.3681707873195643, 0.6068921661703206],
+                  [-1.1394811867949461, -2.3681708051255725, 0.6068921428382499]])
+    y = np.array([1, 1, 1, 0, 1, 1, 0, 0, 1, 0, 1, 1])
+    q = X[3:4].copy()
+    index = NeighbourIndex(X, y, metric="cosine", backend="numba")
+    fresh = index.search(q, n_neighbors=12, radii=[1e-7], n_classes=2)
+    for _ in range(2):  # the miss, then the hit
+        labels, votes, _ = index.cached_search(q, 12, [1e-7], 2, cache_dir=tmp_path)
+        np.testing.assert_array_equal(labels, fresh[0])
+        np.testing.assert_array_equal(votes, fresh[1])
+    rng = np.random.default_rng(5)
+    X_many = rng.normal(size=(300, 4)).astype(np.float32)
+    Q_many = rng.normal(size=(400, 4)).astype(np.float32)
+    many = NeighbourIndex(X_many, rng.integers(0, 3, 300), metric="cosine", backend="numba")
+    cached = many.cached_search(Q_many, 50, cache_dir=tmp_path)[0]
+    np.testing.assert_array_equal(cached, many.ordered_labels(Q_many, 50))
+
+
+def test_a_cache_entry_without_the_tables_asked_for_is_searched_again(tmp_path):
+    from poisoncert._io import save_npz
+
+    rng = np.random.default_rng(6)
+    X, y, Q = rng.normal(size=(50, 3)), rng.integers(0, 2, 50), rng.normal(size=(7, 3))
+    index = NeighbourIndex(X, y, backend="numba")
+    index.cached_search(Q, 10, [1.0], 2, cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("arrays/*/*.npz")
+    save_npz(entry, labels=np.zeros((7, 10), np.int16))  # the votes are gone
+    labels, votes, from_cache = index.cached_search(Q, 10, [1.0], 2, cache_dir=tmp_path)
+    assert not from_cache
+    np.testing.assert_array_equal(votes, index.radius_votes(Q, [1.0], 2))
+    np.testing.assert_array_equal(labels, index.ordered_labels(Q, 10))
+    assert index.cached_search(Q, 10, [1.0], 2, cache_dir=tmp_path)[2]  # the entry was replaced
+    with pytest.raises(TypeError, match="n_neighbors must be an integer"):
+        index.cached_search(Q, 2.7, cache_dir=tmp_path)

@@ -110,9 +110,10 @@ def _load_entry(path: Path) -> dict[str, np.ndarray] | None:
             return {name: data[name] for name in data.files}
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError):
         # A damaged entry (disk full on another machine, manual edit) is treated as a miss and
-        # overwritten; it cannot come from our own writer, which renames only complete files.
+        # overwritten; it cannot come from our own writer, which renames only complete files. A corrupted
+        # zip header can also claim an unknown compression (NotImplementedError) or encryption (RuntimeError).
         return None
 
 

@@ -27,6 +27,7 @@ Determinism and precision
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import numbers
@@ -562,7 +563,7 @@ def _torch_distances(torch, Q, XT, metric: int):  # type: ignore[no-untyped-def]
 
 #: Version of what a cached neighbour table holds (spec section 3's order, the label and vote encodings), part of
 #: every cache key: a change to any of them must bump it, so that no entry written before is read as current.
-_TABLE_FORMAT = 1
+_TABLE_FORMAT = 2
 
 
 class NeighbourIndex:
@@ -798,6 +799,10 @@ class NeighbourIndex:
         from ._io import array_digest
         from .cache import cached_arrays
 
+        if n_neighbors is not None:
+            n_neighbors = check_positive_int(n_neighbors, "n_neighbors")
+        # The key digests the test features as the search will see them (cast, unit rows for cosine); the search
+        # itself is given X_test as it came, since preparing the rows twice need not give the same bits.
         Q = self._check_test(X_test)
         key = {
             "kind": "neighbour_search",
@@ -806,14 +811,15 @@ class NeighbourIndex:
             "train_sha256": array_digest(self._XT, self._labels, label_codes(self.classes_)),
             "test_sha256": array_digest(Q),
             "metric": self.metric,
-            "n_neighbors": None if n_neighbors is None else int(n_neighbors),
+            "n_neighbors": n_neighbors,
             "radii": None if radii is None else np.atleast_1d(np.asarray(radii, dtype=np.float64)).tolist(),
             "n_classes": None if n_classes is None else int(n_classes),
         }
+        del Q
         computed: list[dict[str, np.ndarray]] = []
 
         def compute() -> dict[str, np.ndarray]:
-            labels, votes = self.search(Q, n_neighbors, radii, n_classes)
+            labels, votes = self.search(X_test, n_neighbors, radii, n_classes)
             computed.append({name: table for name, table in (("labels", labels), ("votes", votes))
                              if table is not None})
             return computed[0]
@@ -830,7 +836,35 @@ class NeighbourIndex:
             warnings.warn(f"neighbour tables not cached ({error}); they were computed and are used as they are",
                           RuntimeWarning, stacklevel=2)
             tables = computed[0]
+        if not computed and not self._tables_fit(tables, X_test, n_neighbors, radii, n_classes):
+            # An entry that loads but lacks a table or has the wrong shape (edited by hand, or damaged in a way the
+            # zip checks let through) is searched again and replaced.
+            from ._io import save_npz
+            from .cache import cache_path
+
+            labels, votes = self.search(X_test, n_neighbors, radii, n_classes)
+            with contextlib.suppress(OSError):
+                save_npz(cache_path(key, cache_dir), **{name: table for name, table in
+                                                        (("labels", labels), ("votes", votes)) if table is not None})
+            return labels, votes, False
         return tables.get("labels"), tables.get("votes"), not computed
+
+    def _tables_fit(self, tables: dict[str, np.ndarray], X_test: np.ndarray, n_neighbors: int | None,
+                    radii: float | Sequence[float] | None, n_classes: int | None) -> bool:
+        """Whether loaded tables have the names, shapes and dtypes a search with these arguments returns."""
+        n_test = len(X_test)
+        if (n_neighbors is None) != ("labels" not in tables) or (radii is None) != ("votes" not in tables):
+            return False
+        if n_neighbors is not None:
+            labels = tables["labels"]
+            if labels.shape != (n_test, min(n_neighbors, self.n_train_)) or labels.dtype != self._label_dtype:
+                return False
+        if radii is not None:
+            votes = tables["votes"]
+            shape = (np.atleast_1d(np.asarray(radii)).size, n_test, n_classes)
+            if votes.shape != shape or votes.dtype != np.int64:
+                return False
+        return True
 
     def radius_neighbors(self, X_test: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
         """Training rows within distance ``<= radius`` of each test input, as CSR arrays.
