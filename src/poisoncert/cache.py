@@ -121,6 +121,7 @@ def cached_arrays(
     key: Mapping[str, Any],
     compute: Callable[[], Mapping[str, np.ndarray]],
     cache_dir: str | os.PathLike[str] | None = None,
+    accept: Callable[[dict[str, np.ndarray]], bool] | None = None,
 ) -> dict[str, np.ndarray]:
     """Return the arrays stored for ``key``, computing and storing them on a miss.
 
@@ -136,6 +137,8 @@ def cached_arrays(
         ``allow_pickle=False``.
     cache_dir : path-like or None
         Cache folder; see :func:`cache_dir` for the default.
+    accept : callable, optional
+        Checks a loaded entry (names, shapes, dtypes); one it refuses is a miss, computed again and overwritten.
 
     Returns
     -------
@@ -153,7 +156,7 @@ def cached_arrays(
     """
     path = cache_path(key, cache_dir)
     hit = _load_entry(path)
-    if hit is not None:
+    if hit is not None and (accept is None or accept(hit)):
         return hit
     result = compute()
     if not isinstance(result, Mapping):

@@ -38,7 +38,6 @@ __all__ = [
 UNFLIPPABLE = np.iinfo(np.int64).max
 
 
-
 @numba.njit(cache=True)
 def _knapsack(costs, starts, budget, choice):  # pragma: no cover - compiled; tested through max_flips
     """Exact ``max sum_l g_l(r_l)`` over ``sum_l r_l <= budget``; records the chosen ``r_l`` per budget.
@@ -306,32 +305,42 @@ def knn_joint_costs(prefix: np.ndarray, rival: np.ndarray, k: int, e: np.ndarray
     Notes
     -----
     ``r -> A_i(k - e + r) - r`` never increases (``A`` grows by at most 1 per position), so the condition
-    holds on an upper interval of ``r`` and a binary search, vectorised over inputs and budgets, finds its
-    start in ``ceil(log2(max(e) + 2))`` rounds.
+    holds on an upper interval of ``r`` and a binary search finds its start in ``ceil(log2(max(e) + 2))``
+    rounds (:func:`_first_cost`, inputs in parallel).
     """
-    prefix = np.asarray(prefix)
-    width = prefix.shape[1] - 1
-    budget = np.asarray(e, dtype=np.int64)[:, None]
-    rows = np.arange(prefix.shape[0])[None, :]
-    threshold = np.asarray(rival, dtype=np.int64)[None, :] + budget - 1
+    prefix = np.ascontiguousarray(prefix, dtype=np.int64)
+    budgets = np.ascontiguousarray(e, dtype=np.int64).reshape(-1)
+    out = np.empty((len(budgets), prefix.shape[0]), dtype=np.int64)
+    _knn_joint_costs_of_prefixes(prefix, np.ascontiguousarray(rival, dtype=np.int64), k, budgets, out)
+    return out
 
-    def holds(r: np.ndarray) -> np.ndarray:
-        position = np.clip(k - budget + r, 0, width)
-        return prefix[rows, position] - r <= threshold
 
-    shape = (budget.shape[0], prefix.shape[0])
-    low = np.zeros(shape, dtype=np.int64)
-    high = np.broadcast_to(budget, shape).copy()
-    feasible = holds(high)
-    while True:
-        active = low < high
-        if not np.any(active):
-            break
-        middle = (low + high) // 2
-        ok = holds(middle)
-        high = np.where(active & ok, middle, high)
-        low = np.where(active & ~ok, middle + 1, low)
-    return np.where(feasible, low, UNFLIPPABLE)
+@numba.njit(inline="always")
+def _first_cost(prefix, rival, k, e, out, t):  # pragma: no cover - compiled
+    """``out[j, t]`` = the smallest ``r`` in ``0..e[j]`` with ``prefix[clip(k - e[j] + r)] - r <= rival + e[j] - 1``,
+    ``UNFLIPPABLE`` when none (``prefix`` is one input's ``A(0..K)``)."""
+    width = prefix.shape[0] - 1
+    for j in range(e.shape[0]):
+        budget = e[j]
+        threshold = rival + budget - 1
+        if prefix[min(k, width)] - budget > threshold:  # r = budget fails, so every smaller r does
+            out[j, t] = UNFLIPPABLE
+            continue
+        low = 0
+        high = budget
+        while low < high:
+            middle = (low + high) // 2
+            if prefix[min(max(k - budget + middle, 0), width)] - middle <= threshold:
+                high = middle
+            else:
+                low = middle + 1
+        out[j, t] = low
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _knn_joint_costs_of_prefixes(prefix, rival, k, e, out):  # pragma: no cover - compiled
+    for t in numba.prange(prefix.shape[0]):
+        _first_cost(prefix[t], rival[t], k, e, out, t)
 
 
 def knn_joint_certified_accuracy(
@@ -416,8 +425,8 @@ def knn_joint_certified_accuracy(
 def _knn_joint_costs_of_rows(labels, rows, a, rival, k, e, out):  # pragma: no cover - compiled
     """``out[j, t] = c_i(e[j])`` of :func:`knn_joint_costs` for input ``i = rows[t]``, straight from the label table.
 
-    Same binary search as :func:`knn_joint_costs`, without its (rows x K) prefix-count matrix: each input's
-    ``A_i(m)`` is built in a per-thread buffer, one pass over its first ``K`` labels; inputs in parallel.
+    No (rows x K) prefix-count matrix: each input's ``A_i(m)`` is built in a per-thread buffer, one pass over its
+    first ``K`` labels, then searched by :func:`_first_cost`; inputs in parallel.
     """
     width = labels.shape[1]
     n_rows = rows.shape[0]
@@ -433,20 +442,4 @@ def _knn_joint_costs_of_rows(labels, rows, a, rival, k, e, out):  # pragma: no c
                 if labels[i, m] == own:
                     count += 1
                 prefix[m + 1] = count
-            for j in range(e.shape[0]):
-                budget = e[j]
-                threshold = rival[i] + budget - 1
-                position = min(max(k - budget + budget, 0), width)
-                if prefix[position] - budget > threshold:
-                    out[j, t] = UNFLIPPABLE
-                    continue
-                low = 0
-                high = budget
-                while low < high:
-                    middle = (low + high) // 2
-                    position = min(max(k - budget + middle, 0), width)
-                    if prefix[position] - middle <= threshold:
-                        high = middle
-                    else:
-                        low = middle + 1
-                out[j, t] = low
+            _first_cost(prefix, rival[i], k, e, out, t)

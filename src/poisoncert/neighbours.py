@@ -27,7 +27,6 @@ Determinism and precision
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import numbers
@@ -815,6 +814,7 @@ class NeighbourIndex:
             "radii": None if radii is None else np.atleast_1d(np.asarray(radii, dtype=np.float64)).tolist(),
             "n_classes": None if n_classes is None else int(n_classes),
         }
+        n_test = Q.shape[0]
         del Q
         computed: list[dict[str, np.ndarray]] = []
 
@@ -824,8 +824,19 @@ class NeighbourIndex:
                              if table is not None})
             return computed[0]
 
+        def fits(tables: dict[str, np.ndarray]) -> bool:
+            # An entry that loads but lacks a table or has another shape or dtype (edited by hand, or damaged in a way
+            # the zip checks let through) is searched again and replaced.
+            expected = {}
+            if n_neighbors is not None:
+                expected["labels"] = ((n_test, min(n_neighbors, self.n_train_)), self._label_dtype)
+            if radii is not None:
+                expected["votes"] = ((len(key["radii"]), n_test, n_classes), np.dtype(np.int64))
+            return set(tables) == set(expected) and all(
+                (tables[name].shape, tables[name].dtype) == want for name, want in expected.items())
+
         try:
-            tables = cached_arrays(key, compute, cache_dir)
+            tables = cached_arrays(key, compute, cache_dir, accept=fits)
         except OSError as error:
             if not computed:
                 raise
@@ -836,35 +847,7 @@ class NeighbourIndex:
             warnings.warn(f"neighbour tables not cached ({error}); they were computed and are used as they are",
                           RuntimeWarning, stacklevel=2)
             tables = computed[0]
-        if not computed and not self._tables_fit(tables, X_test, n_neighbors, radii, n_classes):
-            # An entry that loads but lacks a table or has the wrong shape (edited by hand, or damaged in a way the
-            # zip checks let through) is searched again and replaced.
-            from ._io import save_npz
-            from .cache import cache_path
-
-            labels, votes = self.search(X_test, n_neighbors, radii, n_classes)
-            with contextlib.suppress(OSError):
-                save_npz(cache_path(key, cache_dir), **{name: table for name, table in
-                                                        (("labels", labels), ("votes", votes)) if table is not None})
-            return labels, votes, False
         return tables.get("labels"), tables.get("votes"), not computed
-
-    def _tables_fit(self, tables: dict[str, np.ndarray], X_test: np.ndarray, n_neighbors: int | None,
-                    radii: float | Sequence[float] | None, n_classes: int | None) -> bool:
-        """Whether loaded tables have the names, shapes and dtypes a search with these arguments returns."""
-        n_test = len(X_test)
-        if (n_neighbors is None) != ("labels" not in tables) or (radii is None) != ("votes" not in tables):
-            return False
-        if n_neighbors is not None:
-            labels = tables["labels"]
-            if labels.shape != (n_test, min(n_neighbors, self.n_train_)) or labels.dtype != self._label_dtype:
-                return False
-        if radii is not None:
-            votes = tables["votes"]
-            shape = (np.atleast_1d(np.asarray(radii)).size, n_test, n_classes)
-            if votes.shape != shape or votes.dtype != np.int64:
-                return False
-        return True
 
     def radius_neighbors(self, X_test: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
         """Training rows within distance ``<= radius`` of each test input, as CSR arrays.
