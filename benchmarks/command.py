@@ -102,7 +102,7 @@ def main() -> None:
 
 def _command_phases(X_train, y_train, X_test, y_test) -> list[tuple[str, float]]:
     """The command's steps timed one by one: the neighbour pass, each certificate's curve on the command's grid."""
-    from poisoncert.estimators import certify_neighbours
+    from poisoncert._classifiers import certify_neighbours
     from poisoncert.experiments import default_e_grid, table_points
 
     phases = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -290,3 +292,16 @@ def test_certify_reuses_the_neighbour_tables_of_the_same_search(user_files, tmp_
     for extra in (["--rnn", "3"], ["--no-neighbour-cache"]):
         result = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / "third")])
         assert result.exit_code == 1 and "searched again" in repr(result.exception)
+
+
+def test_certify_imports_neither_scikit_learn_nor_pyplot(user_files, tmp_path):
+    """Start-up time: ``certify`` needs neither (importing scikit-learn took about a second of the MNIST command)."""
+    script = ("import sys\nfrom poisoncert.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit as stop:\n"
+              "    assert not stop.code, stop.code\n"
+              "print(sorted(name for name in ('sklearn', 'matplotlib.pyplot') if name in sys.modules))")
+    args = ["certify", "--train", str(user_files / "train.npz"), "--test", str(user_files / "test.npz"),
+            "--knn", "5", "--rnn", "2.0", "--out", str(tmp_path / "out"), "--no-progress"]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "curves.png").exists()
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -86,7 +86,7 @@ def certify_methods(
     bounds the split certificates' search per poisoning size. Each result records its run time and ``metadata``.
     ``neighbour_cache``: a cache folder that keeps and reuses that pass's tables (None: search every time).
     """
-    from .estimators import certify_neighbours
+    from ._classifiers import certify_neighbours
 
     check_methods(len(X_train), knn=knn, rnn=rnn, dpa=dpa, bagging=bagging, alpha=alpha, metric=metric,
                   threat_model=threat_model)

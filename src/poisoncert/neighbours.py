@@ -420,6 +420,7 @@ def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_r
         counts = np.zeros((n_radii + 1, n_classes), np.int64)
         bin_buffer = np.empty(_RADIUS_BLOCK, np.int32)
         scratch = _select_scratch(k, n_train, probe.dtype)
+        sorted_distances = scratch[1].view(XT.dtype)  # _select_row leaves the first k's bit patterns there, sorted
         positions = np.empty(k, np.int64)
         for block in range(worker, n_blocks, n_workers):
             i0 = block * row_block
@@ -428,24 +429,25 @@ def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_r
             _block_distances(Q, XT, i0, i1, D, metric)
             for i in range(i0, i1):
                 distances = D[i - i0]
+                row = out_labels[i if k > 0 else 0]  # no label table when k == 0
                 if k > 0:
                     _select_row(bits[i - i0], k, scratch, positions)
-                    row = out_labels[i]
                     for t in range(k):
                         row[t] = labels[positions[t]]
                 if n_radii > 0:
                     # When the k-th distance lies beyond the largest radius, every example within a radius is
-                    # among the first k, already in order: count them there instead of passing over the row.
-                    if k > 0 and (k >= n_train or distances[positions[k - 1]] > padded_radii[n_radii - 1]):
+                    # among the first k, already in order: count them there instead of passing over the row,
+                    # reading the sorted distances and the labels just written (no gather).
+                    if k > 0 and (k >= n_train or sorted_distances[k - 1] > padded_radii[n_radii - 1]):
                         counts[:, :] = 0
                         b = 0
                         for t in range(k):
-                            d = distances[positions[t]]
+                            d = sorted_distances[t]
                             while b < n_radii and padded_radii[b] < d:
                                 b += 1
                             if b == n_radii:
                                 break
-                            counts[b, labels[positions[t]]] += 1
+                            counts[b, row[t]] += 1
                     else:
                         _radius_row(distances, labels, padded_radii, n_radii, counts, bin_buffer)
                     for c in range(n_classes):

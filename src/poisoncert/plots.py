@@ -45,7 +45,6 @@ def plot_curves(
     title, subtitle : str
         The subtitle typically names dataset, features, metric and threat model.
     """
-    plt = headless_pyplot()
     lines: dict[tuple[str, str], tuple[list[int], list[float], list[bool], dict[str, Any]]] = {}
     for row in rows:
         key = (str(row["classifier"]), str(row["certification"]))
@@ -55,8 +54,7 @@ def plot_curves(
         exact.append(bool(row.get("exact", True)))
     if not lines:
         raise ValueError("nothing to plot: no curve rows")
-    figure, axes = plt.subplots(figsize=(8, 4.6 + 0.22 * ((len(lines) + 1) // 2)), dpi=120)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure, axes, colours = new_figure((8, 4.6 + 0.22 * ((len(lines) + 1) // 2)))
     classifier_colour: dict[str, str] = {}
     inexact_shown = False
     for (classifier, certification), (xs, ys, exact, row) in lines.items():
@@ -83,7 +81,7 @@ def plot_curves(
     # Below the axes, so the legend never hides a curve.
     axes.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     axes.set_title(title if subtitle is None else f"{title}\n{subtitle}", fontsize=10)
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_bracket(
@@ -104,10 +102,7 @@ def plot_bracket(
     """
     import numpy as np
 
-    plt = headless_pyplot()
-
-    figure, axes = plt.subplots(figsize=(8, 4.8), dpi=120)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure, axes, colours = new_figure((8, 4.8))
     drawn = False
     for number, (classifier, section, e, lower, clean, attacks) in enumerate(curves):
         colour = colours[number % len(colours)]
@@ -131,25 +126,29 @@ def plot_bracket(
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     axes.set_title(title if subtitle is None else f"{title}\n{subtitle}", fontsize=10)
-    _save(figure, path)
+    save_png(figure, path)
 
 
-def headless_pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend: PNG files only, no display needed."""
+def new_figure(size: tuple[float, float], dpi: int = 120) -> tuple[Any, Any, list[str]]:
+    """A figure with one axes on matplotlib's Agg canvas (PNG only, no display), and the default colour cycle.
+
+    Built from ``matplotlib.figure`` without ``pyplot``, which costs about 0.4 s more to import and keeps every
+    figure in a global registry until closed.
+    """
     import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    figure = Figure(figsize=size, dpi=dpi)
+    FigureCanvasAgg(figure)
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return figure, figure.add_subplot(), colours
 
-    return plt
 
-
-def _save(figure: Any, path: str | os.PathLike[str]) -> None:
-    """Write a finished figure as PNG, atomically, and release it."""
-    plt = headless_pyplot()
+def save_png(figure: Any, path: str | os.PathLike[str], crop: bool = True) -> None:
+    """Write a finished figure as PNG, atomically (``crop``: trimmed to what is drawn, legend below included)."""
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(figure)
+    figure.savefig(buffer, format="png", bbox_inches="tight" if crop else None)
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())

@@ -391,13 +391,9 @@ _LINESTYLES = {"individual": "-", "rd": ":", "island": "--", "global": "-.", "sp
 
 
 def _plot(curves: Sequence[dict[str, Any]], path: Path, title: str, subtitle: str, with_features: bool) -> None:
-    import matplotlib
+    from .plots import new_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 5), dpi=120)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure, axes, colours = new_figure((8, 5))
     colour_of: dict[str, str] = {}
     for curve in curves:
         group = curve["classifier"] + (curve["features"] if with_features else "")
@@ -418,12 +414,7 @@ def _plot(curves: Sequence[dict[str, Any]], path: Path, title: str, subtitle: st
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7.5, loc="upper right", framealpha=0.9)
     axes.set_title(f"{title}\n{subtitle}", fontsize=9.5)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    save_png(figure, path, crop=False)
 
 
 _CSV_COLUMNS = ("figure", "dataset", "features", "classifier", "method", "certification", "certificate_origin",
