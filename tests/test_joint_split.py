@@ -130,6 +130,27 @@ def test_knn_profiles_and_tables_agree_on_larger_tables(seed: int, monkeypatch) 
     assert profiles.exact.all() and tables.exact.all()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_needs_settled_by_bracketing_values_equal_computed_needs(seed: int) -> None:
+    """h(alpha) is non-increasing in alpha: where h at a smaller and a larger alpha agree, the kernel takes that
+    value instead of computing it; the result must equal computing every pair, at every alpha."""
+    table, y = _mnist_like_table(seed)
+    k, e = 40, 20
+    certifier = joint_split.KnnSplitCertifier(table, y, k, n_classes=4)
+    profiles = certifier._online(e)
+    pairs = np.arange(len(profiles.rival), dtype=np.int64)
+    args = (profiles.tie, profiles.d_k, profiles.sl_bits, profiles.sl_cum, profiles.sr_bits, profiles.sr_cum, e)
+    none = np.empty(0, np.int32)
+    direct = np.empty((e + 1, len(pairs)), np.int32)
+    for alpha in range(e + 1):
+        joint_split._online_label_needs(pairs, *args, alpha, none, none, direct[alpha])
+    assert np.all(np.diff(direct, axis=0) <= 0) and len(np.unique(direct)) > 3  # the premise, on a varied case
+    for low, alpha, high in [(0, 1, 2), (0, 10, 20), (3, 4, 19), (5, 12, 13)]:
+        bracketed = np.empty(len(pairs), np.int32)
+        joint_split._online_label_needs(pairs, *args, alpha, direct[low], direct[high], bracketed)
+        np.testing.assert_array_equal(bracketed, direct[alpha])
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_split_dominates_the_older_certificates(seed: int) -> None:
     rng = np.random.default_rng(seed)

@@ -32,6 +32,7 @@ Each certified value says whether it is exact: ``False`` only when the search hi
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import time
@@ -587,12 +588,22 @@ def _online_bounds(pairs, tie, d_k, sl_bits, sl_cum, sr_bits, sr_cum, e, out):  
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _online_label_needs(pairs, tie, d_k, sl_bits, sl_cum, sr_bits, sr_cum, e, alpha, out):  # pragma: no cover
-    """``h(alpha)`` of the listed pairs (all with the same rival label, so one ``alpha``)."""
+def _online_label_needs(pairs, tie, d_k, sl_bits, sl_cum, sr_bits, sr_cum, e, alpha, below, above,
+                        out):  # pragma: no cover - compiled
+    """``h(alpha)`` of the listed pairs (all with the same rival label, so one ``alpha``).
+
+    ``below`` and ``above``: each pair's ``h`` at a smaller and at a larger ``alpha`` (or empty arrays). ``h`` is
+    non-increasing in ``alpha`` (more additions of the rival never make flipping harder), so where the two agree
+    they are ``h(alpha)`` too, and only the other pairs are computed.
+    """
     n_words = sl_bits.shape[1]
+    bracketed = below.shape[0] == pairs.shape[0]
     for j in prange(pairs.shape[0]):
-        p = pairs[j]
-        out[j] = _online_need(sl_bits, sl_cum, sr_bits, sr_cum, p, d_k[p], tie[p], e, alpha, n_words)
+        if bracketed and below[j] == above[j]:
+            out[j] = below[j]
+        else:
+            p = pairs[j]
+            out[j] = _online_need(sl_bits, sl_cum, sr_bits, sr_cum, p, d_k[p], tie[p], e, alpha, n_words)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -1273,23 +1284,32 @@ class _OnlineProfiles:
         input_start = np.searchsorted(input_of_pair[input_pairs], np.arange(len(inputs) + 1)).astype(np.int64)
         h = np.empty(len(pairs), np.int32)
         memo: dict[tuple[int, int], np.ndarray] = {}
+        memo_alphas: list[list[int]] = [[] for _ in range(c)]  # per label, the memoised alpha_l ascending
         memo_bytes = [0]
         tie, d_k = self.tie, self.d_k
         sl_bits, sl_cum, sr_bits, sr_cum = self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum
+        unbracketed = np.empty(0, np.int32)
 
         def needs(alpha, out, active):  # type: ignore[no-untyped-def]
             for lab in range(c):
                 lo, hi = int(label_start[lab]), int(label_start[lab + 1])
                 if lo == hi:
                     continue
-                key = (lab, int(alpha[lab]))
-                values = memo.get(key)
+                value = int(alpha[lab])
+                values = memo.get((lab, value))
                 if values is None:
+                    # The nearest memoised values on either side settle every pair where they agree.
+                    known = memo_alphas[lab]
+                    at = bisect.bisect_left(known, value)
+                    below, above = unbracketed, unbracketed
+                    if 0 < at < len(known):
+                        below, above = memo[(lab, known[at - 1])], memo[(lab, known[at])]
                     block = h[lo:hi]
                     _online_label_needs(pairs[lo:hi], tie, d_k, sl_bits, sl_cum, sr_bits, sr_cum, size,
-                                        int(alpha[lab]), block)
+                                        value, below, above, block)
                     if memo_bytes[0] < _MEMO_BYTES:
-                        memo[key] = block.copy()
+                        memo[(lab, value)] = block.copy()
+                        known.insert(at, value)
                         memo_bytes[0] += block.nbytes
                 else:
                     h[lo:hi] = values
