@@ -349,11 +349,17 @@ def _select_row_labels(bits, k, labels, scratch, out_labels):  # pragma: no cove
     """out_labels = labels of the first k of ``bits`` in the order of :func:`_select_row`; their bit patterns,
     ascending, are left in ``scratch[1]``.
 
-    The winners are sorted as single words ``(bits - low) << 32 | label`` by a stable LSD radix sort on the high
-    half: one array moves instead of keys and positions, and no gather by position follows.
+    The winners of a 32-bit row (float32 distances) are sorted as single words ``(bits - low) << 32 | label`` by
+    a stable LSD radix sort on the high half: one array moves instead of keys and positions, and no gather by
+    position follows. A 64-bit row's span need not fit in 32 bits: it is sorted with its positions.
     """
-    hist, keys, positions, _, _, _, packed, packed_tmp = scratch
+    hist, keys, positions, keys_tmp, positions_tmp, _, packed, packed_tmp = scratch
     low = _select_candidates(bits, k, scratch)
+    if bits.itemsize != 4:
+        _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist)
+        for t in range(k):
+            out_labels[t] = labels[positions[t]]
+        return
     base = np.int64(low)
     for t in range(k):
         packed[t] = ((np.int64(keys[t]) - base) << 32) | np.int64(labels[positions[t]])
