@@ -145,10 +145,47 @@ def test_needs_settled_by_bracketing_values_equal_computed_needs(seed: int) -> N
     for alpha in range(e + 1):
         joint_split._online_label_needs(pairs, *args, alpha, none, none, direct[alpha])
     assert np.all(np.diff(direct, axis=0) <= 0) and len(np.unique(direct)) > 3  # the premise, on a varied case
-    for low, alpha, high in [(0, 1, 2), (0, 10, 20), (3, 4, 19), (5, 12, 13)]:
-        bracketed = np.empty(len(pairs), np.int32)
-        joint_split._online_label_needs(pairs, *args, alpha, direct[low], direct[high], bracketed)
-        np.testing.assert_array_equal(bracketed, direct[alpha])
+    bracketed = np.empty(len(pairs), np.int32)
+    for low in range(e + 1):
+        for high in range(low + 2, e + 1):
+            for alpha in range(low + 1, high):
+                joint_split._online_label_needs(pairs, *args, alpha, direct[low], direct[high], bracketed)
+                np.testing.assert_array_equal(bracketed, direct[alpha], err_msg=f"{low} < {alpha} < {high}")
+
+
+def _confuser_table(seed: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Tables whose rival votes concentrate on one "confuser" label per input, over many labels: the branch and
+    bound there revisits labels at new additions between memoised ones (small random tables never do)."""
+    rng = np.random.default_rng(seed)
+    c, n_test, n, k = 8, 200, 400, 80
+    own = rng.integers(0, c, n_test)
+    purity = np.linspace(0.85, 0.3, n)[None, :] * rng.uniform(0.6, 1.1, (n_test, 1))
+    confuser = rng.integers(0, c, n_test)
+    other = np.where(rng.random((n_test, n)) < 0.7, confuser[:, None], rng.integers(0, c, (n_test, n)))
+    table = np.where(rng.random((n_test, n)) < purity, own[:, None], other)
+    y = np.where(rng.random(n_test) < 0.9, own, rng.integers(0, c, n_test))
+    return table, y, k, c
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bracketed_needs_in_the_search_give_the_table_values(seed: int, monkeypatch) -> None:
+    table, y, k, c = _confuser_table(seed)
+    es = [k // 4, k // 2, 3 * k // 4, k]
+    kernel = joint_split._online_label_needs
+    bracketed_calls = []
+
+    def counting(pairs, *args):  # type: ignore[no-untyped-def]
+        below = args[-3]
+        bracketed_calls.append(len(below) == len(pairs) > 0)
+        return kernel(pairs, *args)
+
+    monkeypatch.setattr(joint_split, "_online_label_needs", counting)
+    profiles = knn_split_certificate(table, y, es, k, n_classes=c)
+    assert sum(bracketed_calls) > 50  # brackets were used, not only available
+    monkeypatch.setattr(joint_split, "_USE_PROFILES", False)
+    tables = knn_split_certificate(table, y, es, k, n_classes=c)
+    np.testing.assert_array_equal(profiles.max_flips, tables.max_flips)
+    assert profiles.exact.all() and tables.exact.all()
 
 
 @pytest.mark.parametrize("seed", range(6))

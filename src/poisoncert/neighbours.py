@@ -988,7 +988,7 @@ class NeighbourIndex:
         # per thread.
         # Working memory: each thread's block of distance rows and its selection buffers, within max_memory_mb.
         per_row = self.n_train_ * np.dtype(self.dtype_).itemsize
-        room = self.max_memory_mb * 2**20 / numba.get_num_threads() - 5 * 8 * (k or 0)
+        room = self.max_memory_mb * 2**20 / numba.get_num_threads() - 7 * 8 * (k or 0)
         row_block = int(max(1, min(_ROW_BLOCK, room // per_row)))
         # Chunks only pace the progress bar: the fused kernel never holds a chunk's whole distance matrix.
         chunk = min(self.chunk_size or 1024, len(Q))
