@@ -269,6 +269,17 @@ _SORT_DIGIT = 13
 
 
 @numba.njit(inline="always")
+def _radix_digits(span):  # pragma: no cover - compiled
+    """``(bits, digit)``: the bits of ``span`` and the digit width of the LSD passes over them, as few passes as
+    ``_SORT_DIGIT``-bit digits allow, all equally wide."""
+    n_bits = 0
+    while (span >> n_bits) > 0:
+        n_bits += 1
+    n_passes = max(1, (n_bits + _SORT_DIGIT - 1) // _SORT_DIGIT)
+    return n_bits, (n_bits + n_passes - 1) // n_passes
+
+
+@numba.njit(inline="always")
 def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist):  # pragma: no cover - compiled
     """Sort ``keys`` ascending (carrying ``positions``), stably, in place; LSD radix with digits of at most
     ``_SORT_DIGIT`` bits (``hist`` holds ``2 ** _SORT_DIGIT + 2`` counts)."""
@@ -276,16 +287,11 @@ def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist):  # pragm
     if n < 2:
         return
     low, high = _min_max(keys)
-    span = high - low
-    n_bits = 0
-    while (span >> n_bits) > 0:
-        n_bits += 1
+    n_bits, digit = _radix_digits(high - low)
     for t in range(n):
         keys[t] -= low
     src_k, src_p, dst_k, dst_p = keys, positions, keys_tmp, positions_tmp
     shift = 0
-    n_passes = max(1, (n_bits + _SORT_DIGIT - 1) // _SORT_DIGIT)
-    digit = (n_bits + n_passes - 1) // n_passes
     while shift < n_bits:
         width = min(digit, n_bits - shift)
         mask = (1 << width) - 1
@@ -380,13 +386,9 @@ def _stable_radix_sort_high(words, words_tmp, hist):  # pragma: no cover - compi
     span = np.int64(0)
     for t in range(n):
         span = max(span, words[t] >> 32)
-    n_bits = 0
-    while (span >> n_bits) > 0:
-        n_bits += 1
+    n_bits, digit = _radix_digits(span)
     src, dst = words, words_tmp
     shift = 0
-    n_passes = max(1, (n_bits + _SORT_DIGIT - 1) // _SORT_DIGIT)
-    digit = (n_bits + n_passes - 1) // n_passes
     while shift < n_bits:
         width = min(digit, n_bits - shift)
         mask = (1 << width) - 1
