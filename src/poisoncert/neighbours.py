@@ -269,17 +269,6 @@ _SORT_DIGIT = 13
 
 
 @numba.njit(inline="always")
-def _radix_digits(span):  # pragma: no cover - compiled
-    """``(bits, digit)``: the bits of ``span`` and the digit width of the LSD passes over them, as few passes as
-    ``_SORT_DIGIT``-bit digits allow, all equally wide."""
-    n_bits = 0
-    while (span >> n_bits) > 0:
-        n_bits += 1
-    n_passes = max(1, (n_bits + _SORT_DIGIT - 1) // _SORT_DIGIT)
-    return n_bits, (n_bits + n_passes - 1) // n_passes
-
-
-@numba.njit(inline="always")
 def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist):  # pragma: no cover - compiled
     """Sort ``keys`` ascending (carrying ``positions``), stably, in place; LSD radix with digits of at most
     ``_SORT_DIGIT`` bits (``hist`` holds ``2 ** _SORT_DIGIT + 2`` counts)."""
@@ -287,11 +276,16 @@ def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist):  # pragm
     if n < 2:
         return
     low, high = _min_max(keys)
-    n_bits, digit = _radix_digits(high - low)
+    span = high - low
+    n_bits = 0
+    while (span >> n_bits) > 0:
+        n_bits += 1
     for t in range(n):
         keys[t] -= low
     src_k, src_p, dst_k, dst_p = keys, positions, keys_tmp, positions_tmp
     shift = 0
+    n_passes = max(1, (n_bits + _SORT_DIGIT - 1) // _SORT_DIGIT)
+    digit = (n_bits + n_passes - 1) // n_passes
     while shift < n_bits:
         width = min(digit, n_bits - shift)
         mask = (1 << width) - 1
@@ -330,95 +324,22 @@ def _select_numba(B, k, out_pos):  # pragma: no cover - compiled
 
 @numba.njit(inline="always")
 def _select_scratch(k, n_train, dtype):  # pragma: no cover - compiled
-    """Per-thread buffers of :func:`_select_row` and :func:`_select_row_labels`: histogram, keys and positions and
-    their sort copies, candidates, packed words and their sort copy."""
+    """Per-thread buffers of :func:`_select_row`: histogram, keys and positions and their sort copies, candidates."""
     return (np.zeros((1 << max(12, _SORT_DIGIT)) + 2, np.int64), np.empty(k, dtype), np.empty(k, np.int64),
-            np.empty(k, dtype), np.empty(k, np.int64), np.empty(n_train + 1, np.int64), np.empty(k, np.int64),
-            np.empty(k, np.int64))
+            np.empty(k, dtype), np.empty(k, np.int64), np.empty(n_train + 1, np.int64))
 
 
 @numba.njit(inline="always")
 def _select_row(bits, k, scratch, out_pos):  # pragma: no cover - compiled
     """out_pos = positions of the first k of ``bits`` (non-negative integers) ascending, ties by position.
 
-    :func:`_select_candidates` gathers the k winners in position order; a stable LSD radix sort then orders
-    them, so equal distances stay in position order.
-    """
-    hist, keys, positions, keys_tmp, positions_tmp, _, _, _ = scratch
-    _select_candidates(bits, k, scratch)
-    _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist)
-    out_pos[:] = positions
-
-
-@numba.njit(inline="always")
-def _select_row_labels(bits, k, labels, scratch, out_labels):  # pragma: no cover - compiled
-    """out_labels = labels of the first k of ``bits`` in the order of :func:`_select_row`; their bit patterns,
-    ascending, are left in ``scratch[1]``.
-
-    The winners of a 32-bit row (float32 distances) are sorted as single words ``(bits - low) << 32 | label`` by
-    a stable LSD radix sort on the high half: one array moves instead of keys and positions, and no gather by
-    position follows. A 64-bit row's span need not fit in 32 bits: it is sorted with its positions.
-    """
-    hist, keys, positions, keys_tmp, positions_tmp, _, packed, packed_tmp = scratch
-    low = _select_candidates(bits, k, scratch)
-    if bits.itemsize != 4:
-        _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist)
-        for t in range(k):
-            out_labels[t] = labels[positions[t]]
-        return
-    base = np.int64(low)
-    for t in range(k):
-        packed[t] = ((np.int64(keys[t]) - base) << 32) | np.int64(labels[positions[t]])
-    _stable_radix_sort_high(packed, packed_tmp, hist)
-    for t in range(k):
-        word = packed[t]
-        keys[t] = (word >> 32) + base
-        out_labels[t] = word & 0xFFFFFFFF
-
-
-@numba.njit(inline="always")
-def _stable_radix_sort_high(words, words_tmp, hist):  # pragma: no cover - compiled
-    """Sort non-negative int64 ``words`` by their high 32 bits, stably, in place (LSD radix, as
-    :func:`_stable_radix_sort`)."""
-    n = words.shape[0]
-    if n < 2:
-        return
-    span = np.int64(0)
-    for t in range(n):
-        span = max(span, words[t] >> 32)
-    n_bits, digit = _radix_digits(span)
-    src, dst = words, words_tmp
-    shift = 0
-    while shift < n_bits:
-        width = min(digit, n_bits - shift)
-        mask = (1 << width) - 1
-        hist[: mask + 2] = 0
-        for t in range(n):
-            hist[((src[t] >> (32 + shift)) & mask) + 1] += 1
-        for b in range(1, mask + 2):
-            hist[b] += hist[b - 1]
-        for t in range(n):
-            d = (src[t] >> (32 + shift)) & mask
-            slot = hist[d]
-            hist[d] = slot + 1
-            dst[slot] = src[t]
-        src, dst = dst, src
-        shift += width
-    if src is not words:
-        words[:] = src
-
-
-@numba.njit(inline="always")
-def _select_candidates(bits, k, scratch):  # pragma: no cover - compiled
-    """The first k of ``bits`` (non-negative integers; ties by position) into ``scratch[1]`` (values) and
-    ``scratch[2]`` (positions), in position order, not sorted; returns the row's minimum.
-
     One histogram pass over ``(bits - min) >> shift`` (4096 bins) finds the bin holding the k-th smallest; one pass
     collects every element of a lower bin and the elements of that bin (both in position order); a radix
     selection inside the bin settles the k-th value and how many of the elements equal to it are taken (the
-    smallest positions).
+    smallest positions). The k winners are then sorted by a stable LSD radix sort, so equal distances stay in
+    position order.
     """
-    hist, keys, positions, _, _, candidates, _, _ = scratch
+    hist, keys, positions, keys_tmp, positions_tmp, _ = scratch
     n_train = bits.shape[0]
     n_bins = 4096
     hist[:n_bins] = 0
@@ -438,6 +359,7 @@ def _select_candidates(bits, k, scratch):  # pragma: no cover - compiled
         below += hist[b]
     # Candidates (every element of a bin up to ``split``) by branch-free compaction: each position is written at
     # the cursor, which advances only when it belongs; a data-dependent branch here mispredicts often.
+    candidates = scratch[5]
     n_candidates = 0
     base = np.int64(low)
     limit = np.int64(split) << shift  # offsets from low below it lie in a bin before split (int64: no overflow)
@@ -469,7 +391,8 @@ def _select_candidates(bits, k, scratch):  # pragma: no cover - compiled
             keys[c] = value
             positions[c] = bucket_positions[t]
             c += 1
-    return low
+    _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist)
+    out_pos[:] = positions
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
@@ -497,8 +420,8 @@ def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_r
         counts = np.zeros((n_radii + 1, n_classes), np.int64)
         bin_buffer = np.empty(_RADIUS_BLOCK, np.int32)
         scratch = _select_scratch(k, n_train, probe.dtype)
-        # _select_row_labels leaves the first k's bit patterns there, sorted
-        sorted_distances = scratch[1].view(XT.dtype)
+        sorted_distances = scratch[1].view(XT.dtype)  # _select_row leaves the first k's bit patterns there, sorted
+        positions = np.empty(k, np.int64)
         for block in range(worker, n_blocks, n_workers):
             i0 = block * row_block
             i1 = min(i0 + row_block, n_query)
@@ -508,7 +431,9 @@ def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_r
                 distances = D[i - i0]
                 row = out_labels[i if k > 0 else 0]  # no label table when k == 0
                 if k > 0:
-                    _select_row_labels(bits[i - i0], k, labels, scratch, row)
+                    _select_row(bits[i - i0], k, scratch, positions)
+                    for t in range(k):
+                        row[t] = labels[positions[t]]
                 if n_radii > 0:
                     # When the k-th distance lies beyond the largest radius, every example within a radius is
                     # among the first k, already in order: count them there instead of passing over the row,
@@ -990,7 +915,7 @@ class NeighbourIndex:
         # per thread.
         # Working memory: each thread's block of distance rows and its selection buffers, within max_memory_mb.
         per_row = self.n_train_ * np.dtype(self.dtype_).itemsize
-        room = self.max_memory_mb * 2**20 / numba.get_num_threads() - 7 * 8 * (k or 0)
+        room = self.max_memory_mb * 2**20 / numba.get_num_threads() - 5 * 8 * (k or 0)
         row_block = int(max(1, min(_ROW_BLOCK, room // per_row)))
         # Chunks only pace the progress bar: the fused kernel never holds a chunk's whole distance matrix.
         chunk = min(self.chunk_size or 1024, len(Q))
