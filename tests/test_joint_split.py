@@ -273,6 +273,55 @@ def test_the_worst_case_attack_is_consistent() -> None:
     assert flipped == 1
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_remembered_evaluations_agree_with_fresh_ones(seed: int) -> None:
+    # The branch and bound meets splits again; a remembered answer must say what a fresh evaluation would
+    # let the caller conclude, and the costs of the final split must be computed at that split.
+    rng = np.random.default_rng(seed)
+    c, n = int(rng.integers(2, 5)), int(rng.integers(1, 30))
+    margins = rng.integers(0, 8, (n, c)).astype(np.int64)
+    labels = rng.integers(0, c, n)
+    margins[np.arange(n), labels] = joint_split._MARGIN_OWN
+    add, remove = int(rng.integers(0, 6)), int(rng.integers(0, 6))
+
+    def make() -> joint_split._Problem:
+        def needs(alpha, out, active):
+            joint_split._rnn_needs(margins, alpha, remove, out, active)
+        return joint_split._Problem(labels, c, add, remove, needs)
+
+    remembering = make()
+    splits = [rng.integers(0, add + 1, c) for _ in range(4)]
+    for _ in range(25):
+        alpha = splits[int(rng.integers(len(splits)))]
+        threshold = int(rng.integers(-1, n + 1))
+        slack = [0, 1, joint_split._NO_SLACK_LIMIT][int(rng.integers(3))]
+        upper, attained, exact, active = remembering.evaluate(alpha, threshold, slack)
+        fresh = make()
+        true_upper, true_value, true_exact, true_active = fresh.evaluate(alpha, -1, joint_split._NO_SLACK_LIMIT)
+        assert true_exact and true_upper == true_value
+        assert attained <= true_value <= upper and active.tolist() == true_active.tolist()
+        assert not exact or upper == attained == true_value
+        # Without a slack limit an evaluation is exact wherever F exceeds the threshold (the search relies on it).
+        assert exact or slack != joint_split._NO_SLACK_LIMIT or true_value <= threshold
+        assert remembering.costs_at(alpha).tolist() == fresh.costs.tolist()
+    assert remembering.evaluations <= 4 * 25
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_recorded_attacker_replays_its_flips(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    votes = rng.integers(0, 7, (int(rng.integers(2, 12)), int(rng.integers(2, 5))))
+    prediction = predict(votes)
+    result = rnn_split_certificate(votes, prediction, [1, 2, 3, 5])
+    for alpha, r, flips in zip(result.additions, result.removals, result.attack_flips, strict=True):
+        flipped = 0
+        for i, a in enumerate(prediction.tolist()):
+            need = min(max(0, votes[i, a] - votes[i, lab] + (a > lab) - alpha[lab])
+                       for lab in range(votes.shape[1]) if lab != a)
+            flipped += r[a] >= need
+        assert flipped == flips
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

@@ -653,15 +653,33 @@ class _Problem:
         self.active = np.zeros(n_classes, np.int64)
         self._hist = np.zeros((n_classes, remove_budget + 1), np.int32)
         self._out = np.zeros(3, np.int64)
+        self._seen: dict[bytes, tuple[int, int, bool, np.ndarray]] = {}
         self.evaluations = 0
 
     def evaluate(self, alpha: np.ndarray, threshold: int, slack: int) -> tuple[int, int, bool, np.ndarray]:
-        """(upper, attained, exact, active label counts) of F(alpha); see :func:`_bound_flips`."""
+        """(upper, attained, exact, active label counts) of F(alpha); see :func:`_bound_flips`.
+
+        The branch and bound meets the same split again (boxes share feasible points and corners): a result kept
+        from before answers when it was exact, or when its upper bound is within ``threshold`` (then so is F, which
+        is all the caller learns from a fresh evaluation too).
+        """
+        key = np.asarray(alpha, dtype=np.int64).tobytes()
+        seen = self._seen.get(key)
+        if seen is not None and (seen[2] or seen[0] <= threshold):
+            return seen[0], seen[1], seen[2], seen[3].copy()
         self.evaluations += 1
         self._needs(alpha, self.costs, self.active)
         _bound_flips(self.labels, self.costs, self.remove_budget, self.n_classes, threshold, slack, self._hist,
                      self._out)
-        return int(self._out[0]), int(self._out[1]), bool(self._out[2]), self.active.copy()
+        result = (int(self._out[0]), int(self._out[1]), bool(self._out[2]), self.active.copy())
+        if seen is None or result[2]:
+            self._seen[key] = result
+        return result[0], result[1], result[2], result[3].copy()
+
+    def costs_at(self, alpha: np.ndarray) -> np.ndarray:
+        """Every candidate's need (removals that flip it) under the addition split ``alpha``, freshly computed."""
+        self._needs(alpha, self.costs, self.active)
+        return self.costs
 
 
 def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_limit: int | None = None,
@@ -1045,8 +1063,8 @@ def rnn_split_certificate(
 
         problem = _Problem(lab, c, add, remove, needs)
         solution = _maximise_flips(problem, time_limit, node_limit, _warm_starts(previous, previous_budget, add))
-        problem.evaluate(solution.alpha, -1, 0)  # the best split's costs, for its removal allocation
-        return solution, _allocation(lab, problem.costs, remove, c), False, add
+        # the best split's costs, for its removal allocation
+        return solution, _allocation(lab, problem.costs_at(solution.alpha), remove, c), False, add
 
     by_position = _solve_curve(e, len(correct), solve)
     for position in range(len(e)):
@@ -1387,8 +1405,7 @@ class KnnSplitCertifier:
                 problem, step = _table_problem(self.table, self.votes, self.a, self.correct, self.margin, self.own,
                                                classes, self.k, self.n_train, self.variant, size, self.max_memory_mb)
             solution = _maximise_flips(problem, time_limit, node_limit, _warm_starts(previous, previous_budget, add))
-            problem.evaluate(solution.alpha, -1, 0)
-            return solution, _allocation(problem.labels, problem.costs, remove, c), step > 1, add
+            return solution, _allocation(problem.labels, problem.costs_at(solution.alpha), remove, c), step > 1, add
 
         by_position = _solve_curve(e, len(self.correct), solve)
         for position in range(len(e)):
