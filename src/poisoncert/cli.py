@@ -92,6 +92,18 @@ def _parse_bagging(specs: list[str]) -> list[tuple[int, int]]:
     return parsed
 
 
+@contextlib.contextmanager
+def _plotter(wanted: bool) -> Iterator[Any]:
+    """A :class:`poisoncert.plots.BackgroundPlotter` when a plot will be drawn, else None."""
+    if not wanted:
+        yield None
+        return
+    from .plots import BackgroundPlotter
+
+    with BackgroundPlotter() as plotter:
+        yield plotter
+
+
 def _check_e_grid(e_max: int | None, e_step: int | None) -> None:
     if e_max is not None and e_max < 0:
         _fail(f"--e-max must be >= 0, got {e_max}")
@@ -100,7 +112,7 @@ def _check_e_grid(e_max: int | None, e_step: int | None) -> None:
 
 
 def _report(results: list, e_max: int | None, e_step: int | None, out: Path, title: str, subtitle: str,
-            settings: dict) -> None:
+            settings: dict, plotter: Any = None) -> None:
     import numpy as np
 
     from .experiments import default_e_grid, prediction_table, summary_table, table_points, write_outputs
@@ -129,7 +141,7 @@ def _report(results: list, e_max: int | None, e_step: int | None, out: Path, tit
         if empty:
             typer.secho(f"note: {result.label()}: {empty} of {result.n_test} test inputs have no training example "
                         "within the radius; they predict the largest label by the tie rule", fg="yellow", err=True)
-    paths = write_outputs(results, e, out, title=title, subtitle=subtitle, settings=settings)
+    paths = write_outputs(results, e, out, title=title, subtitle=subtitle, settings=settings, plotter=plotter)
     typer.echo("\nwrote " + ", ".join(str(path) for path in paths.values()))
 
 
@@ -147,17 +159,18 @@ def demo(
     from .features import raw_pixels
 
     prepare_output_folder(out)
-    data = load("digits")
-    X_train, X_test = raw_pixels(data.X_train), raw_pixels(data.X_test)
-    raw = raw_pixels(data.X_train[:1])
-    settings = {"dataset": "digits (scikit-learn, bundled)", "split": data.metadata().get("split", ""),
-                "features": "raw pixels scaled to [0, 1]", "metric": "l1", "threat_model": "general",
-                "n_features": int(raw.shape[1])}
-    results = certify_methods(X_train, data.y_train, X_test, data.y_test, knn=knn, rnn=rnn, metric="l1",
-                              progress=progress, metadata={"dataset": "digits", "features": "raw pixels"})
-    _report(results, None, None, out, "poisoncert demo: certified accuracy on digits",
-            f"digits (n_train={len(X_train)}, n_test={len(X_test)}), raw pixels, l1, general threat model",
-            settings)
+    with _plotter(True) as plotter:
+        data = load("digits")
+        X_train, X_test = raw_pixels(data.X_train), raw_pixels(data.X_test)
+        raw = raw_pixels(data.X_train[:1])
+        settings = {"dataset": "digits (scikit-learn, bundled)", "split": data.metadata().get("split", ""),
+                    "features": "raw pixels scaled to [0, 1]", "metric": "l1", "threat_model": "general",
+                    "n_features": int(raw.shape[1])}
+        results = certify_methods(X_train, data.y_train, X_test, data.y_test, knn=knn, rnn=rnn, metric="l1",
+                                  progress=progress, metadata={"dataset": "digits", "features": "raw pixels"})
+        _report(results, None, None, out, "poisoncert demo: certified accuracy on digits",
+                f"digits (n_train={len(X_train)}, n_test={len(X_test)}), raw pixels, l1, general threat model",
+                settings, plotter)
 
 
 _OBJECT_ARRAYS = ("{path} holds object arrays (such as labels from pandas), which poisoncert does not unpickle; "
@@ -436,7 +449,8 @@ def certify(
     methods = {"knn": knn, "rnn": rnn, "dpa": dpa, "bagging": bagging_specs, "alpha": alpha, "metric": metric,
                "threat_model": threat_model}
     check_methods(None, **methods)  # every parameter is checked before any data is read
-    with _neighbour_backend(scheduler) as backend:  # an unreachable scheduler fails here, before any work
+    # The plot's helper process imports matplotlib while this one loads the data (one core is idle then).
+    with _neighbour_backend(scheduler) as backend, _plotter(not unlabelled) as plotter:
         inputs = _load_inputs(train=train, test=test, train_labels=train_labels, test_labels=test_labels,
                               dataset=dataset, features=features, data_path=data_path, checkpoint=checkpoint,
                               cache_dir=cache_dir, unlabelled=unlabelled, progress=progress)
@@ -451,7 +465,8 @@ def certify(
             typer.echo("neighbour tables read from the cache (same data, metric, k + e-max and radii as an earlier "
                        "run; --no-neighbour-cache searches again)", err=True)
         subtitle = inputs.subtitle(metric, threat_model)
-        _report(results, e_max, e_step, out, "Certified accuracy under data poisoning", subtitle, settings)
+        _report(results, e_max, e_step, out, "Certified accuracy under data poisoning", subtitle, settings,
+                plotter if inputs.y_test is not None else None)
         if budgets is not None:
             if inputs.y_test is None:
                 _fail("--attack needs test labels: an attack's verified accuracy is measured on them")

@@ -14,13 +14,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import __version__
 from ._io import write_json
 from .results import CertificationResult, write_curves_csv
+
+if TYPE_CHECKING:
+    from .plots import BackgroundPlotter
 
 
 def check_methods(
@@ -210,13 +213,16 @@ def write_outputs(
     subtitle: str,
     settings: dict[str, Any],
     stem: str = "curves",
+    plotter: BackgroundPlotter | None = None,
 ) -> dict[str, Path]:
     """Write ``<stem>.csv`` (tidy curves + metadata), ``<stem>.png``, ``<stem>.json`` and ``examples.csv``.
 
     The files are written as a set: all of them go to a staging folder inside ``out_dir`` first and are
     renamed into place only when every one is complete, so a failure leaves the previous outputs as they were
     (never a new CSV next to an old JSON). Without any labelled result there are no curves: only the JSON
-    (metadata, certified sizes) and ``examples.csv`` are written.
+    (metadata, certified sizes) and ``examples.csv`` are written. With a ``plotter``
+    (:class:`poisoncert.plots.BackgroundPlotter`, started earlier) the PNG is drawn by its helper process while
+    the other files are written; otherwise here.
     """
     from .plots import plot_curves
 
@@ -229,8 +235,11 @@ def write_outputs(
     with _staged(out_dir) as staging:
         staged = {kind: staging / path.name for kind, path in paths.items()}
         if rows:
+            if plotter is not None:
+                plotter.plot_curves(rows, staged["png"], title=title, subtitle=subtitle)
             write_curves_csv(staged["csv"], list(results), e, extra_metadata=settings, rows=rows)
-            plot_curves(rows, staged["png"], title=title, subtitle=subtitle)
+            if plotter is None:
+                plot_curves(rows, staged["png"], title=title, subtitle=subtitle)
         write_json(
             staged["json"],
             {
@@ -241,6 +250,8 @@ def write_outputs(
             },
         )
         write_examples_csv(staged["examples"], results)
+        if rows and plotter is not None:
+            plotter.wait()
     return paths
 
 

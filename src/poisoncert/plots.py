@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterable
+from types import TracebackType
 from typing import Any
 
-from ._io import atomic_write
+from ._io import _json_default, atomic_write
 
 _NAMES = {
     "individual": "individual (spec 4)",
@@ -152,3 +156,113 @@ def save_png(figure: Any, path: str | os.PathLike[str], crop: bool = True) -> No
     figure.savefig(buffer, format="png", bbox_inches="tight" if crop else None)
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())
+
+
+class BackgroundPlotter:
+    """Draws :func:`plot_curves` in a helper process that imports matplotlib while this one computes.
+
+    Importing matplotlib takes about half a second of one core, on the critical path of a command that plots at
+    its end. The helper (``python -m poisoncert.plots``) starts, imports it, and waits for one request; the caller
+    keeps computing meanwhile, sends the curve rows when they are ready (:meth:`plot_curves` returns at once) and
+    collects the outcome with :meth:`wait`. The PNG is the one :func:`plot_curves` draws in-process, byte for byte,
+    and it is written atomically by the helper. Use as a context manager: leaving the block ends a helper that got
+    no request, or that is still running after an error.
+    """
+
+    def __init__(self) -> None:
+        # The helper imports this very package (the folder above it goes first on its path), whatever is installed.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+        self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, "-m", "poisoncert.plots"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
+        self._sent = False
+
+    def plot_curves(self, rows: Iterable[dict[str, Any]], path: str | os.PathLike[str],
+                    title: str = "Certified accuracy under data poisoning", subtitle: str | None = None) -> None:
+        """Send one :func:`plot_curves` request to the helper; :meth:`wait` reports how it went."""
+        if self._process is None or self._sent:
+            raise RuntimeError("this BackgroundPlotter has already drawn its plot")
+        rows = list(rows)
+        if not rows:
+            raise ValueError("nothing to plot: no curve rows")
+        request = {"rows": rows, "path": os.fspath(path), "title": title, "subtitle": subtitle}
+        payload = json.dumps(request, default=_json_default).encode()
+        self._sent = True
+        stdin, self._process.stdin = self._process.stdin, None  # communicate() then only collects the output
+        assert stdin is not None
+        try:
+            with stdin:
+                stdin.write(payload)
+        except BrokenPipeError:  # the helper died early; wait() reports why
+            pass
+
+    def wait(self, timeout: float = 300) -> None:
+        """Wait for the requested plot; raise ``OSError`` (could not write it) or ``RuntimeError`` on failure."""
+        if self._process is None or not self._sent:
+            raise RuntimeError("no plot was requested from this BackgroundPlotter")
+        process, self._process = self._process, None
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise RuntimeError(f"the plotting process did not finish within {timeout:g} s") from None
+        if process.returncode != 0:
+            try:
+                failure = json.loads(stdout)
+            except ValueError:  # it died before it could say why (killed, or out of memory)
+                lines = stderr.decode(errors="replace").strip().splitlines()
+                failure = {"error": "exit status", "message": lines[-1] if lines else str(process.returncode)}
+            reason = f"{failure['error']}: {failure['message']}"
+            if failure.get("os_error"):
+                raise OSError(f"could not write the plot: {reason}")
+            raise RuntimeError(f"the plotting process failed: {reason}")
+
+    def close(self) -> None:
+        """End the helper if it is still there (no request sent: it exits at once; otherwise it is killed)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if not self._sent and process.stdin is not None:
+            stdin, process.stdin = process.stdin, None
+            try:
+                stdin.close()  # end of input without a request: the helper exits quietly
+            except BrokenPipeError:
+                pass
+            try:
+                process.communicate(timeout=10)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        process.kill()
+        process.communicate()
+
+    def __enter__(self) -> BackgroundPlotter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+
+def _serve() -> int:
+    """The helper of :class:`BackgroundPlotter`: import matplotlib, then draw the one request read from stdin."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401 - imported ahead of the request
+    from matplotlib.figure import Figure  # noqa: F401
+
+    payload = sys.stdin.buffer.read()
+    if not payload:
+        return 0
+    request = json.loads(payload)
+    try:
+        plot_curves(request["rows"], request["path"], title=request["title"], subtitle=request["subtitle"])
+    except Exception as error:  # reported to the parent, which raises it there
+        json.dump({"error": type(error).__name__, "message": str(error), "os_error": isinstance(error, OSError)},
+                  sys.stdout)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve())

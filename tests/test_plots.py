@@ -1,0 +1,51 @@
+"""Plots: the background plotter draws what plot_curves draws, reports failures, and never leaves a process behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from poisoncert.plots import BackgroundPlotter, plot_curves
+
+
+def _rows() -> list[dict]:
+    rows = []
+    for certification, scale in (("individual", 1.0), ("split", 1.2)):
+        for e in range(0, 60, 6):
+            rows.append({"classifier": "kNN (k=5)", "certification": certification, "e": np.int64(e),
+                         "certified_accuracy": np.float64(max(0.0, 0.9 - scale * e / 70)), "guarantee":
+                         "deterministic", "confidence": None, "spec_section": "5e", "exact": np.bool_(e != 54)})
+    return rows
+
+
+def test_the_helper_process_draws_the_same_png(tmp_path) -> None:
+    plot_curves(_rows(), tmp_path / "here.png", subtitle="toy")
+    with BackgroundPlotter() as plotter:
+        plotter.plot_curves(_rows(), tmp_path / "there.png", subtitle="toy")
+        plotter.wait()
+    assert (tmp_path / "there.png").read_bytes() == (tmp_path / "here.png").read_bytes()
+
+
+def test_a_plot_that_cannot_be_written_is_an_error_naming_it(tmp_path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with BackgroundPlotter() as plotter:
+        plotter.plot_curves(_rows(), tmp_path / "file" / "curves.png")
+        with pytest.raises(OSError, match="could not write the plot.*file"):
+            plotter.wait()
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_bad_requests_are_refused_in_this_process() -> None:
+    with BackgroundPlotter() as plotter:
+        with pytest.raises(ValueError, match="nothing to plot"):
+            plotter.plot_curves([], "never.png")
+        with pytest.raises(RuntimeError, match="no plot was requested"):
+            plotter.wait()
+
+
+def test_a_helper_given_no_request_exits_quietly() -> None:
+    plotter = BackgroundPlotter()
+    process = plotter._process
+    plotter.close()
+    assert process is not None and process.returncode == 0
+    plotter.close()  # closing twice is harmless
