@@ -138,6 +138,7 @@ def default_e_grid(results: Sequence[CertificationResult], n_points: int = 101) 
     A kNN result whose neighbour table supports the split certificate only up to ``max_e`` caps the grid there.
     """
     largest = 0
+    probes = []
     for result in results:
         if not result.has_labels:  # only the certified share of predictions: it is zero past the largest size
             largest = max(largest, int(np.max(result.certified_size, initial=0)) + 1)
@@ -146,14 +147,18 @@ def default_e_grid(results: Sequence[CertificationResult], n_points: int = 101) 
         end = 2 * int(np.max(result.certified_size, initial=0)) + 2
         if result.method == "knn" and result.available_methods != ("individual",):
             # kNN's joint curves can outlast that (an input becomes free to flip only near (k - M + 1) / 2).
-            method = "split" if "split" in result.available_methods else "global"
             k = int(result.params["k"])
             cap = 2 * k if result.max_e is None else min(2 * k, result.max_e)
-            end = min(end, cap)
-            # Probe at round values (multiples of 100 past 1000), which the grid usually contains as well.
-            while end < cap and result.certified_accuracy([end], method=method)[0] > 0:
-                end = min(cap, int(end * 1.5) + 1)
-                end = end if end < 1000 else min(cap, -(-end // 100) * 100)
+            probes.append((result, min(end, cap), cap))
+            continue
+        largest = max(largest, end)
+    for result, end, cap in probes:
+        method = "split" if "split" in result.available_methods else "global"
+        # Probe at round values (multiples of 100 past 1000), which the grid usually contains as well; a curve
+        # that could not reach past the other curves' end needs no probe (its certificate can be costly).
+        while end < cap and cap > largest and result.certified_accuracy([end], method=method)[0] > 0:
+            end = min(cap, int(end * 1.5) + 1)
+            end = end if end < 1000 else min(cap, -(-end // 100) * 100)
         largest = max(largest, end)
     step = max(1, int(np.ceil(largest / (n_points - 1))))
     grid = np.arange(0, largest + step, step, dtype=np.int64)

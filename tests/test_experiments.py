@@ -1,0 +1,68 @@
+"""The automatic poisoning-size grid of the reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from poisoncert._classifiers import certify_neighbours
+from poisoncert.experiments import default_e_grid
+
+
+def _probing_every_knn_curve(results, n_points: int) -> np.ndarray:
+    """The grid's rule with every kNN curve probed, whatever the other curves' ends (the reference)."""
+    largest = 0
+    for result in results:
+        end = 2 * int(np.max(result.certified_size, initial=0)) + 2
+        if result.method == "knn":
+            method = "split" if "split" in result.available_methods else "global"
+            k = int(result.params["k"])
+            cap = 2 * k if result.max_e is None else min(2 * k, result.max_e)
+            end = min(end, cap)
+            while end < cap and result.certified_accuracy([end], method=method)[0] > 0:
+                end = min(cap, int(end * 1.5) + 1)
+                end = end if end < 1000 else min(cap, -(-end // 100) * 100)
+        largest = max(largest, end)
+    step = max(1, int(np.ceil(largest / (n_points - 1))))
+    grid = np.arange(0, largest + step, step, dtype=np.int64)
+    caps = [r.max_e for r in results if r.method == "knn" and r.max_e is not None]
+    return grid[grid <= min(caps)] if caps else grid
+
+
+@pytest.mark.parametrize(("knn", "rnn", "max_e"), [([9], [9.0], None), ([5, 15], [6.0, 12.0], 12),
+                                                   ([15], [], None), ([3], [20.0], 4), ([3], [20.0], 40),
+                                                   ([3], [2.0], None)])
+def test_the_grid_runs_to_where_every_curve_is_zero(knn, rnn, max_e) -> None:
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:400] / 16, y[:400]
+    results = certify_neighbours(X[:300], y[:300], X[300:], y[300:], knn=knn, rnn=rnn, max_e=max_e)
+    results = [*results[0].values(), *results[1].values()]
+    grid = default_e_grid(results, n_points=21)
+    # Fresh results for the reference, so that no curve value is shared between the two computations.
+    fresh = certify_neighbours(X[:300], y[:300], X[300:], y[300:], knn=knn, rnn=rnn, max_e=max_e)
+    assert grid.tolist() == _probing_every_knn_curve([*fresh[0].values(), *fresh[1].values()], 21).tolist()
+    # Unless a kNN table's reach (max_e) cut it short, the grid ends where every curve is zero.
+    last, step = int(grid[-1]), int(grid[1] - grid[0])
+    caps = [r.max_e for r in results if r.method == "knn" and r.max_e is not None]
+    if caps and last + step > min(caps):
+        return
+    for result in results:
+        for method in result.available_methods:
+            assert result.certified_accuracy([last], method=method)[0] == 0, (result.label(), method)
+
+
+def test_a_knn_curve_that_outlasts_the_individual_end_extends_the_grid() -> None:
+    X, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(4)
+    n = int(rng.integers(60, 300))
+    rows = rng.choice(len(X), n + 40, replace=False)
+    X, y = X[rows] / 16, y[rows]
+    knn, rnn = certify_neighbours(X[:n], y[:n], X[n:], y[n:], knn=[54], rnn=[1.0], max_e=108)
+    result = knn[54]
+    individual_end = 2 * int(result.certified_size.max()) + 2
+    assert result.certified_accuracy([individual_end], method="split")[0] > 0  # the case this test is about
+    grid = default_e_grid([result, rnn[1.0]], n_points=21)
+    assert grid[-1] > individual_end
+    fresh = certify_neighbours(X[:n], y[:n], X[n:], y[n:], knn=[54], rnn=[1.0], max_e=108)
+    assert grid.tolist() == _probing_every_knn_curve([fresh[0][54], fresh[1][1.0]], 21).tolist()
