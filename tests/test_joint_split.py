@@ -130,6 +130,24 @@ def test_knn_profiles_and_tables_agree_on_larger_tables(seed: int, monkeypatch) 
     assert profiles.exact.all() and tables.exact.all()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_certifier_asked_again_agrees_with_a_fresh_one(seed: int) -> None:
+    # It keeps its profiles and the sizes known to flip every input between calls, and builds profiles for a
+    # little past the largest individual size first: none of it may change a value.
+    from poisoncert.joint_split import KnnSplitCertifier
+
+    table, y = _mnist_like_table(seed)
+    k = 40
+    certifier = KnnSplitCertifier(table, y, k, 4)
+    calls = [[0, 3, 7], [12, 20, 33, 40], [2, 39, 25], [40]]
+    for es in calls:
+        again = certifier.certify(es)
+        fresh = knn_split_certificate(table, y, es, k, n_classes=4)
+        np.testing.assert_array_equal(again.max_flips, fresh.max_flips)
+        assert again.exact.all() and fresh.exact.all()
+        assert (again.attack_flips == again.max_flips).all()
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_needs_settled_by_bracketing_values_equal_computed_needs(seed: int) -> None:
     """h(alpha) is non-increasing in alpha: where h at a smaller and a larger alpha agree, the kernel takes that

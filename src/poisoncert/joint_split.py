@@ -923,19 +923,22 @@ def _warm_threading_layer(x):  # pragma: no cover - compiled
     return total
 
 
-def _solve_curve(e: np.ndarray, n_candidates: int, solve: Any) -> dict[int, tuple[_Solution, np.ndarray, bool]]:
+def _solve_curve(e: np.ndarray, n_candidates: int, solve: Any,
+                 saturated: list[tuple[int, _Solution, np.ndarray, bool]] | None = None,
+                 ) -> dict[int, tuple[_Solution, np.ndarray, bool]]:
     """Run ``solve(size, previous, previous_budget) -> (solution, removals, coarsened, budget)`` for every size.
 
     Sizes are taken in ascending order, each seeded with the previous size's best split; with several numba
     threads they are dealt round-robin to worker threads (each single-threaded inside numba). Once one size
     provably flips every candidate, so does every larger one (F* is non-decreasing in e): those are filled in,
-    in the end all from the smallest such size.
+    in the end all from the smallest such size. ``saturated`` (appended to) carries such sizes from one call to
+    the next.
     """
     order = np.argsort(e, kind="stable").tolist()
     workers = _threadsafe_workers(len(order))
     results: dict[int, tuple[_Solution, np.ndarray, bool]] = {}
     # (size, solution, removals, coarsened) of sizes that flip every candidate
-    saturated: list[tuple[int, _Solution, np.ndarray, bool]] = []
+    saturated = [] if saturated is None else saturated
 
     def run(positions: list[int], single_threaded: bool) -> None:
         if single_threaded:
@@ -1367,6 +1370,10 @@ class KnnSplitCertifier:
         self.margin = self.own - rival_counts(self.votes, self.a) + 1
         self._profiles: _OnlineProfiles | None = None
         self._profile_reach = 0
+        # Sizes known to flip every correct input (with their attackers), from earlier calls as well.
+        self._saturated: list[tuple[int, _Solution, np.ndarray, bool]] = []
+        # Below about half the largest individual margin some input stays certified: the curve is not zero there.
+        self._largest_individual = int((self.margin[self.correct].max() - 1) // 2) if self.correct.size else 0
         self._max_e_hint = hint[0] if hint else 0
 
     def _online(self, largest: int) -> _OnlineProfiles | None:
@@ -1394,20 +1401,37 @@ class KnnSplitCertifier:
         c, n_test = self.c, self.table.shape[0]
         solutions, removals, coarse = [], [], np.zeros(len(e), dtype=bool)
         classes = np.arange(c)
-        online = self._online(int(e[e <= self.k].max())) if np.any((e > 0) & (e <= self.k)) else None
+        online: list[_OnlineProfiles | None] = [None]
 
         def solve(size: int, previous: _Solution | None, previous_budget: int
                   ) -> tuple[_Solution, np.ndarray, bool, int]:
             add, remove = _budgets(self.model, size)
-            if online is not None and size <= self.k:
-                problem, step = online.problem(size, self.a, c), 1
+            if online[0] is not None and size <= self.k:
+                problem, step = online[0].problem(size, self.a, c), 1
             else:
                 problem, step = _table_problem(self.table, self.votes, self.a, self.correct, self.margin, self.own,
                                                classes, self.k, self.n_train, self.variant, size, self.max_memory_mb)
             solution = _maximise_flips(problem, time_limit, node_limit, _warm_starts(previous, previous_budget, add))
             return solution, _allocation(problem.labels, problem.costs_at(solution.alpha), remove, c), step > 1, add
 
-        by_position = _solve_curve(e, len(self.correct), solve)
+        # The profiles cost time in proportion to their reach. Every size up to the largest individually certified
+        # one leaves an input certified (dominance), so the curve reaches zero above it, usually soon after: the
+        # sizes up to a little past it go first, on profiles that reach only that far, and the larger sizes need
+        # profiles of their own only if the curve has not reached zero by then (they are filled in otherwise).
+        first = int(math.ceil(1.25 * (self._largest_individual + 1)))
+        later = e > first
+        stages = [np.arange(len(e))]
+        if self.variant == 0 and np.any(later & (e <= self.k)):
+            stages = [np.flatnonzero(~later), np.flatnonzero(later)]
+        by_position: dict[int, tuple[_Solution, np.ndarray, bool]] = {}
+        for positions in stages:
+            stage = e[positions]
+            wanted = stage[(stage > 0) & (stage <= self.k)]
+            if self._saturated:
+                wanted = wanted[wanted < min(item[0] for item in self._saturated)]
+            online[0] = self._online(int(wanted.max())) if wanted.size else None
+            solved = _solve_curve(stage, len(self.correct), solve, self._saturated)
+            by_position.update({int(positions[j]): solved[j] for j in range(len(positions))})
         for position in range(len(e)):
             solution, allocation, coarsened = by_position[position]
             solutions.append(solution)
@@ -1470,7 +1494,7 @@ def knn_split_certificate(
     """
     e = check_poisoning_sizes(e)
     certifier = KnnSplitCertifier(neighbor_labels, y, k, n_classes, n_train, threat_model,
-                                  max_memory_mb=max_memory_mb, max_e=int(e.max()) if e.size else 0)
+                                  max_memory_mb=max_memory_mb)
     return certifier.certify(e, time_limit=time_limit, node_limit=node_limit)
 
 

@@ -192,11 +192,11 @@ class CertificationResult:
                 if self._certifier is None:
                     from .joint_split import KnnSplitCertifier
 
-                    # The profiles are built once for the table's whole reach (max_e): a curve's grid usually asks
-                    # for larger sizes after a first probe, and growing them would build them twice.
+                    # Kept with the result: its profiles and the sizes known to flip every input serve every
+                    # later call (a grid's probe, then the grid).
                     self._certifier = KnnSplitCertifier(
                         self.neighbor_labels, self.y_true, int(self.params["k"]), self.votes.shape[1],
-                        self.metadata.get("n_train"), self.threat_model, max_e=self.max_e,
+                        self.metadata.get("n_train"), self.threat_model,
                         **({} if memory is None else {"max_memory_mb": memory}))
                 details = self._certifier.certify(e, **options)
             else:
