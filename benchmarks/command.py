@@ -114,7 +114,7 @@ def _command_phases(X_train, y_train, X_test, y_test) -> list[tuple[str, float]]
     start = time.perf_counter()
     e = default_e_grid(results, n_points=51)
     e = np.union1d(e, np.asarray(table_points(e), dtype=np.int64))
-    phases.append((f"e grid ({len(e)} sizes; one kNN split probe, which builds its profiles)",
+    phases.append((f"e grid ({len(e)} sizes; kNN split probes only where they could extend it)",
                    time.perf_counter() - start))
     for result in results:
         for method in result.available_methods:
