@@ -127,6 +127,9 @@ def _report(results: list, e_max: int | None, e_step: int | None, out: Path, tit
     points = table_points(e)
     # The table's round values join the grid, so every curve is computed once, for the table and the files alike.
     e = np.union1d(e, np.asarray(points, dtype=np.int64))
+    for result in labelled:  # each curve on the whole grid in one go (one split search over the sizes in order)
+        for method in result.available_methods:
+            result.curve(e, method)
     typer.echo(f"\n{title} -- {subtitle}")
     if labelled:
         typer.echo("certified accuracy (%), a provable lower bound; threat model: "
