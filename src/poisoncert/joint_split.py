@@ -688,9 +688,10 @@ def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_lim
 
     A box ``[lo, hi]`` is bounded by F at its upper corner capped at ``A - (sum lo - lo_l)`` per coordinate (F is
     non-decreasing in every ``alpha_l``, and every feasible point of the box lies below that corner). Feasible
-    points (all of the slack spent, widest coordinates first; the vertices ``A e_l``; ``start``) give attained
-    values. Boxes are split at the midpoint of the coordinate with the most inputs whose cheapest rival is that
-    label, weighted by its width. When the limits stop the search the open boxes' largest bound is returned as
+    points (all of the slack spent, widest coordinates first, or first in proportion to the labels' winning inputs
+    where the box's bound is every candidate; the vertices ``A e_l``; ``start``) give attained values. Boxes are
+    split at the midpoint of the coordinate with the most inputs whose cheapest rival is that label, weighted by
+    its width. When the limits stop the search the open boxes' largest bound is returned as
     ``upper`` (sound, not exact).
     """
     c = problem.n_classes
@@ -706,12 +707,19 @@ def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_lim
     def cap(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         return np.minimum(hi, budget - (lo.sum() - lo))
 
-    def feasible(lo: np.ndarray, corner: np.ndarray) -> np.ndarray:
+    def feasible(lo: np.ndarray, corner: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
         slack = budget - int(lo.sum())
         width = corner - lo
         if int(width.sum()) <= slack:
             return corner.copy()
         point = lo.copy()
+        if active is not None:
+            # Slack shared in proportion to each label's inputs (times its room) first, the rest widest first.
+            weight = active * width
+            if int(weight.sum()) > 0:
+                point += np.minimum(width, (slack * weight) // int(weight.sum()))
+                slack = budget - int(point.sum())
+                width = corner - point
         for j in np.argsort(-width, kind="stable").tolist():
             if slack <= 0:
                 break
@@ -754,7 +762,10 @@ def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_lim
         if not probed:
             # The box's feasible point is probed when the box comes up, not when it is made: boxes pruned in the
             # meantime by a better incumbent never cost an evaluation.
-            point = feasible(lo, corner)
+            # Where the box's bound is every candidate (the size at which the curve reaches zero) the search is a
+            # hunt for a split that flips them all: it lies where the additions go to every label that wins
+            # inputs, not all to the widest one, so the slack is shared in proportion there.
+            point = feasible(lo, corner, active if -neg_upper >= len(problem.labels) else None)
             _, attained, _, _ = problem.evaluate(point, incumbent, _LP_EXACT_GAP)
             if attained > incumbent:
                 incumbent, best_alpha = attained, point
