@@ -148,6 +148,19 @@ def test_a_certifier_asked_again_agrees_with_a_fresh_one(seed: int) -> None:
         assert (again.attack_flips == again.max_flips).all()
 
 
+def test_a_coarsened_saturated_size_does_not_mark_a_later_call_inexact() -> None:
+    """Regression (review): a size that flipped everything on a coarsened table, remembered from an earlier call,
+    marked a size settled exactly before as not exact."""
+    from poisoncert.joint_split import KnnSplitCertifier
+
+    table = np.array([[1, 1, 1, 1, 1, 0, 1, 1, 0, 1, 1, 1], [0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 1, 0],
+                      [1, 1, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0]])
+    certifier = KnnSplitCertifier(table, np.array([1, 0, 1]), 2, 2, 12, max_memory_mb=3 / 2**20)
+    first, coarse, again = certifier.certify([9]), certifier.certify([5]), certifier.certify([9])
+    assert first.exact.tolist() == [True] and coarse.exact.tolist() == [False]
+    assert again.exact.tolist() == [True] and again.accuracy.tolist() == first.accuracy.tolist()
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_needs_settled_by_bracketing_values_equal_computed_needs(seed: int) -> None:
     """h(alpha) is non-increasing in alpha: where h at a smaller and a larger alpha agree, the kernel takes that

@@ -1435,6 +1435,9 @@ class KnnSplitCertifier:
         if self.variant == 0 and np.any(later & (e <= self.k)):
             stages = [np.flatnonzero(~later), np.flatnonzero(later)]
         by_position: dict[int, tuple[_Solution, np.ndarray, bool]] = {}
+        # Only exact saturated sizes outlive a call: one found on a coarsened table would mark later sizes not
+        # exact that an earlier call had settled exactly (within a call, it fills as it always did).
+        self._saturated[:] = [item for item in self._saturated if not item[3]]
         for positions in stages:
             stage = e[positions]
             wanted = stage[(stage > 0) & (stage <= self.k)]
