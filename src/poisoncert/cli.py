@@ -469,7 +469,7 @@ def certify(
                        "run; --no-neighbour-cache searches again)", err=True)
         subtitle = inputs.subtitle(metric, threat_model)
         _report(results, e_max, e_step, out, "Certified accuracy under data poisoning", subtitle, settings,
-                plotter if inputs.y_test is not None else None)
+                plotter)  # without labels there is no plot, and the helper ends when the block does
         if budgets is not None:
             if inputs.y_test is None:
                 _fail("--attack needs test labels: an attack's verified accuracy is measured on them")

@@ -1412,13 +1412,13 @@ class KnnSplitCertifier:
         c, n_test = self.c, self.table.shape[0]
         solutions, removals, coarse = [], [], np.zeros(len(e), dtype=bool)
         classes = np.arange(c)
-        online: list[_OnlineProfiles | None] = [None]
+        online: _OnlineProfiles | None = None  # the current stage's profiles, read by solve() when it runs
 
         def solve(size: int, previous: _Solution | None, previous_budget: int
                   ) -> tuple[_Solution, np.ndarray, bool, int]:
             add, remove = _budgets(self.model, size)
-            if online[0] is not None and size <= self.k:
-                problem, step = online[0].problem(size, self.a, c), 1
+            if online is not None and size <= self.k:
+                problem, step = online.problem(size, self.a, c), 1
             else:
                 problem, step = _table_problem(self.table, self.votes, self.a, self.correct, self.margin, self.own,
                                                classes, self.k, self.n_train, self.variant, size, self.max_memory_mb)
@@ -1443,7 +1443,7 @@ class KnnSplitCertifier:
             wanted = stage[(stage > 0) & (stage <= self.k)]
             if self._saturated:
                 wanted = wanted[wanted < min(item[0] for item in self._saturated)]
-            online[0] = self._online(int(wanted.max())) if wanted.size else None
+            online = self._online(int(wanted.max())) if wanted.size else None
             solved = _solve_curve(stage, len(self.correct), solve, self._saturated)
             by_position.update({int(positions[j]): solved[j] for j in range(len(positions))})
         for position in range(len(e)):
