@@ -170,7 +170,10 @@ def test_needs_settled_by_bracketing_values_equal_computed_needs(seed: int) -> N
     certifier = joint_split.KnnSplitCertifier(table, y, k, n_classes=4)
     profiles = certifier._online(e)
     pairs = np.arange(len(profiles.rival), dtype=np.int64)
-    args = (profiles.tie, profiles.d_k, profiles.sl_bits, profiles.sl_cum, profiles.sr_bits, profiles.sr_cum, e)
+    zeros = np.empty(len(pairs), np.int64)
+    joint_split._online_zeros(pairs, profiles.sl_bits, profiles.sl_cum, e, zeros)
+    args = (profiles.tie[pairs], profiles.d_k[pairs], zeros, profiles.sl_bits, profiles.sl_cum, profiles.sr_bits,
+            profiles.sr_cum, e)
     none = np.empty(0, np.int32)
     direct = np.empty((e + 1, len(pairs)), np.int32)
     for alpha in range(e + 1):
