@@ -7,7 +7,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from poisoncert._classifiers import certify_neighbours
-from poisoncert.experiments import default_e_grid
+from poisoncert.experiments import compute_curves, default_e_grid
 
 
 def _probing_every_knn_curve(results, n_points: int) -> np.ndarray:
@@ -66,3 +66,25 @@ def test_a_knn_curve_that_outlasts_the_individual_end_extends_the_grid() -> None
     assert grid[-1] > individual_end
     fresh = certify_neighbours(X[:n], y[:n], X[n:], y[n:], knn=[54], rnn=[1.0], max_e=108)
     assert grid.tolist() == _probing_every_knn_curve([fresh[0][54], fresh[1][1.0]], 21).tolist()
+
+
+def test_curves_computed_side_by_side_equal_curves_computed_one_by_one() -> None:
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:500] / 16, y[:500]
+
+    def results():
+        knn, rnn = certify_neighbours(X[:350], y[:350], X[350:], y[350:], knn=[5, 15], rnn=[6.0, 9.0],
+                                      max_e=60)
+        return [*knn.values(), *rnn.values()]
+
+    e = np.arange(0, 60, 3)
+    together = results()
+    compute_curves(together, e)
+    for alone, result in zip(results(), together, strict=True):
+        assert result.available_methods == alone.available_methods
+        for method in alone.available_methods:
+            assert set(result._cache[method]) >= set(e.tolist()), "compute_curves keeps the curves in the results"
+            values, exact = result.curve(e, method)
+            reference, reference_exact = alone.curve(e, method)
+            np.testing.assert_array_equal(values, reference, err_msg=f"{result.label()} {method}")
+            np.testing.assert_array_equal(exact, reference_exact)

@@ -115,7 +115,14 @@ def _report(results: list, e_max: int | None, e_step: int | None, out: Path, tit
             settings: dict, plotter: Any = None) -> None:
     import numpy as np
 
-    from .experiments import default_e_grid, prediction_table, summary_table, table_points, write_outputs
+    from .experiments import (
+        compute_curves,
+        default_e_grid,
+        prediction_table,
+        summary_table,
+        table_points,
+        write_outputs,
+    )
 
     _check_e_grid(e_max, e_step)
     labelled = [result for result in results if result.has_labels]
@@ -127,9 +134,7 @@ def _report(results: list, e_max: int | None, e_step: int | None, out: Path, tit
     points = table_points(e)
     # The table's round values join the grid, so every curve is computed once, for the table and the files alike.
     e = np.union1d(e, np.asarray(points, dtype=np.int64))
-    for result in labelled:  # each curve on the whole grid in one go (one split search over the sizes in order)
-        for method in result.available_methods:
-            result.curve(e, method)
+    compute_curves(labelled, e)
     typer.echo(f"\n{title} -- {subtitle}")
     if labelled:
         typer.echo("certified accuracy (%), a provable lower bound; threat model: "

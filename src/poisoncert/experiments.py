@@ -166,6 +166,31 @@ def default_e_grid(results: Sequence[CertificationResult], n_points: int = 101) 
     return grid[grid <= min(caps)] if caps else grid
 
 
+def compute_curves(results: Sequence[CertificationResult], e: np.ndarray) -> None:
+    """Compute (and keep in each result) every available curve of every result on the grid ``e``.
+
+    Each curve is computed once on the whole grid (one split search over the sizes in order). The results are
+    computed side by side, one thread per result, where numba's threading layer allows it: a split curve's branch
+    and bound keeps both cores busy only part of the time (its last sizes run alone), and the other curves fill
+    that time (0.3 s of 2.4-2.8 s on MNIST with kNN and rNN).
+    """
+    def compute(result: CertificationResult) -> None:
+        for method in result.available_methods:
+            result.curve(e, method)
+
+    from .joint_split import _threadsafe_workers
+
+    if len(results) < 2 or _threadsafe_workers(2) < 2:
+        for result in results:
+            compute(result)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(results)) as pool:
+        for future in [pool.submit(compute, result) for result in results]:
+            future.result()
+
+
 def table_points(e: np.ndarray, n_columns: int = 5) -> list[int]:
     """Round poisoning sizes for a printed table: 0 and multiples of a 1-2-2.5-5 step up to half the grid.
 
