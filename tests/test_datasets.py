@@ -582,3 +582,27 @@ def test_corrupt_entry_is_recomputed(tmp_path):
     out = C.cached_arrays({"k": 2}, lambda: {"a": np.arange(3)}, tmp_path)
     np.testing.assert_array_equal(out["a"], np.arange(3))
     np.testing.assert_array_equal(np.load(path)["a"], np.arange(3))
+
+
+def test_array_digests_hash_dtype_shape_and_bytes_of_any_layout() -> None:
+    """Cache keys: the digest is SHA-256 over each array's dtype, shape and C-order bytes, whatever its memory
+    layout (strided, Fortran-ordered, byte-swapped, empty, 0-d, object), so that entries stay valid across versions."""
+    import hashlib
+
+    from poisoncert._io import array_digest
+
+    def by_definition(*arrays: np.ndarray) -> str:
+        digest = hashlib.sha256()
+        for array in arrays:
+            array = np.ascontiguousarray(array)
+            digest.update(str(array.dtype.str).encode() + str(array.shape).encode() + array.tobytes())
+        return digest.hexdigest()
+
+    rng = np.random.default_rng(0)
+    cases = [rng.random((3, 4)), rng.random((3, 4)).astype(">f8"), rng.random((5, 6))[:, ::2],
+             np.asfortranarray(rng.random((3, 3))), np.zeros((0, 3)), np.array(5.0), np.array([True, False]),
+             rng.integers(0, 9, (2, 3, 4)).astype(np.uint8), np.array(["a", "bc"]), np.array(["a", None], object)]
+    for case in cases:
+        assert array_digest(case) == by_definition(case), case
+    assert array_digest(*cases) == by_definition(*cases)
+    assert array_digest(cases[0]) != array_digest(cases[0].astype(np.float32))

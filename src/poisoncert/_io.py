@@ -75,7 +75,8 @@ def array_digest(*arrays: np.ndarray) -> str:
         array = np.ascontiguousarray(array)
         digest.update(str(array.dtype.str).encode())
         digest.update(str(array.shape).encode())
-        digest.update(array.tobytes())
+        # The same bytes as array.tobytes(), without copying them (object arrays have no byte view).
+        digest.update(array.tobytes() if array.dtype.hasobject or not array.size else array.reshape(-1).view(np.uint8))
     return digest.hexdigest()
 
 
