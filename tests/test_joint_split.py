@@ -318,9 +318,11 @@ def test_remembered_evaluations_agree_with_fresh_ones(seed: int) -> None:
     margins[np.arange(n), labels] = joint_split._MARGIN_OWN
     add, remove = int(rng.integers(0, 6)), int(rng.integers(0, 6))
 
+    by_label, winner = np.ascontiguousarray(margins.T), np.empty(n, np.int64)
+
     def make() -> joint_split._Problem:
         def needs(alpha, out, active):
-            joint_split._rnn_needs(margins, alpha, remove, out, active)
+            joint_split._rnn_needs(by_label, alpha, remove, out, active, winner)
         return joint_split._Problem(labels, c, add, remove, needs)
 
     remembering = make()
@@ -474,3 +476,20 @@ def test_sizes_above_saturation_record_the_smallest_saturated_attacker(monkeypat
         else:
             assert solution.alpha.tolist() == [n_candidates, 0] and removals.tolist() == [0, n_candidates]
             assert solution.nodes == 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rnn_needs_and_the_labels_that_win_them_follow_the_definition(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    c, n = int(rng.integers(2, 7)), int(rng.integers(1, 60))
+    margins = rng.integers(-3, 12, (n, c)).astype(np.int64)
+    labels = rng.integers(0, c, n)
+    margins[np.arange(n), labels] = joint_split._MARGIN_OWN
+    alpha, budget = rng.integers(0, 6, c), int(rng.integers(0, 9))
+    out, active = np.empty(n, np.int64), np.empty(c, np.int64)
+    joint_split._rnn_needs(np.ascontiguousarray(margins.T), alpha, budget, out, active, np.empty(n, np.int64))
+    shifted = margins - alpha[None, :]
+    need = np.maximum(shifted.min(axis=1), 0)
+    np.testing.assert_array_equal(out, np.where(need <= budget, need, budget + 1))
+    winners = shifted.argmin(axis=1)[need <= budget]  # the first label attaining the minimum
+    np.testing.assert_array_equal(active, np.bincount(winners, minlength=c))

@@ -240,25 +240,29 @@ def _max_shifted(target, source, gain):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _rnn_needs(margins, alpha, budget, out, active):  # pragma: no cover - compiled
+def _rnn_needs(margins_by_label, alpha, budget, out, active, winner):  # pragma: no cover - compiled
     """Spec 5d: ``need_i = max(0, min_l (margin_il - alpha_l))``, ``budget + 1`` when above the budget.
 
-    ``active[l]`` counts the affordable inputs whose minimum is attained at label ``l`` (for branching).
+    ``margins_by_label[l, i]``: one row per label, so that the minimum runs over the inputs in vector steps.
+    ``active[l]`` counts the affordable inputs whose minimum is attained first at label ``l`` (for branching);
+    ``winner`` is a scratch array as long as ``out``.
     """
+    out[:] = _MARGIN_OWN
+    winner[:] = 0
+    for lab in range(margins_by_label.shape[0]):
+        row = margins_by_label[lab]
+        shift = alpha[lab]
+        for i in range(row.shape[0]):
+            v = row[i] - shift
+            better = v < out[i]
+            out[i] = v if better else out[i]
+            winner[i] = lab if better else winner[i]
     active[:] = 0
-    for i in range(margins.shape[0]):
-        best = _MARGIN_OWN
-        arg = 0
-        for lab in range(margins.shape[1]):
-            v = margins[i, lab] - alpha[lab]
-            if v < best:
-                best = v
-                arg = lab
-        if best < 0:
-            best = 0
+    for i in range(out.shape[0]):
+        best = max(out[i], 0)
         if best <= budget:
             out[i] = best
-            active[arg] += 1
+            active[winner[i]] += 1
         else:
             out[i] = budget + 1
 
@@ -1065,10 +1069,11 @@ def rnn_split_certificate(
         add, remove = _budgets(model, size)
         # An input that even the whole budget on its cheapest rival cannot flip never counts.
         candidate = smallest <= add + remove
-        m, lab = np.ascontiguousarray(margins[candidate]), labels[candidate]
+        by_label, lab = np.ascontiguousarray(margins[candidate].T), labels[candidate]
+        winner = np.empty(len(lab), np.int64)
 
         def needs(alpha, out, active):  # type: ignore[no-untyped-def]
-            _rnn_needs(m, alpha, remove, out, active)
+            _rnn_needs(by_label, alpha, remove, out, active, winner)
 
         problem = _Problem(lab, c, add, remove, needs)
         solution = _maximise_flips(problem, time_limit, node_limit, _warm_starts(previous, previous_budget, add))
