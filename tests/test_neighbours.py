@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 
@@ -564,3 +565,46 @@ def test_a_cache_entry_without_the_tables_asked_for_is_searched_again(tmp_path):
     assert index.cached_search(Q, 10, [1.0], 2, cache_dir=tmp_path)[2]  # the entry was replaced
     with pytest.raises(TypeError, match="n_neighbors must be an integer"):
         index.cached_search(Q, 2.7, cache_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selection of a row's first k (the kernel under every search)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _sampled_attempt():  # type: ignore[no-untyped-def]
+    import numba
+
+    from poisoncert import neighbours
+
+    @numba.njit
+    def attempt(bits, k, out):  # pragma: no cover - compiled
+        return neighbours._select_row_sampled(bits, k, neighbours._select_scratch(k, bits.shape[0], bits.dtype), out)
+
+    return attempt
+
+
+def _sampled_path_taken(bits: np.ndarray, k: int) -> bool:
+    return bool(_sampled_attempt()(bits, k, np.empty(k, np.int64)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [1, 7, 50, 333, 1999, 2000])
+def test_selection_gives_the_first_k_by_value_then_position(seed: int, k: int) -> None:
+    """Rows of 2,000 small integers (many ties): both selections (sampled threshold, and the exact fallback where
+    the row's first sixteenth is unrepresentative) return the reference order."""
+    from poisoncert.neighbours import _select_numba
+
+    rng = np.random.default_rng(seed)
+    n = 2000
+    rows = rng.integers(0, [[3], [40], [5000], [2**30]], size=(4, n)).astype(np.int32)
+    skewed = rng.integers(10, 50, size=(2, n)).astype(np.int32)
+    skewed[:, : n // 16] = rng.integers(0, 3, size=(2, n // 16))  # a sample far below the rest of its row
+    rows = np.vstack([rows, skewed])
+    out = np.empty((len(rows), k), np.int64)
+    _select_numba(rows, k, out)
+    for row, got in zip(rows, out, strict=True):
+        np.testing.assert_array_equal(got, np.lexsort((np.arange(n), row))[:k])
+    if k in (50, 333):  # both paths are exercised: sampled on the random rows, exact on the skewed ones
+        assert _sampled_path_taken(rows[1], k) and not _sampled_path_taken(rows[-1], k)

@@ -328,11 +328,57 @@ def _select_numba(B, k, out_pos):  # pragma: no cover - compiled
         _select_row(B[i], k, scratch, out_pos[i])
 
 
+#: The sampled selection (:func:`_select_row_sampled`) estimates the k-th smallest from a row's first
+#: ``1 / _SAMPLE_SHARE`` part.
+_SAMPLE_SHARE = 16
+
+
+@numba.njit(inline="always")
+def _select_room(k):  # pragma: no cover - compiled
+    """Length of the key buffers: the k winners, or the sampled selection's candidates (a little more than k)."""
+    return 2 * k + 1024
+
+
 @numba.njit(inline="always")
 def _select_scratch(k, n_train, dtype):  # pragma: no cover - compiled
     """Per-thread buffers of :func:`_select_row`: histogram, keys and positions and their sort copies, candidates."""
-    return (np.zeros((1 << max(12, _SORT_DIGIT)) + 2, np.int64), np.empty(k, dtype), np.empty(k, np.int64),
-            np.empty(k, dtype), np.empty(k, np.int64), np.empty(n_train + 1, np.int64))
+    room = _select_room(k)
+    return (np.zeros((1 << max(12, _SORT_DIGIT)) + 2, np.int64), np.empty(room, dtype), np.empty(room, np.int64),
+            np.empty(room, dtype), np.empty(room, np.int64), np.empty(n_train + 1, np.int64))
+
+
+@numba.njit(inline="always")
+def _select_row_sampled(bits, k, scratch, out_pos):  # pragma: no cover - compiled
+    """:func:`_select_row` from an estimated threshold; False (nothing written) where the estimate falls short.
+
+    The threshold is the value of rank about ``k / 16`` (plus three standard deviations) among the row's first
+    sixteenth: training rows are stored in content-hash order, so that part is a random sample of the row, and
+    about ``1.13 k`` elements lie at or below it. One branch-free pass collects them all in position order; when
+    there are at least k (else the caller selects exactly), the k smallest by (value, position) are among them,
+    and a stable sort of the collected puts exactly those first. Unlike the exact selection this reads the row
+    once and needs no histogram of it.
+    """
+    hist, keys, positions, keys_tmp, positions_tmp, candidates = scratch
+    n_train = bits.shape[0]
+    expected = k // _SAMPLE_SHARE
+    rank = expected + 3 * int(np.sqrt(expected)) + 8
+    if rank > n_train // _SAMPLE_SHARE:
+        return False
+    threshold, _ = _radix_select(bits[: n_train // _SAMPLE_SHARE], rank, hist)
+    n_candidates = 0
+    for j in range(n_train):
+        candidates[n_candidates] = j
+        n_candidates += bits[j] <= threshold
+    if n_candidates < k or n_candidates > keys.shape[0]:
+        return False
+    for t in range(n_candidates):
+        j = candidates[t]
+        keys[t] = bits[j]
+        positions[t] = j
+    _stable_radix_sort(keys[:n_candidates], positions[:n_candidates], keys_tmp[:n_candidates],
+                       positions_tmp[:n_candidates], hist)
+    out_pos[:] = positions[:k]
+    return True
 
 
 @numba.njit(inline="always")
@@ -343,8 +389,12 @@ def _select_row(bits, k, scratch, out_pos):  # pragma: no cover - compiled
     collects every element of a lower bin and the elements of that bin (both in position order); a radix
     selection inside the bin settles the k-th value and how many of the elements equal to it are taken (the
     smallest positions). The k winners are then sorted by a stable LSD radix sort, so equal distances stay in
-    position order.
+    position order. Tried first: :func:`_select_row_sampled`, which gives the same positions with one pass over
+    the row where its estimated threshold holds at least k elements (on MNIST all but about 1 row in 1,000).
+    Either way ``keys[:k]`` holds the k winners' values, sorted.
     """
+    if _select_row_sampled(bits, k, scratch, out_pos):
+        return
     hist, keys, positions, keys_tmp, positions_tmp, _ = scratch
     n_train = bits.shape[0]
     n_bins = 4096
@@ -397,8 +447,8 @@ def _select_row(bits, k, scratch, out_pos):  # pragma: no cover - compiled
             keys[c] = value
             positions[c] = bucket_positions[t]
             c += 1
-    _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist)
-    out_pos[:] = positions
+    _stable_radix_sort(keys[:k], positions[:k], keys_tmp[:k], positions_tmp[:k], hist)
+    out_pos[:] = positions[:k]
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
