@@ -271,6 +271,9 @@ class KNeighborsCertifier(_NeighborsCertifier):
         for k, votes in zip(ks, all_votes, strict=True):
             if threat_model == "deletion":
                 sizes = self._deletion_sizes(X, labels, predict(votes), k)
+            elif threat_model in ("general", "label-flip"):
+                # What knn_certified_poisoning_size computes for these models, from the votes already counted.
+                sizes = _certify.certified_poisoning_size(votes, "general")
             else:
                 sizes = _certify.knn_certified_poisoning_size(labels[:, :k], k, n_classes, threat_model,
                                                               n_train=self.n_train_)
