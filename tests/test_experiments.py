@@ -88,3 +88,17 @@ def test_curves_computed_side_by_side_equal_curves_computed_one_by_one() -> None
             reference, reference_exact = alone.curve(e, method)
             np.testing.assert_array_equal(values, reference, err_msg=f"{result.label()} {method}")
             np.testing.assert_array_equal(exact, reference_exact)
+
+
+def test_a_curve_that_fails_side_by_side_raises_its_error() -> None:
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:300] / 16, y[:300]
+    knn, rnn = certify_neighbours(X[:200], y[:200], X[200:], y[200:], knn=[5], rnn=[6.0, 9.0], max_e=20)
+    results = [*knn.values(), *rnn.values()]
+
+    def broken(e, method=None):
+        raise ValueError("curve failed on purpose")
+
+    results[1].curve = broken
+    with pytest.raises(ValueError, match="on purpose"):
+        compute_curves(results, np.arange(0, 20, 4))

@@ -169,10 +169,11 @@ def default_e_grid(results: Sequence[CertificationResult], n_points: int = 101) 
 def compute_curves(results: Sequence[CertificationResult], e: np.ndarray) -> None:
     """Compute (and keep in each result) every available curve of every result on the grid ``e``.
 
-    Each curve is computed once on the whole grid (one split search over the sizes in order). The results are
-    computed side by side, one thread per result, where numba's threading layer allows it: a split curve's branch
-    and bound keeps both cores busy only part of the time (its last sizes run alone), and the other curves fill
-    that time (0.3 s of 2.4-2.8 s on MNIST with kNN and rNN).
+    Each curve is computed once on the whole grid (one split search over the sizes in order). Two results are
+    computed at a time, side by side, where numba's threading layer allows it: a split curve's branch and bound
+    keeps both cores busy only part of the time (its last sizes run alone), and the other result's curves fill
+    that time (0.3 s of 2.4-2.8 s on MNIST with kNN and rNN). Two, not all: a sweep's certifiers would otherwise
+    hold their profiles in memory all at once.
     """
     def compute(result: CertificationResult) -> None:
         for method in result.available_methods:
@@ -186,9 +187,15 @@ def compute_curves(results: Sequence[CertificationResult], e: np.ndarray) -> Non
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=len(results)) as pool:
-        for future in [pool.submit(compute, result) for result in results]:
-            future.result()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(compute, result) for result in results]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()  # the results not started yet; a running one finishes its curve first
+            raise
 
 
 def table_points(e: np.ndarray, n_columns: int = 5) -> list[int]:
