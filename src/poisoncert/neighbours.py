@@ -967,11 +967,11 @@ class NeighbourIndex:
         no_labels = np.empty((1, 1), self._label_dtype)
         no_votes = np.empty((1, 1, 1), np.int64)
         metric = _METRIC_CODES[self.metric]
-        # Chunks only pace the progress bar: the fused kernel holds no distance matrix, just one cache-sized block
-        # per thread.
-        # Working memory: each thread's block of distance rows and its selection buffers, within max_memory_mb.
+        # Working memory: each thread's block of distance rows and its selection buffers (_select_scratch: four
+        # key and position buffers of 2k + 1024, the candidates, the k positions), within max_memory_mb.
         per_row = self.n_train_ * np.dtype(self.dtype_).itemsize
-        room = self.max_memory_mb * 2**20 / numba.get_num_threads() - 5 * 8 * (k or 0)
+        selection = 8 * (4 * (2 * (k or 0) + 1024) + self.n_train_ + 1 + (k or 0))
+        room = self.max_memory_mb * 2**20 / numba.get_num_threads() - selection
         row_block = int(max(1, min(_ROW_BLOCK, room // per_row)))
         # Chunks only pace the progress bar: the fused kernel never holds a chunk's whole distance matrix.
         chunk = min(self.chunk_size or 1024, len(Q))
