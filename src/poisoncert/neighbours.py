@@ -352,11 +352,11 @@ def _select_row_sampled(bits, k, scratch, out_pos):  # pragma: no cover - compil
     """:func:`_select_row` from an estimated threshold; False (nothing written) where the estimate falls short.
 
     The threshold is the value of rank about ``k / 16`` (plus three standard deviations) among the row's first
-    sixteenth: training rows are stored in content-hash order, so that part is a random sample of the row, and
-    about ``1.13 k`` elements lie at or below it. One branch-free pass collects them all in position order; when
-    there are at least k (else the caller selects exactly), the k smallest by (value, position) are among them,
-    and a stable sort of the collected puts exactly those first. Unlike the exact selection this reads the row
-    once and needs no histogram of it.
+    sixteenth: training rows are stored in content-hash order, so that part is a random sample of the row, and a
+    little more than k elements lie at or below it (1.13 k on MNIST at k = 10,000). One branch-free pass collects
+    them all in position order; when there are at least k (else the caller selects exactly), the k smallest by
+    (value, position) are among them, and a stable sort of the collected puts exactly those first. Unlike the
+    exact selection this reads the row once and needs no histogram of it.
     """
     hist, keys, positions, keys_tmp, positions_tmp, candidates = scratch
     n_train = bits.shape[0]
