@@ -6,6 +6,9 @@ with a table ``cum`` of the set bits before each word (``cum[p, w]``, ``w = 0 ..
 Selecting inside one word is a single ``pdep`` where the CPU has a fast one (BMI2 on Intel since Haswell, AMD since
 Zen 3; microcoded and slow on Zen 1 and 2), else six halving steps. The choice is made once, from the CPU numba
 compiles for, and both give the same positions (tested against each other).
+
+These functions are inlined into the kernels of :mod:`poisoncert.joint_split`, whose numba cache is keyed by that
+file alone: after editing this one, touch ``joint_split.py`` (or clear its ``__pycache__``) so they recompile.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 from llvmlite import ir
 from numba.extending import intrinsic
 
-__all__ = ["FAST_PDEP", "cumulative_popcounts", "popcount", "rank1", "select0", "select_in_word"]
+__all__ = ["FAST_PDEP", "cumulative_popcounts", "popcount", "rank1", "select0", "select_in_word", "zero_word"]
 
 _SLOW_PDEP_CPUS = ("znver1", "znver2", "bdver", "btver")
 
