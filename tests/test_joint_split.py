@@ -171,7 +171,8 @@ def test_needs_settled_by_bracketing_values_equal_computed_needs(seed: int) -> N
     profiles = certifier._online(e)
     pairs = np.arange(len(profiles.rival), dtype=np.int64)
     zeros = np.empty(len(pairs), np.int64)
-    joint_split._online_zeros(pairs, profiles.sl_bits, profiles.sl_cum, e, zeros)
+    joint_split._online_bounds(pairs, profiles.tie, profiles.d_k, profiles.sl_bits, profiles.sl_cum, profiles.sr_bits,
+                               profiles.sr_cum, e, np.empty(len(pairs), np.int64), zeros)
     args = (profiles.tie[pairs], profiles.d_k[pairs], zeros, profiles.sl_bits, profiles.sl_cum, profiles.sr_bits,
             profiles.sr_cum, e)
     none = np.empty(0, np.int32)

@@ -504,8 +504,10 @@ def _knn_profiles(table, inputs, pred, votes, pair_row, k, n, reach, sl_bits, sr
 
 
 @numba.njit(inline="always")
-def _online_need(sl_bits, sl_cum, sr_bits, sr_cum, p, d_k, t, e, alpha, n_words):  # pragma: no cover
+def _online_need(sl_bits, sl_cum, sr_bits, sr_cum, p, d_k, t, zeros, e, alpha, n_words):  # pragma: no cover
     """Spec 5e ``h(alpha)`` of pair ``p`` at ``e <= k`` (general model), ``e + 1`` when infinite.
+
+    ``zeros``: the zero bits of the pair's SL steps below ``e`` (the same at every ``alpha``).
 
     ``G(alpha, r) = max(alpha + r + SL(e - r), alpha + r + SR(e - alpha)) >= t``: from the second term
     ``r >= t - alpha - SR(e - alpha)``; from the first, ``r + SL(e - r) = e + SL(0) - zeros(e - r)`` with
@@ -518,7 +520,7 @@ def _online_need(sl_bits, sl_cum, sr_bits, sr_cum, p, d_k, t, e, alpha, n_words)
         best = 0
     m = e + d_k - (t - alpha)
     if m >= 0:
-        if e - rank1(sl_bits, sl_cum, p, e) <= m:
+        if zeros <= m:
             best = 0
         else:
             r1 = e - select0(sl_bits, sl_cum, p, m, n_words)
@@ -530,19 +532,14 @@ def _online_need(sl_bits, sl_cum, sr_bits, sr_cum, p, d_k, t, e, alpha, n_words)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _online_bounds(pairs, tie, d_k, sl_bits, sl_cum, sr_bits, sr_cum, e, out):  # pragma: no cover - compiled
-    """``h(e)`` of each listed pair: a lower bound of ``h(alpha)`` for every ``alpha <= e``."""
+def _online_bounds(pairs, tie, d_k, sl_bits, sl_cum, sr_bits, sr_cum, e, out, zeros):  # pragma: no cover - compiled
+    """``h(e)`` of each listed pair: a lower bound of ``h(alpha)`` for every ``alpha <= e``; and in ``zeros`` the
+    zero bits of its SL steps below ``e``, which :func:`_online_label_needs` reads at every ``alpha``."""
     n_words = sl_bits.shape[1]
     for j in prange(pairs.shape[0]):
         p = pairs[j]
-        out[j] = _online_need(sl_bits, sl_cum, sr_bits, sr_cum, p, d_k[p], tie[p], e, e, n_words)
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _online_zeros(pairs, sl_bits, sl_cum, e, out):  # pragma: no cover - compiled
-    """Zero bits of each listed pair's SL steps below ``e``: the same at every ``alpha`` of a poisoning size."""
-    for j in prange(pairs.shape[0]):
-        out[j] = e - rank1(sl_bits, sl_cum, pairs[j], e)
+        zeros[j] = e - rank1(sl_bits, sl_cum, p, e)
+        out[j] = _online_need(sl_bits, sl_cum, sr_bits, sr_cum, p, d_k[p], tie[p], zeros[j], e, e, n_words)
 
 
 #: Pairs per task of :func:`_online_label_needs` (its select buffer is this long).
@@ -554,7 +551,7 @@ def _online_label_needs(pairs, tie, d_k, zeros, sl_bits, sl_cum, sr_bits, sr_cum
                         out):  # pragma: no cover - compiled
     """``h(alpha)`` of the listed pairs (all with the same rival label, so one ``alpha``); :func:`_online_need`.
 
-    ``tie``, ``d_k`` and ``zeros`` (:func:`_online_zeros`) are per listed pair, in its order (contiguous reads).
+    ``tie``, ``d_k`` and ``zeros`` (:func:`_online_bounds`) are per listed pair, in its order (contiguous reads).
     ``below`` and ``above``: each pair's ``h`` at a smaller and at a larger ``alpha`` (or empty arrays). ``h`` is
     non-increasing in ``alpha`` (more additions of the rival never make flipping harder), so where the two agree
     they are ``h(alpha)`` too, and only the other pairs are computed.
@@ -1306,9 +1303,11 @@ class _OnlineProfiles:
         """
         candidate = (self.margin <= 2 * size) & (self.d_k + 3 * size >= self.tie)
         pairs = np.flatnonzero(candidate)
-        bound = np.empty(len(pairs), np.int64)
-        _online_bounds(pairs, self.tie, self.d_k, self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum, size, bound)
-        pairs = pairs[bound <= size]  # h(alpha) >= h(e): infinite everywhere otherwise (already label-major)
+        bound, zeros = np.empty(len(pairs), np.int64), np.empty(len(pairs), np.int64)
+        _online_bounds(pairs, self.tie, self.d_k, self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum, size, bound,
+                       zeros)
+        kept = bound <= size  # h(alpha) >= h(e): infinite everywhere otherwise
+        pairs, zeros = pairs[kept], zeros[kept]  # (already label-major)
         pair_rival = self.rival[pairs]
         label_start = np.searchsorted(pair_rival, np.arange(c + 1))
         inputs, input_of_pair = np.unique(self.rows[pairs], return_inverse=True)
@@ -1319,8 +1318,6 @@ class _OnlineProfiles:
         memo_alphas: list[list[int]] = [[] for _ in range(c)]  # per label, the memoised alpha_l ascending
         memo_bytes = [0]
         tie, d_k = self.tie[pairs], self.d_k[pairs]
-        zeros = np.empty(len(pairs), np.int64)
-        _online_zeros(pairs, self.sl_bits, self.sl_cum, size, zeros)
         sl_bits, sl_cum, sr_bits, sr_cum = self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum
         unbracketed = np.empty(0, np.int32)
 
