@@ -547,14 +547,15 @@ _NEEDS_CHUNK = 2048
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _online_label_needs(pairs, tie, d_k, zeros, sl_bits, sl_cum, sr_bits, sr_cum, e, alpha, below, above,
+def _online_label_needs(pairs, slots, tie, d_k, zeros, sl_bits, sl_cum, sr_bits, sr_cum, e, alpha, below, above,
                         out):  # pragma: no cover - compiled
     """``h(alpha)`` of the listed pairs (all with the same rival label, so one ``alpha``); :func:`_online_need`.
 
-    ``tie``, ``d_k`` and ``zeros`` (:func:`_online_bounds`) are per listed pair, in its order (contiguous reads).
-    ``below`` and ``above``: each pair's ``h`` at a smaller and at a larger ``alpha`` (or empty arrays). ``h`` is
-    non-increasing in ``alpha`` (more additions of the rival never make flipping harder), so where the two agree
-    they are ``h(alpha)`` too, and only the other pairs are computed.
+    Pair ``j`` writes ``out[slots[j]]`` (its input's place in the problem; slots of other inputs are left as they
+    are). ``tie``, ``d_k`` and ``zeros`` (:func:`_online_bounds`) are per listed pair, in its order (contiguous
+    reads). ``below`` and ``above``: like ``out``, ``h`` at a smaller and at a larger ``alpha`` (or empty
+    arrays). ``h`` is non-increasing in ``alpha`` (more additions of the rival never make flipping harder), so
+    where the two agree they are ``h(alpha)`` too, and only the other pairs are computed.
 
     Two passes per chunk of pairs: the first settles what the counts alone settle and finds, for the others, the
     SL word that holds the zero to select; the second reads those words. Each of those reads is a cache miss at
@@ -563,7 +564,7 @@ def _online_label_needs(pairs, tie, d_k, zeros, sl_bits, sl_cum, sr_bits, sr_cum
     """
     n_words = sl_bits.shape[1]
     n = pairs.shape[0]
-    bracketed = below.shape[0] == n
+    bracketed = below.shape[0] == out.shape[0]
     y = e - alpha
     flat = sl_bits.reshape(-1)
     n_chunks = (n + _NEEDS_CHUNK - 1) // _NEEDS_CHUNK
@@ -575,8 +576,9 @@ def _online_label_needs(pairs, tie, d_k, zeros, sl_bits, sl_cum, sr_bits, sr_cum
         rank = np.empty(stop - start, np.int64)  # zeros of that word before the one selected
         count = 0
         for j in range(start, stop):
-            if bracketed and below[j] == above[j]:
-                out[j] = below[j]
+            slot = slots[j]
+            if bracketed and below[slot] == above[slot]:
+                out[slot] = below[slot]
                 continue
             p = pairs[j]
             t = tie[j]
@@ -593,30 +595,32 @@ def _online_label_needs(pairs, tie, d_k, zeros, sl_bits, sl_cum, sr_bits, sr_cum
                     where[count] = p * n_words + word
                     rank[count] = rest
                     count += 1
-            out[j] = best if best <= e else e + 1
+            out[slot] = best if best <= e else e + 1
         for q in range(count):
             j = todo[q]
             w = where[q]
             r1 = e - (64 * (w - pairs[j] * n_words) + select_in_word(~flat[w], rank[q]))
-            if r1 < out[j]:
-                out[j] = r1
+            if r1 < out[slots[j]]:
+                out[slots[j]] = r1
 
 
 @numba.njit(cache=True, nogil=True)
-def _min_over_pairs(input_start, input_pairs, pair_rival, h, budget, out, active):  # pragma: no cover - compiled
-    """``need_i = min over the input's pairs of h``; ``active[l]`` counts affordable inputs won by rival ``l``."""
+def _min_over_labels(h, budget, out, winner, active):  # pragma: no cover - compiled
+    """``out[i] = min over labels l of h[l, i]``; ``active[l]`` counts the affordable (``<= budget``) inputs whose
+    first minimal label is ``l`` (``winner``: scratch). Label by label, so the inner loop vectorises."""
+    out[:] = h[0]
+    winner[:] = 0
+    for lab in range(1, h.shape[0]):
+        row = h[lab]
+        for i in range(out.shape[0]):
+            value = row[i]
+            smaller = value < out[i]
+            out[i] = value if smaller else out[i]
+            winner[i] = lab if smaller else winner[i]
     active[:] = 0
-    for i in range(input_start.shape[0] - 1):
-        best = budget + 1
-        arg = -1
-        for j in range(input_start[i], input_start[i + 1]):
-            v = h[input_pairs[j]]
-            if v < best:
-                best = v
-                arg = pair_rival[input_pairs[j]]
-        out[i] = best
-        if best <= budget:
-            active[arg] += 1
+    for i in range(out.shape[0]):
+        if out[i] <= budget:
+            active[winner[i]] += 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1311,22 +1315,25 @@ class _OnlineProfiles:
         pair_rival = self.rival[pairs]
         label_start = np.searchsorted(pair_rival, np.arange(c + 1))
         inputs, input_of_pair = np.unique(self.rows[pairs], return_inverse=True)
-        input_pairs = np.argsort(input_of_pair, kind="stable").astype(np.int64)
-        input_start = np.searchsorted(input_of_pair[input_pairs], np.arange(len(inputs) + 1)).astype(np.int64)
-        h = np.empty(len(pairs), np.int32)
+        slots = input_of_pair.astype(np.int64)
+        # h[l, i]: input i's need against rival l at the current alpha_l (held[l]); e + 1 where it has no such pair.
+        # Only the rows whose alpha_l changed are replaced, from memoised rows or by the kernel.
+        h = np.full((c, len(inputs)), size + 1, np.int32)
+        held = [-1] * c
         memo: dict[tuple[int, int], np.ndarray] = {}
         memo_alphas: list[list[int]] = [[] for _ in range(c)]  # per label, the memoised alpha_l ascending
         memo_bytes = [0]
         tie, d_k = self.tie[pairs], self.d_k[pairs]
         sl_bits, sl_cum, sr_bits, sr_cum = self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum
         unbracketed = np.empty(0, np.int32)
+        winner = np.empty(len(inputs), np.int64)
 
         def needs(alpha, out, active):  # type: ignore[no-untyped-def]
             for lab in range(c):
                 lo, hi = int(label_start[lab]), int(label_start[lab + 1])
-                if lo == hi:
-                    continue
                 value = int(alpha[lab])
+                if lo == hi or held[lab] == value:
+                    continue
                 values = memo.get((lab, value))
                 if values is None:
                     # The nearest memoised values on either side settle every pair where they agree.
@@ -1335,17 +1342,17 @@ class _OnlineProfiles:
                     below, above = unbracketed, unbracketed
                     if 0 < at < len(known):
                         below, above = memo[(lab, known[at - 1])], memo[(lab, known[at])]
-                    block = h[lo:hi]
-                    _online_label_needs(pairs[lo:hi], tie[lo:hi], d_k[lo:hi], zeros[lo:hi], sl_bits, sl_cum, sr_bits,
-                                        sr_cum, size,
-                                        value, below, above, block)
+                    row = h[lab]
+                    _online_label_needs(pairs[lo:hi], slots[lo:hi], tie[lo:hi], d_k[lo:hi], zeros[lo:hi], sl_bits,
+                                        sl_cum, sr_bits, sr_cum, size, value, below, above, row)
                     if memo_bytes[0] < _MEMO_BYTES:
-                        memo[(lab, value)] = block.copy()
+                        memo[(lab, value)] = row.copy()
                         known.insert(at, value)
-                        memo_bytes[0] += block.nbytes
+                        memo_bytes[0] += row.nbytes
                 else:
-                    h[lo:hi] = values
-            _min_over_pairs(input_start, input_pairs, pair_rival, h, size, out, active)
+                    h[lab] = values
+                held[lab] = value
+            _min_over_labels(h, size, out, winner, active)
 
         return _Problem(a[inputs], c, size, size, needs)
 
