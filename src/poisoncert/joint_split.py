@@ -1311,7 +1311,7 @@ class _OnlineProfiles:
         _online_bounds(pairs, self.tie, self.d_k, self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum, size, bound,
                        zeros)
         kept = bound <= size  # h(alpha) >= h(e): infinite everywhere otherwise
-        pairs, zeros = pairs[kept], zeros[kept]  # (already label-major)
+        pairs, zeros, bound = pairs[kept], zeros[kept], bound[kept]  # (already label-major)
         pair_rival = self.rival[pairs]
         label_start = np.searchsorted(pair_rival, np.arange(c + 1))
         inputs, input_of_pair = np.unique(self.rows[pairs], return_inverse=True)
@@ -1327,6 +1327,15 @@ class _OnlineProfiles:
         sl_bits, sl_cum, sr_bits, sr_cum = self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum
         unbracketed = np.empty(0, np.int32)
         winner = np.empty(len(inputs), np.int64)
+        # h at alpha_l = size is the bound computed above: every later alpha_l has a memoised value above it.
+        for lab in range(c):
+            lo, hi = int(label_start[lab]), int(label_start[lab + 1])
+            if lo < hi:
+                top = np.full(len(inputs), size + 1, np.int32)
+                top[slots[lo:hi]] = bound[lo:hi]
+                memo[(lab, size)] = top
+                memo_alphas[lab].append(size)
+                memo_bytes[0] += top.nbytes
 
         def needs(alpha, out, active):  # type: ignore[no-untyped-def]
             for lab in range(c):
