@@ -7,7 +7,8 @@ import pytest
 from sklearn.datasets import load_digits
 
 from poisoncert._classifiers import certify_neighbours
-from poisoncert.experiments import compute_curves, default_e_grid
+from poisoncert.experiments import compute_curves, default_e_grid, plot_layout
+from poisoncert.plots import curve_layout
 
 
 def _probing_every_knn_curve(results, n_points: int) -> np.ndarray:
@@ -88,6 +89,22 @@ def test_curves_computed_side_by_side_equal_curves_computed_one_by_one() -> None
             reference, reference_exact = alone.curve(e, method)
             np.testing.assert_array_equal(values, reference, err_msg=f"{result.label()} {method}")
             np.testing.assert_array_equal(exact, reference_exact)
+
+
+def test_the_plot_layout_known_before_the_curves_fits_their_rows() -> None:
+    """The CLI sends the plot's layout to its helper before computing the curves; it must be the rows' layout
+    (else the helper builds the figure again, after the curves, on the critical path)."""
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:300] / 16, y[:300]
+    knn, rnn = certify_neighbours(X[:200], y[:200], X[200:], y[200:], knn=[5], rnn=[6.0], max_e=20)
+    unlabelled = certify_neighbours(X[:200], y[:200], X[200:], None, knn=[5])[0][5]
+    results = [*knn.values(), unlabelled, *rnn.values()]
+    e = np.arange(0, 20, 4)
+    layout = plot_layout(results, e)
+    assert layout == curve_layout([row for result in results for row in result.curve_rows(e)])
+    assert [(line["classifier"], line["certification"]) for line in layout] == [
+        ("kNN (k=5)", method) for method in knn[5].available_methods] + [
+        ("rNN (r=6.0)", method) for method in rnn[6.0].available_methods]
 
 
 def test_a_curve_that_fails_side_by_side_raises_its_error() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from poisoncert.plots import BackgroundPlotter, plot_curves
+from poisoncert.plots import BackgroundPlotter, curve_layout, plot_curves
 
 
 def _rows() -> list[dict]:
@@ -21,6 +21,19 @@ def _rows() -> list[dict]:
 def test_the_helper_process_draws_the_same_png(tmp_path) -> None:
     plot_curves(_rows(), tmp_path / "here.png", subtitle="toy")
     with BackgroundPlotter() as plotter:
+        plotter.plot_curves(_rows(), tmp_path / "there.png", subtitle="toy")
+        plotter.wait()
+    assert (tmp_path / "there.png").read_bytes() == (tmp_path / "here.png").read_bytes()
+
+
+@pytest.mark.parametrize("layout_rows", [slice(None), slice(0, 13)])
+def test_a_helper_sent_the_layout_first_draws_the_same_png(tmp_path, layout_rows) -> None:
+    """The layout comes before the accuracies (the CLI sends it before computing the curves); one that does not fit
+    the rows (here: lines cut short) is built again from them. Either way the PNG is plot_curves' own."""
+    plot_curves(_rows(), tmp_path / "here.png", subtitle="toy")
+    skeleton = [{key: value for key, value in row.items() if key != "certified_accuracy"} for row in _rows()]
+    with BackgroundPlotter() as plotter:
+        plotter.prepare(curve_layout(skeleton[layout_rows]), subtitle="toy")
         plotter.plot_curves(_rows(), tmp_path / "there.png", subtitle="toy")
         plotter.wait()
     assert (tmp_path / "there.png").read_bytes() == (tmp_path / "here.png").read_bytes()

@@ -118,6 +118,7 @@ def _report(results: list, e_max: int | None, e_step: int | None, out: Path, tit
     from .experiments import (
         compute_curves,
         default_e_grid,
+        plot_layout,
         prediction_table,
         summary_table,
         table_points,
@@ -134,6 +135,9 @@ def _report(results: list, e_max: int | None, e_step: int | None, out: Path, tit
     points = table_points(e)
     # The table's round values join the grid, so every curve is computed once, for the table and the files alike.
     e = np.union1d(e, np.asarray(points, dtype=np.int64))
+    if plotter is not None and labelled:
+        # The plot's helper lays out its figure (lines, grid, legend, titles) while the curves are computed.
+        plotter.prepare(plot_layout(results, e), title=title, subtitle=subtitle)
     compute_curves(labelled, e)
     typer.echo(f"\n{title} -- {subtitle}")
     if labelled:

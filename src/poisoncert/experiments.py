@@ -198,6 +198,15 @@ def compute_curves(results: Sequence[CertificationResult], e: np.ndarray) -> Non
             raise
 
 
+def plot_layout(results: Sequence[CertificationResult], e: np.ndarray) -> list[dict[str, Any]]:
+    """The layout of the plot :func:`write_outputs` draws for these results on the grid ``e``
+    (:func:`poisoncert.plots.curve_layout`), known before any curve is computed."""
+    from .plots import curve_layout
+
+    return curve_layout([{**result.curve_fields(method), "e": size} for result in results
+                         for method in result.available_methods for size in np.asarray(e).tolist()])
+
+
 def table_points(e: np.ndarray, n_columns: int = 5) -> list[int]:
     """Round poisoning sizes for a printed table: 0 and multiples of a 1-2-2.5-5 step up to half the grid.
 

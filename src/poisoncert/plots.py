@@ -49,43 +49,103 @@ def plot_curves(
     title, subtitle : str
         The subtitle typically names dataset, features, metric and threat model.
     """
-    lines: dict[tuple[str, str], tuple[list[int], list[float], list[bool], dict[str, Any]]] = {}
+    rows = list(rows)
+    CurvesFigure(curve_layout(rows), title, subtitle).draw(rows, path)
+
+
+def curve_layout(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What :func:`plot_curves` lays out before it reads a single accuracy: the lines in order of first appearance,
+    each with its classifier, certification, spec section, guarantee, confidence and ``e`` values ascending.
+
+    The rows need no ``certified_accuracy``: the layout of curves not yet computed is known from the grid.
+    """
+    lines: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
         key = (str(row["classifier"]), str(row["certification"]))
-        xs, ys, exact, _ = lines.setdefault(key, ([], [], [], row))
-        xs.append(int(row["e"]))
-        ys.append(float(row["certified_accuracy"]))
-        exact.append(bool(row.get("exact", True)))
-    if not lines:
-        raise ValueError("nothing to plot: no curve rows")
-    figure, axes, colours = new_figure((8, 4.6 + 0.22 * ((len(lines) + 1) // 2)))
-    classifier_colour: dict[str, str] = {}
-    inexact_shown = False
-    for (classifier, certification), (xs, ys, exact, row) in lines.items():
-        colour = classifier_colour.setdefault(classifier, colours[len(classifier_colour) % len(colours)])
-        order = sorted(range(len(xs)), key=xs.__getitem__)
-        name = _NAMES.get(certification, certification).format(section=row.get("spec_section", "?"))
-        label = f"{classifier}, {name}"
-        if row.get("guarantee") == "probabilistic":
-            label += f" (prob. {row.get('confidence')})"
-        width = {"split": 2.4, "global": 1.6}.get(certification, 1.4)
-        axes.plot([xs[i] for i in order], [ys[i] for i in order], _STYLES.get(certification, "-."),
-                  color=colour, linewidth=width, label=label)
-        loose = [i for i in order if not exact[i]]
-        if loose:
-            axes.plot([xs[i] for i in loose], [ys[i] for i in loose], "o", markerfacecolor="none",
-                      markeredgecolor=colour, markersize=5,
-                      label=None if inexact_shown else "not exact (search limit): sound, possibly loose")
-            inexact_shown = True
-    axes.set_xlabel("poisoning size e (training examples removed, added or modified)")
-    axes.set_ylabel("certified accuracy CA(e)")
-    axes.set_ylim(0, 1.0)
-    axes.set_xlim(left=0)
-    axes.grid(alpha=0.3)
-    # Below the axes, so the legend never hides a curve.
-    axes.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
-    axes.set_title(title if subtitle is None else f"{title}\n{subtitle}", fontsize=10)
-    save_png(figure, path)
+        line = lines.get(key)
+        if line is None:
+            line = lines[key] = {"classifier": key[0], "certification": key[1],
+                                 "spec_section": row.get("spec_section", "?"), "guarantee": row.get("guarantee"),
+                                 "confidence": row.get("confidence"), "e": []}
+        line["e"].append(int(row["e"]))
+    for line in lines.values():
+        line["e"].sort()
+    # As it reads back from JSON (the helper process compares a layout it was sent with its rows' own).
+    return json.loads(json.dumps(list(lines.values()), default=_json_default))
+
+
+class CurvesFigure:
+    """The figure of :func:`plot_curves`, laid out from :func:`curve_layout` before the accuracies are known.
+
+    Everything but the lines' heights is fixed by the layout: the axes (accuracy from 0 to 1, ``e`` from 0),
+    legend, title, the tight layout and the cropping box. :meth:`draw` then sets the heights and renders once, so
+    a helper process that built the figure while the curves were computed has little left to do.
+    """
+
+    def __init__(self, layout: list[dict[str, Any]], title: str, subtitle: str | None) -> None:
+        if not layout:
+            raise ValueError("nothing to plot: no curve rows")
+        self.layout, self.title, self.subtitle = layout, title, subtitle
+        figure, axes, colours = new_figure((8, 4.6 + 0.22 * ((len(layout) + 1) // 2)))
+        self._figure, self._axes = figure, axes
+        self._lines: list[tuple[Any, str]] = []
+        classifier_colour: dict[str, str] = {}
+        for line in layout:
+            colour = classifier_colour.setdefault(line["classifier"],
+                                                  colours[len(classifier_colour) % len(colours)])
+            name = _NAMES.get(line["certification"], line["certification"]).format(section=line["spec_section"])
+            label = f"{line['classifier']}, {name}"
+            if line["guarantee"] == "probabilistic":
+                label += f" (prob. {line['confidence']})"
+            width = {"split": 2.4, "global": 1.6}.get(line["certification"], 1.4)
+            (artist,) = axes.plot(line["e"], [0.0] * len(line["e"]), _STYLES.get(line["certification"], "-."),
+                                  color=colour, linewidth=width, label=label)
+            self._lines.append((artist, colour))
+        axes.set_xlabel("poisoning size e (training examples removed, added or modified)")
+        axes.set_ylabel("certified accuracy CA(e)")
+        axes.set_ylim(0, 1.0)
+        axes.set_xlim(left=0)
+        axes.grid(alpha=0.3)
+        axes.set_title(title if subtitle is None else f"{title}\n{subtitle}", fontsize=10)
+        self._lay_out()
+
+    def _lay_out(self) -> None:
+        # Below the axes, so the legend never hides a curve.
+        self._axes.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+        self._figure.tight_layout()
+        # The cropping box savefig(bbox_inches="tight") would find, found now: the heights of lines clipped to the
+        # axes never move it, and saving with it skips the extra layout pass.
+        import matplotlib
+
+        self._figure.draw_without_rendering()
+        self._crop = self._figure.get_tightbbox().padded(matplotlib.rcParams["savefig.pad_inches"])
+
+    def fits(self, rows: list[dict[str, Any]], title: str, subtitle: str | None) -> bool:
+        """Whether these rows and titles have this figure's layout."""
+        return (title, subtitle) == (self.title, self.subtitle) and curve_layout(rows) == self.layout
+
+    def draw(self, rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+        """Set the lines' heights from ``rows`` (of this layout; see :meth:`fits`) and write the PNG atomically."""
+        heights: dict[tuple[str, str], list[tuple[int, float, bool]]] = {}
+        for row in rows:
+            heights.setdefault((str(row["classifier"]), str(row["certification"])), []).append(
+                (int(row["e"]), float(row["certified_accuracy"]), bool(row.get("exact", True))))
+        inexact_shown = False
+        for line, (artist, colour) in zip(self.layout, self._lines, strict=True):
+            points = sorted(heights[(line["classifier"], line["certification"])], key=lambda point: point[0])
+            artist.set_ydata([value for _, value, _ in points])
+            loose = [(x, value) for x, value, exact in points if not exact]
+            if loose:
+                self._axes.plot([x for x, _ in loose], [value for _, value in loose], "o", markerfacecolor="none",
+                                markeredgecolor=colour, markersize=5,
+                                label=None if inexact_shown else "not exact (search limit): sound, possibly loose")
+                inexact_shown = True
+        if inexact_shown:
+            self._lay_out()  # the legend gained an entry
+        buffer = io.BytesIO()
+        self._figure.savefig(buffer, format="png", bbox_inches=self._crop)
+        with atomic_write(path, "wb") as handle:
+            handle.write(buffer.getvalue())
 
 
 def plot_bracket(
@@ -162,11 +222,13 @@ class BackgroundPlotter:
     """Draws :func:`plot_curves` in a helper process that imports matplotlib while this one computes.
 
     Importing matplotlib takes about half a second of one core, on the critical path of a command that plots at
-    its end. The helper (``python -m poisoncert.plots``) starts, imports it, and waits for one request; the caller
-    keeps computing meanwhile, sends the curve rows when they are ready (:meth:`plot_curves` returns at once) and
-    collects the outcome with :meth:`wait`. The PNG is the one :func:`plot_curves` draws in-process, byte for byte,
-    and it is written atomically by the helper. Use as a context manager: leaving the block ends a helper that got
-    no request, or that is still running after an error.
+    its end. The helper (``python -m poisoncert.plots``) starts, imports it, and waits for requests; the caller
+    keeps computing meanwhile. :meth:`prepare` (optional) sends the layout as soon as it is known (the lines and
+    the grid of ``e``, before the curves are computed), and the helper builds the figure then; :meth:`plot_curves`
+    sends the curve rows when they are ready (it returns at once) and :meth:`wait` collects the outcome. The PNG
+    is the one :func:`plot_curves` draws in-process, byte for byte (a layout that does not match the rows is
+    rebuilt from them), and it is written atomically by the helper. Use as a context manager: leaving the block
+    ends a helper that got no request, or that is still running after an error.
     """
 
     def __init__(self) -> None:
@@ -178,6 +240,28 @@ class BackgroundPlotter:
             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
         self._sent = False
 
+    def _send(self, request: dict[str, Any], last: bool) -> None:
+        # One JSON document per line (json.dumps never writes a raw newline).
+        assert self._process is not None
+        stdin = self._process.stdin
+        assert stdin is not None
+        if last:
+            self._process.stdin = None  # communicate() then only collects the output
+        try:
+            stdin.write(json.dumps(request, default=_json_default).encode() + b"\n")
+            stdin.flush()
+            if last:
+                stdin.close()
+        except BrokenPipeError:  # the helper died early; wait() reports why
+            pass
+
+    def prepare(self, layout: list[dict[str, Any]], title: str = "Certified accuracy under data poisoning",
+                subtitle: str | None = None) -> None:
+        """Send the figure's layout (:func:`curve_layout` of rows without accuracies) ahead of the rows."""
+        if self._process is None or self._sent:
+            raise RuntimeError("this BackgroundPlotter has already drawn its plot")
+        self._send({"layout": layout, "title": title, "subtitle": subtitle}, last=False)
+
     def plot_curves(self, rows: Iterable[dict[str, Any]], path: str | os.PathLike[str],
                     title: str = "Certified accuracy under data poisoning", subtitle: str | None = None) -> None:
         """Send one :func:`plot_curves` request to the helper; :meth:`wait` reports how it went."""
@@ -186,16 +270,8 @@ class BackgroundPlotter:
         rows = list(rows)
         if not rows:
             raise ValueError("nothing to plot: no curve rows")
-        request = {"rows": rows, "path": os.fspath(path), "title": title, "subtitle": subtitle}
-        payload = json.dumps(request, default=_json_default).encode()
         self._sent = True
-        stdin, self._process.stdin = self._process.stdin, None  # communicate() then only collects the output
-        assert stdin is not None
-        try:
-            with stdin:
-                stdin.write(payload)
-        except BrokenPipeError:  # the helper died early; wait() reports why
-            pass
+        self._send({"rows": rows, "path": os.fspath(path), "title": title, "subtitle": subtitle}, last=True)
 
     def wait(self, timeout: float = 300) -> None:
         """Wait for the requested plot; raise ``OSError`` (could not write it) or ``RuntimeError`` on failure."""
@@ -247,20 +323,29 @@ class BackgroundPlotter:
 
 
 def _serve() -> int:
-    """The helper of :class:`BackgroundPlotter`: import matplotlib, then draw the one request read from stdin."""
+    """The helper of :class:`BackgroundPlotter`: import matplotlib, build a figure from a layout if one comes
+    first, then draw the one request for rows read from stdin."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401 - imported ahead of the request
     from matplotlib.figure import Figure  # noqa: F401
 
-    payload = sys.stdin.buffer.read()
-    if not payload:
+    figure = None
+    for line in sys.stdin.buffer:
+        request = json.loads(line)
+        try:
+            if "layout" in request:
+                figure = CurvesFigure(request["layout"], request["title"], request["subtitle"])
+                continue
+            rows = request["rows"]
+            if figure is None or not figure.fits(rows, request["title"], request["subtitle"]):
+                figure = CurvesFigure(curve_layout(rows), request["title"], request["subtitle"])
+            figure.draw(rows, request["path"])
+        except Exception as error:  # reported to the parent, which raises it there
+            if "layout" in request:
+                continue  # the rows' own layout is built when they come
+            json.dump({"error": type(error).__name__, "message": str(error), "os_error": isinstance(error, OSError)},
+                      sys.stdout)
+            return 1
         return 0
-    request = json.loads(payload)
-    try:
-        plot_curves(request["rows"], request["path"], title=request["title"], subtitle=request["subtitle"])
-    except Exception as error:  # reported to the parent, which raises it there
-        json.dump({"error": type(error).__name__, "message": str(error), "os_error": isinstance(error, OSError)},
-                  sys.stdout)
-        return 1
     return 0
 
 

@@ -272,27 +272,26 @@ class CertificationResult:
         """Tidy rows (one per certification method and e) of certified accuracy."""
         e = check_poisoning_sizes(e)
         methods = list(self.available_methods) if methods is None else methods
-        label = self.label()
         rows = []
         for method in methods:
             values, exact = self.curve(e, method=method)
+            fields = self.curve_fields(method)
             for size, value, is_exact in zip(e.tolist(), values.tolist(), exact.tolist(), strict=True):
-                rows.append(
-                    {
-                        "classifier": label,
-                        "method": self.method,
-                        "certification": method,
-                        "spec_section": self.spec_section(method),
-                        "params": _format_params(self.params),
-                        "threat_model": self.threat_model,
-                        "guarantee": self.guarantee,
-                        "confidence": "" if self.confidence is None else self.confidence,
-                        "e": size,
-                        "certified_accuracy": value,
-                        "exact": is_exact,
-                    }
-                )
+                rows.append({**fields, "e": size, "certified_accuracy": value, "exact": is_exact})
         return rows
+
+    def curve_fields(self, method: str) -> dict[str, Any]:
+        """The fields of :meth:`curve_rows` that do not depend on ``e`` (known before any curve is computed)."""
+        return {
+            "classifier": self.label(),
+            "method": self.method,
+            "certification": method,
+            "spec_section": self.spec_section(method),
+            "params": _format_params(self.params),
+            "threat_model": self.threat_model,
+            "guarantee": self.guarantee,
+            "confidence": "" if self.confidence is None else self.confidence,
+        }
 
     def label(self) -> str:
         """Short human label such as ``kNN (k=5000)``."""
