@@ -30,7 +30,7 @@ MODELS = ("general", "insertion", "deletion")
 @st.composite
 def _knapsack_cases(draw):
     c = draw(st.integers(1, 4))
-    budget = draw(st.integers(0, 12))
+    budget = draw(st.one_of(st.integers(0, 12), st.integers(60, 140)))  # costs in one scratch word, and in several
     n = draw(st.integers(0, 25))
     labels = draw(st.lists(st.integers(0, c - 1), min_size=n, max_size=n))
     costs = draw(st.lists(st.integers(0, budget + 1), min_size=n, max_size=n))
@@ -43,10 +43,12 @@ def test_bounded_knapsack_is_exact_above_the_threshold(case):
     labels, costs, budget, c = case
     truth = max_flips(labels, costs, budget, n_classes=c)
     hist = np.zeros((c, budget + 1), np.int32)
+    touched = np.zeros((c, budget // 64 + 1), np.uint64)
     out = np.zeros(3, np.int64)
     for threshold in range(-1, truth + 3):
         for slack in (0, 3, joint_split._NO_SLACK_LIMIT):
-            joint_split._bound_flips(labels, costs, budget, c, threshold, slack, hist, out)
+            joint_split._bound_flips(labels, costs, budget, c, threshold, slack, hist, touched, out)
+            assert not hist.any() and not touched.any(), "the scratch arrays are left zero for the next call"
             upper, attained, exact = out.tolist()
             assert attained <= truth, "a feasible allocation cannot beat the optimum"
             if upper <= threshold:

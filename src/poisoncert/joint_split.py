@@ -44,7 +44,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._bitvectors import cumulative_popcounts, rank1, select0, select_in_word, zero_word
+from ._bitvectors import cumulative_popcounts, popcount, rank1, select0, select_in_word, zero_word
 from ._validation import check_label_indices, check_poisoning_sizes, check_positive_int, check_votes
 from .votes import knn_votes_from_labels, predict, rival_counts
 
@@ -73,7 +73,7 @@ _MARGIN_OWN = 1 << 40  # margin entry of an input's own label: never a rival
 
 
 @numba.njit(cache=True, nogil=True)
-def _bound_flips(labels, costs, budget, n_classes, threshold, slack, hist, out):  # pragma: no cover - compiled
+def _bound_flips(labels, costs, budget, n_classes, threshold, slack, hist, touched, out):  # pragma: no cover
     """Bounds on ``F = max over r, sum r <= budget, of #{i : costs[i] <= r[labels[i]]}``.
 
     Writes ``out[0]`` an upper bound of F, ``out[1]`` a value attained by a feasible allocation, ``out[2]`` 1 when
@@ -85,21 +85,24 @@ def _bound_flips(labels, costs, budget, n_classes, threshold, slack, hist, out):
     sum_l max_x (g_l(x) - lam x)``; the greedy integral part of the LP is a feasible allocation. Any allocation
     with more than ``thr`` flips has total Lagrangian loss below ``L - thr``, so a label's choices with a larger
     loss are dropped (reduced-cost fixing) and the exact dynamic programme runs over the few that remain.
+
+    ``hist`` (``n_classes x (budget + 1)``) and ``touched`` (``n_classes x (budget // 64 + 1)`` bits) are scratch,
+    zero on entry and left zero: only the costs that occur are visited, not every cost up to the budget.
     """
-    hist[:, :] = 0
     free = 0
     for i in range(labels.shape[0]):
         x = costs[i]
         if x == 0:
             free += 1
         elif x <= budget:
-            hist[labels[i], x] += 1
+            lab = labels[i]
+            hist[lab, x] += 1
+            touched[lab, x >> 6] |= np.uint64(1) << np.uint64(x & 63)
     start = np.zeros(n_classes + 1, np.int64)
     for lab in range(n_classes):
         count = 0
-        for x in range(1, budget + 1):
-            if hist[lab, x] > 0:
-                count += 1
+        for w in range(touched.shape[1]):
+            count += popcount(touched[lab, w])
         start[lab + 1] = start[lab] + count
     n_points = start[n_classes]
     px = np.empty(n_points, np.int64)
@@ -107,10 +110,14 @@ def _bound_flips(labels, costs, budget, n_classes, threshold, slack, hist, out):
     for lab in range(n_classes):
         j = start[lab]
         gain = 0
-        for x in range(1, budget + 1):
-            h = hist[lab, x]
-            if h > 0:
-                gain += h
+        for w in range(touched.shape[1]):
+            word = touched[lab, w]
+            touched[lab, w] = 0
+            while word:
+                x = 64 * w + select_in_word(word, 0)
+                word &= word - np.uint64(1)
+                gain += hist[lab, x]
+                hist[lab, x] = 0
                 px[j] = x
                 pg[j] = gain
                 j += 1
@@ -652,6 +659,7 @@ class _Problem:
         self.costs = np.empty(len(labels), np.int64)
         self.active = np.zeros(n_classes, np.int64)
         self._hist = np.zeros((n_classes, remove_budget + 1), np.int32)
+        self._touched = np.zeros((n_classes, remove_budget // 64 + 1), np.uint64)
         self._out = np.zeros(3, np.int64)
         self._seen: dict[bytes, tuple[int, int, bool, np.ndarray]] = {}
         self.evaluations = 0
@@ -670,7 +678,7 @@ class _Problem:
         self.evaluations += 1
         self._needs(alpha, self.costs, self.active)
         _bound_flips(self.labels, self.costs, self.remove_budget, self.n_classes, threshold, slack, self._hist,
-                     self._out)
+                     self._touched, self._out)
         result = (int(self._out[0]), int(self._out[1]), bool(self._out[2]), self.active.copy())
         if seen is None or result[2]:
             self._seen[key] = result
