@@ -1126,19 +1126,24 @@ def _check_knn_table(neighbor_labels: np.ndarray, y: np.ndarray, e: np.ndarray, 
         raise ValueError("neighbor_labels is empty: there are no test inputs")
     k = check_positive_int(k, "k")
     e = check_poisoning_sizes(e)
-    width = labels.shape[1]
-    if labels.min() < 0:
-        raise ValueError(f"neighbor_labels holds label index {labels.min()}; label indices start at 0")
+    lowest, highest = int(labels.min()), int(labels.max())  # one pass each over a table of up to 10^8 entries
+    if lowest < 0:
+        raise ValueError(f"neighbor_labels holds label index {lowest}; label indices start at 0")
     y_array = np.asarray(y)
     if n_classes is None:
-        top = int(labels.max())
+        top = highest
         if y_array.size and y_array.dtype.kind in "iu":
             top = max(top, int(y_array.max()))
         n_classes = max(2, top + 1)
     n_classes = check_positive_int(n_classes, "n_classes", minimum=2)
-    if labels.max() >= n_classes:
-        raise ValueError(f"neighbor_labels holds label index {labels.max()}, outside 0..{n_classes - 1}")
+    if highest >= n_classes:
+        raise ValueError(f"neighbor_labels holds label index {highest}, outside 0..{n_classes - 1}")
     y = check_label_indices(y, labels.shape[0], n_classes)
+    return labels, y, e, k, n_classes, _check_table_reach(labels.shape[1], k, e, n_train)
+
+
+def _check_table_reach(width: int, k: int, e: np.ndarray, n_train: int | None) -> int:
+    """The training set size the table stands for, after checking that its ``width`` columns reach ``k + e``."""
     needed = k + (int(e.max()) if e.size else 0)
     if n_train is None:
         if width < needed:
@@ -1160,7 +1165,7 @@ def _check_knn_table(neighbor_labels: np.ndarray, y: np.ndarray, e: np.ndarray, 
                 f"neighbor_labels has {width} columns, but spec 5e at k={k}, e={needed - k} reads the first "
                 f"min(k + e, n_train) = {min(needed, n_train)} neighbours of each input"
             )
-    return labels, y, e, k, n_classes, n_train
+    return n_train
 
 
 def _knn_tables(table: np.ndarray, inputs: np.ndarray, pred: np.ndarray, votes: np.ndarray, wanted: np.ndarray,
@@ -1431,8 +1436,9 @@ class KnnSplitCertifier:
         """The certificate at every poisoning size in ``e`` (any order)."""
         _check_limits(time_limit, node_limit)
         e = check_poisoning_sizes(e)
-        # The table must reach k + e (or hold the whole training set) for the largest e asked for.
-        _check_knn_table(self.table, self.y, e, self.k, self.c, self._n_train_given)
+        # The table must reach k + e (or hold the whole training set) for the largest e asked for (its labels were
+        # checked when the certifier was made).
+        _check_table_reach(self.table.shape[1], self.k, e, self._n_train_given)
         c, n_test = self.c, self.table.shape[0]
         solutions, removals, coarse = [], [], np.zeros(len(e), dtype=bool)
         classes = np.arange(c)
