@@ -225,6 +225,29 @@ def test_bracketed_needs_in_the_search_give_the_table_values(seed: int, monkeypa
     assert profiles.exact.all() and tables.exact.all()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_dense_and_per_pair_needs_give_the_same_search(seed: int, monkeypatch) -> None:
+    """The needs matrix (labels x inputs) and the per-pair layout (many labels, few rivals each) run the same branch
+    and bound: same values, node counts and attackers, and the values of the per-e tables."""
+    rng = np.random.default_rng(seed)
+    c, n_test, n, k = 16, 150, 200, 50
+    own = rng.integers(0, c, n_test)
+    rival = (own + 1 + rng.integers(0, c - 1, n_test)) % c
+    table = np.where(rng.random((n_test, n)) < rng.uniform(0.5, 0.8, (n_test, 1)), own[:, None], rival[:, None])
+    table[:, rng.random(n) < 0.05] = rng.integers(0, c)  # a few columns of some third label
+    es = [3, k // 4, k // 2, k]
+    runs = {}
+    for padding in (0, 10**6):  # always dense, never dense
+        monkeypatch.setattr(joint_split, "_DENSE_PADDING", padding)
+        runs[padding] = knn_split_certificate(table, own, es, k, n_classes=c)
+    dense, sparse = runs[10**6], runs[0]
+    for name in ("max_flips", "attack_flips", "nodes", "additions", "removals", "exact"):
+        np.testing.assert_array_equal(getattr(dense, name), getattr(sparse, name), err_msg=name)
+    assert dense.nodes.sum() > 0
+    monkeypatch.setattr(joint_split, "_USE_PROFILES", False)
+    np.testing.assert_array_equal(knn_split_certificate(table, own, es, k, n_classes=c).max_flips, dense.max_flips)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_split_dominates_the_older_certificates(seed: int) -> None:
     rng = np.random.default_rng(seed)

@@ -27,14 +27,17 @@ def test_the_helper_process_draws_the_same_png(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("layout_rows", [slice(None), slice(0, 13)])
-def test_a_helper_sent_the_layout_first_draws_the_same_png(tmp_path, layout_rows) -> None:
+@pytest.mark.parametrize("all_exact", [True, False])
+def test_a_helper_sent_the_layout_first_draws_the_same_png(tmp_path, layout_rows, all_exact) -> None:
     """The layout comes before the accuracies (the CLI sends it before computing the curves); one that does not fit
-    the rows (here: lines cut short) is built again from them. Either way the PNG is plot_curves' own."""
-    plot_curves(_rows(), tmp_path / "here.png", subtitle="toy")
-    skeleton = [{key: value for key, value in row.items() if key != "certified_accuracy"} for row in _rows()]
+    the rows (here: lines cut short, or values not exact, whose markers it lacks) is built again from them. Either
+    way the PNG is plot_curves' own."""
+    rows = [{**row, "exact": True} if all_exact else row for row in _rows()]
+    plot_curves(rows, tmp_path / "here.png", subtitle="toy")
+    skeleton = [{key: value for key, value in row.items() if key != "certified_accuracy"} for row in rows]
     with BackgroundPlotter() as plotter:
         plotter.prepare(curve_layout(skeleton[layout_rows]), subtitle="toy")
-        plotter.plot_curves(_rows(), tmp_path / "there.png", subtitle="toy")
+        plotter.plot_curves(rows, tmp_path / "there.png", subtitle="toy")
         plotter.wait()
     assert (tmp_path / "there.png").read_bytes() == (tmp_path / "here.png").read_bytes()
 

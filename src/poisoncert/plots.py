@@ -50,7 +50,7 @@ def plot_curves(
         The subtitle typically names dataset, features, metric and threat model.
     """
     rows = list(rows)
-    CurvesFigure(curve_layout(rows), title, subtitle).draw(rows, path)
+    CurvesFigure(curve_layout(rows), title, subtitle, rows).draw(rows, path)
 
 
 def curve_layout(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -74,6 +74,16 @@ def curve_layout(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return json.loads(json.dumps(list(lines.values()), default=_json_default))
 
 
+def _loose_points(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """Each line's values that are not exact, as (e, accuracy) by ascending e."""
+    loose: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for row in rows:
+        if not bool(row.get("exact", True)):
+            loose.setdefault((str(row["classifier"]), str(row["certification"])), []).append(
+                (int(row["e"]), float(row["certified_accuracy"])))
+    return {key: sorted(points, key=lambda point: point[0]) for key, points in loose.items()}
+
+
 class CurvesFigure:
     """The figure of :func:`plot_curves`, laid out from :func:`curve_layout` before the accuracies are known.
 
@@ -82,13 +92,19 @@ class CurvesFigure:
     a helper process that built the figure while the curves were computed has little left to do.
     """
 
-    def __init__(self, layout: list[dict[str, Any]], title: str, subtitle: str | None) -> None:
+    def __init__(self, layout: list[dict[str, Any]], title: str, subtitle: str | None,
+                 rows: list[dict[str, Any]] | None = None) -> None:
         if not layout:
             raise ValueError("nothing to plot: no curve rows")
         self.layout, self.title, self.subtitle = layout, title, subtitle
+        # Values that are not exact get hollow markers right after their line (and one legend entry): a layout
+        # sent ahead of the rows has none, so rows with such values need a figure built from them.
+        loose = {} if rows is None else _loose_points(rows)
+        self.has_loose = bool(loose)
         figure, axes, colours = new_figure((8, 4.6 + 0.22 * ((len(layout) + 1) // 2)))
         self._figure, self._axes = figure, axes
         self._lines: list[tuple[Any, str]] = []
+        self._shown = False
         classifier_colour: dict[str, str] = {}
         for line in layout:
             colour = classifier_colour.setdefault(line["classifier"],
@@ -101,6 +117,12 @@ class CurvesFigure:
             (artist,) = axes.plot(line["e"], [0.0] * len(line["e"]), _STYLES.get(line["certification"], "-."),
                                   color=colour, linewidth=width, label=label)
             self._lines.append((artist, colour))
+            points = loose.get((line["classifier"], line["certification"]))
+            if points:
+                axes.plot([x for x, _ in points], [value for _, value in points], "o", markerfacecolor="none",
+                          markeredgecolor=colour, markersize=5,
+                          label=None if self._shown else "not exact (search limit): sound, possibly loose")
+                self._shown = True
         axes.set_xlabel("poisoning size e (training examples removed, added or modified)")
         axes.set_ylabel("certified accuracy CA(e)")
         axes.set_ylim(0, 1.0)
@@ -121,8 +143,9 @@ class CurvesFigure:
         self._crop = self._figure.get_tightbbox().padded(matplotlib.rcParams["savefig.pad_inches"])
 
     def fits(self, rows: list[dict[str, Any]], title: str, subtitle: str | None) -> bool:
-        """Whether these rows and titles have this figure's layout."""
-        return (title, subtitle) == (self.title, self.subtitle) and curve_layout(rows) == self.layout
+        """Whether these rows and titles have this figure's layout (and its markers of values not exact)."""
+        return ((title, subtitle) == (self.title, self.subtitle) and bool(_loose_points(rows)) == self.has_loose
+                and curve_layout(rows) == self.layout)
 
     def draw(self, rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
         """Set the lines' heights from ``rows`` (of this layout; see :meth:`fits`) and write the PNG atomically."""
@@ -130,18 +153,9 @@ class CurvesFigure:
         for row in rows:
             heights.setdefault((str(row["classifier"]), str(row["certification"])), []).append(
                 (int(row["e"]), float(row["certified_accuracy"]), bool(row.get("exact", True))))
-        inexact_shown = False
-        for line, (artist, colour) in zip(self.layout, self._lines, strict=True):
+        for line, (artist, _) in zip(self.layout, self._lines, strict=True):
             points = sorted(heights[(line["classifier"], line["certification"])], key=lambda point: point[0])
             artist.set_ydata([value for _, value, _ in points])
-            loose = [(x, value) for x, value, exact in points if not exact]
-            if loose:
-                self._axes.plot([x for x, _ in loose], [value for _, value in loose], "o", markerfacecolor="none",
-                                markeredgecolor=colour, markersize=5,
-                                label=None if inexact_shown else "not exact (search limit): sound, possibly loose")
-                inexact_shown = True
-        if inexact_shown:
-            self._lay_out()  # the legend gained an entry
         buffer = io.BytesIO()
         self._figure.savefig(buffer, format="png", bbox_inches=self._crop)
         with atomic_write(path, "wb") as handle:
@@ -330,14 +344,15 @@ def _serve() -> int:
 
     figure = None
     for line in sys.stdin.buffer:
-        request = json.loads(line)
+        request: dict[str, Any] = {}
         try:
+            request = json.loads(line)
             if "layout" in request:
                 figure = CurvesFigure(request["layout"], request["title"], request["subtitle"])
                 continue
             rows = request["rows"]
             if figure is None or not figure.fits(rows, request["title"], request["subtitle"]):
-                figure = CurvesFigure(curve_layout(rows), request["title"], request["subtitle"])
+                figure = CurvesFigure(curve_layout(rows), request["title"], request["subtitle"], rows)
             figure.draw(rows, request["path"])
         except Exception as error:  # reported to the parent, which raises it there
             if "layout" in request:
