@@ -20,7 +20,8 @@ import numpy as np
 from llvmlite import ir
 from numba.extending import intrinsic
 
-__all__ = ["FAST_PDEP", "cumulative_popcounts", "popcount", "rank1", "select0", "select_in_word", "zero_word"]
+__all__ = ["FAST_PDEP", "cumulative_popcounts", "lowest_set_bit", "popcount", "rank1", "select0", "select_in_word",
+           "zero_word"]
 
 _SLOW_PDEP_CPUS = ("znver1", "znver2", "bdver", "btver")
 
@@ -68,6 +69,12 @@ def _trailing_zeros64(typingctx, value):  # type: ignore[no-untyped-def]
         return builder.call(function, [args[0], ir.Constant(ir.IntType(1), 0)])
 
     return signature, codegen
+
+
+@numba.njit(inline="always")
+def lowest_set_bit(word):  # pragma: no cover - compiled
+    """Position of the lowest set bit of a nonzero ``uint64``."""
+    return np.int64(_trailing_zeros64(word))
 
 
 @numba.njit(inline="always")

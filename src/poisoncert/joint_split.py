@@ -44,7 +44,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._bitvectors import cumulative_popcounts, popcount, rank1, select0, select_in_word, zero_word
+from ._bitvectors import cumulative_popcounts, lowest_set_bit, popcount, rank1, select0, select_in_word, zero_word
 from ._validation import check_label_indices, check_poisoning_sizes, check_positive_int, check_votes
 from .votes import knn_votes_from_labels, predict, rival_counts
 
@@ -114,7 +114,7 @@ def _bound_flips(labels, costs, budget, n_classes, threshold, slack, hist, touch
             word = touched[lab, w]
             touched[lab, w] = 0
             while word:
-                x = 64 * w + select_in_word(word, 0)
+                x = 64 * w + lowest_set_bit(word)
                 word &= word - np.uint64(1)
                 gain += hist[lab, x]
                 hist[lab, x] = 0
@@ -246,24 +246,32 @@ def _max_shifted(target, source, gain):  # pragma: no cover - compiled
 # --------------------------------------------------------------------------------------------------------------
 
 
+@numba.njit(inline="always")
+def _first_row_minimum(rows, shift, out, winner):  # pragma: no cover - compiled
+    """``out[i] = min over l of rows[l, i] - shift[l]`` and ``winner[i]`` the first ``l`` attaining it. Row by row,
+    with selects instead of branches, so the inner loop runs over the inputs in vector steps."""
+    out[:] = rows[0]
+    out -= shift[0]
+    winner[:] = 0
+    for lab in range(1, rows.shape[0]):
+        row = rows[lab]
+        offset = shift[lab]
+        for i in range(out.shape[0]):
+            v = row[i] - offset
+            better = v < out[i]
+            out[i] = v if better else out[i]
+            winner[i] = lab if better else winner[i]
+
+
 @numba.njit(cache=True, nogil=True)
 def _rnn_needs(margins_by_label, alpha, budget, out, active, winner):  # pragma: no cover - compiled
     """Spec 5d: ``need_i = max(0, min_l (margin_il - alpha_l))``, ``budget + 1`` when above the budget.
 
-    ``margins_by_label[l, i]``: one row per label, so that the minimum runs over the inputs in vector steps.
-    ``active[l]`` counts the affordable inputs whose minimum is attained first at label ``l`` (for branching);
-    ``winner`` is a scratch array as long as ``out``.
+    ``margins_by_label[l, i]``: one row per label (:func:`_first_row_minimum`). ``active[l]`` counts the affordable
+    inputs whose minimum is attained first at label ``l`` (for branching); ``winner`` is a scratch array as long as
+    ``out``.
     """
-    out[:] = _MARGIN_OWN
-    winner[:] = 0
-    for lab in range(margins_by_label.shape[0]):
-        row = margins_by_label[lab]
-        shift = alpha[lab]
-        for i in range(row.shape[0]):
-            v = row[i] - shift
-            better = v < out[i]
-            out[i] = v if better else out[i]
-            winner[i] = lab if better else winner[i]
+    _first_row_minimum(margins_by_label, alpha, out, winner)
     active[:] = 0
     for i in range(out.shape[0]):
         best = max(out[i], 0)
@@ -630,18 +638,10 @@ def _min_over_pairs(input_start, input_pairs, pair_rival, h, budget, out, active
 
 
 @numba.njit(cache=True, nogil=True)
-def _min_over_labels(h, budget, out, winner, active):  # pragma: no cover - compiled
-    """``out[i] = min over labels l of h[l, i]``; ``active[l]`` counts the affordable (``<= budget``) inputs whose
-    first minimal label is ``l`` (``winner``: scratch). Label by label, so the inner loop vectorises."""
-    out[:] = h[0]
-    winner[:] = 0
-    for lab in range(1, h.shape[0]):
-        row = h[lab]
-        for i in range(out.shape[0]):
-            value = row[i]
-            smaller = value < out[i]
-            out[i] = value if smaller else out[i]
-            winner[i] = lab if smaller else winner[i]
+def _min_over_labels(h, no_shift, budget, out, winner, active):  # pragma: no cover - compiled
+    """``out[i] = min over labels l of h[l, i]`` (:func:`_first_row_minimum`, ``no_shift`` zeros); ``active[l]``
+    counts the affordable (``<= budget``) inputs whose first minimal label is ``l`` (``winner``: scratch)."""
+    _first_row_minimum(h, no_shift, out, winner)
     active[:] = 0
     for i in range(out.shape[0]):
         if out[i] <= budget:
@@ -1160,11 +1160,7 @@ def _check_knn_table(neighbor_labels: np.ndarray, y: np.ndarray, e: np.ndarray, 
     if highest >= n_classes:
         raise ValueError(f"neighbor_labels holds label index {highest}, outside 0..{n_classes - 1}")
     y = check_label_indices(y, labels.shape[0], n_classes)
-    return labels, y, e, k, n_classes, _check_table_reach(labels.shape[1], k, e, n_train)
-
-
-def _check_table_reach(width: int, k: int, e: np.ndarray, n_train: int | None) -> int:
-    """The training set size the table stands for, after checking that its ``width`` columns reach ``k + e``."""
+    width = labels.shape[1]
     needed = k + (int(e.max()) if e.size else 0)
     if n_train is None:
         if width < needed:
@@ -1186,7 +1182,7 @@ def _check_table_reach(width: int, k: int, e: np.ndarray, n_train: int | None) -
                 f"neighbor_labels has {width} columns, but spec 5e at k={k}, e={needed - k} reads the first "
                 f"min(k + e, n_train) = {min(needed, n_train)} neighbours of each input"
             )
-    return n_train
+    return labels, y, e, k, n_classes, n_train
 
 
 def _knn_tables(table: np.ndarray, inputs: np.ndarray, pred: np.ndarray, votes: np.ndarray, wanted: np.ndarray,
@@ -1374,7 +1370,7 @@ class _OnlineProfiles:
         tie, d_k = self.tie[pairs], self.d_k[pairs]
         sl_bits, sl_cum, sr_bits, sr_cum = self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum
         unbracketed = np.empty(0, np.int32)
-        winner = np.empty(n_inputs, np.int64)
+        winner, no_shift = np.empty(n_inputs, np.int64), np.zeros(c, np.int32)
         # h at alpha_l = size is the bound computed above: later alpha_l have a memoised value above them.
         for lab in range(c):
             lo, hi = int(label_start[lab]), int(label_start[lab + 1])
@@ -1410,7 +1406,7 @@ class _OnlineProfiles:
                     target[:] = values
                 held[lab] = value
             if dense:
-                _min_over_labels(h, size, out, winner, active)
+                _min_over_labels(h, no_shift, size, out, winner, active)
             else:
                 _min_over_pairs(input_start, input_pairs, pair_rival, h, size, out, active)
 

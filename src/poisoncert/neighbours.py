@@ -333,10 +333,15 @@ def _select_numba(B, k, out_pos):  # pragma: no cover - compiled
 _SAMPLE_SHARE = 16
 
 
+#: The key buffers hold ``2 k + _SELECT_SLACK`` values: the k winners, or the sampled selection's candidates (a
+#: little more than k).
+_SELECT_SLACK = 1024
+
+
 @numba.njit(inline="always")
 def _select_room(k):  # pragma: no cover - compiled
-    """Length of the key buffers: the k winners, or the sampled selection's candidates (a little more than k)."""
-    return 2 * k + 1024
+    """Length of the key buffers (``_SELECT_SLACK``)."""
+    return 2 * k + _SELECT_SLACK
 
 
 @numba.njit(inline="always")
@@ -968,9 +973,9 @@ class NeighbourIndex:
         no_votes = np.empty((1, 1, 1), np.int64)
         metric = _METRIC_CODES[self.metric]
         # Working memory: each thread's block of distance rows and its selection buffers (_select_scratch: four
-        # key and position buffers of 2k + 1024, the candidates, the k positions), within max_memory_mb.
+        # key and position buffers of _select_room(k), the candidates, the k positions), within max_memory_mb.
         per_row = self.n_train_ * np.dtype(self.dtype_).itemsize
-        selection = 8 * (4 * (2 * (k or 0) + 1024) + self.n_train_ + 1 + (k or 0))
+        selection = 8 * (4 * (2 * (k or 0) + _SELECT_SLACK) + self.n_train_ + 1 + (k or 0))
         room = self.max_memory_mb * 2**20 / numba.get_num_threads() - selection
         row_block = int(max(1, min(_ROW_BLOCK, room // per_row)))
         # Chunks only pace the progress bar: the fused kernel never holds a chunk's whole distance matrix.

@@ -74,14 +74,20 @@ def curve_layout(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return json.loads(json.dumps(list(lines.values()), default=_json_default))
 
 
+def _line_points(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float, bool]]]:
+    """Each line's (e, certified accuracy, exact) by ascending e."""
+    lines: dict[tuple[str, str], list[tuple[int, float, bool]]] = {}
+    for row in rows:
+        lines.setdefault((str(row["classifier"]), str(row["certification"])), []).append(
+            (int(row["e"]), float(row["certified_accuracy"]), bool(row.get("exact", True))))
+    return {key: sorted(points, key=lambda point: point[0]) for key, points in lines.items()}
+
+
 def _loose_points(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
     """Each line's values that are not exact, as (e, accuracy) by ascending e."""
-    loose: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for row in rows:
-        if not bool(row.get("exact", True)):
-            loose.setdefault((str(row["classifier"]), str(row["certification"])), []).append(
-                (int(row["e"]), float(row["certified_accuracy"])))
-    return {key: sorted(points, key=lambda point: point[0]) for key, points in loose.items()}
+    loose = {key: [(x, value) for x, value, exact in points if not exact]
+             for key, points in _line_points(rows).items()}
+    return {key: points for key, points in loose.items() if points}
 
 
 class CurvesFigure:
@@ -102,9 +108,9 @@ class CurvesFigure:
         loose = {} if rows is None else _loose_points(rows)
         self.has_loose = bool(loose)
         figure, axes, colours = new_figure((8, 4.6 + 0.22 * ((len(layout) + 1) // 2)))
-        self._figure, self._axes = figure, axes
-        self._lines: list[tuple[Any, str]] = []
-        self._shown = False
+        self._figure = figure
+        self._lines: list[Any] = []
+        inexact_shown = False
         classifier_colour: dict[str, str] = {}
         for line in layout:
             colour = classifier_colour.setdefault(line["classifier"],
@@ -116,31 +122,28 @@ class CurvesFigure:
             width = {"split": 2.4, "global": 1.6}.get(line["certification"], 1.4)
             (artist,) = axes.plot(line["e"], [0.0] * len(line["e"]), _STYLES.get(line["certification"], "-."),
                                   color=colour, linewidth=width, label=label)
-            self._lines.append((artist, colour))
+            self._lines.append(artist)
             points = loose.get((line["classifier"], line["certification"]))
             if points:
                 axes.plot([x for x, _ in points], [value for _, value in points], "o", markerfacecolor="none",
                           markeredgecolor=colour, markersize=5,
-                          label=None if self._shown else "not exact (search limit): sound, possibly loose")
-                self._shown = True
+                          label=None if inexact_shown else "not exact (search limit): sound, possibly loose")
+                inexact_shown = True
         axes.set_xlabel("poisoning size e (training examples removed, added or modified)")
         axes.set_ylabel("certified accuracy CA(e)")
         axes.set_ylim(0, 1.0)
         axes.set_xlim(left=0)
         axes.grid(alpha=0.3)
         axes.set_title(title if subtitle is None else f"{title}\n{subtitle}", fontsize=10)
-        self._lay_out()
-
-    def _lay_out(self) -> None:
         # Below the axes, so the legend never hides a curve.
-        self._axes.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
-        self._figure.tight_layout()
+        axes.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+        figure.tight_layout()
         # The cropping box savefig(bbox_inches="tight") would find, found now: the heights of lines clipped to the
         # axes never move it, and saving with it skips the extra layout pass.
         import matplotlib
 
-        self._figure.draw_without_rendering()
-        self._crop = self._figure.get_tightbbox().padded(matplotlib.rcParams["savefig.pad_inches"])
+        figure.draw_without_rendering()
+        self._crop = figure.get_tightbbox().padded(matplotlib.rcParams["savefig.pad_inches"])
 
     def fits(self, rows: list[dict[str, Any]], title: str, subtitle: str | None) -> bool:
         """Whether these rows and titles have this figure's layout (and its markers of values not exact)."""
@@ -149,13 +152,9 @@ class CurvesFigure:
 
     def draw(self, rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
         """Set the lines' heights from ``rows`` (of this layout; see :meth:`fits`) and write the PNG atomically."""
-        heights: dict[tuple[str, str], list[tuple[int, float, bool]]] = {}
-        for row in rows:
-            heights.setdefault((str(row["classifier"]), str(row["certification"])), []).append(
-                (int(row["e"]), float(row["certified_accuracy"]), bool(row.get("exact", True))))
-        for line, (artist, _) in zip(self.layout, self._lines, strict=True):
-            points = sorted(heights[(line["classifier"], line["certification"])], key=lambda point: point[0])
-            artist.set_ydata([value for _, value, _ in points])
+        heights = _line_points(rows)
+        for line, artist in zip(self.layout, self._lines, strict=True):
+            artist.set_ydata([value for _, value, _ in heights[(line["classifier"], line["certification"])]])
         buffer = io.BytesIO()
         self._figure.savefig(buffer, format="png", bbox_inches=self._crop)
         with atomic_write(path, "wb") as handle:
