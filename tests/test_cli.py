@@ -305,3 +305,28 @@ def test_certify_imports_neither_scikit_learn_nor_pyplot(user_files, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "curves.png").exists()
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_console_entry_point_exit_status_and_streams(user_files, tmp_path):
+    """``main`` (the ``poisoncert`` script, ``python -m poisoncert.cli``) ends without the interpreter's teardown:
+    exit statuses, piped output and atexit handlers are still what ``sys.exit`` would give."""
+    args = ["certify", "--train", str(user_files / "train.npz"), "--test", str(user_files / "test.npz"),
+            "--knn", "5", "--out", str(tmp_path / "out"), "--no-progress"]
+    done = subprocess.run([sys.executable, "-m", "poisoncert.cli", *args], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout.splitlines()[-1]  # the last line reached the pipe: stdout was flushed
+    assert (tmp_path / "out" / "curves.json").exists()
+    bad = subprocess.run([sys.executable, "-m", "poisoncert.cli", "certify", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "choose at least one classifier" in bad.stderr
+    # sys.exit("message") inside a command, and an atexit handler registered by one, behave as in a normal exit.
+    script = ("import atexit, sys, poisoncert.cli as cli\n"
+              "@cli.app.command('bye')\n"
+              "def bye():\n"
+              "    atexit.register(lambda: print('atexit ran', flush=True))\n"
+              "    print('partial line', end='')\n"
+              "    sys.exit('leaving: ' + sys.argv[-1])\n"
+              "cli.main()\n")
+    done = subprocess.run([sys.executable, "-c", script, "bye"], capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert done.stdout == "partial lineatexit ran\n" and "leaving: bye" in done.stderr

@@ -607,5 +607,42 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def main() -> None:
+    """The ``poisoncert`` console script: :data:`app`, then exit without the interpreter's finalisation.
+
+    When a command has returned, its files are written (atomically, fsynced) and what is left is Python's teardown,
+    which after a certify run spends 0.25-0.35 s of CPU unloading Numba's compiled code and freeing some 10^5
+    objects, about 5 % of the MNIST command. So the exit status is settled as ``sys.exit`` would settle it, the
+    ``atexit`` handlers run, the standard streams are flushed, and the process ends at once; the OS reclaims the
+    rest. Where another thread is still alive (a library's worker), the normal exit path is taken instead, which
+    joins it.
+    """
+    import atexit
+    import sys
+    import threading
+
+    try:
+        app()
+        status: object = 0
+    except SystemExit as done:
+        status = done.code
+    if threading.active_count() > 1:
+        sys.exit(status)
+    if status is None:
+        code = 0
+    elif isinstance(status, int):
+        code = status
+    else:  # sys.exit("message") prints the message and exits with 1
+        print(status, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()  # what Python would run before finalising (no public API runs them early)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be delivered to it
+            code = code or 120  # Python's own status when flushing standard streams fails at exit
+    os._exit(code & 0xFF)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()
