@@ -287,6 +287,25 @@ def test_many_radii_match_reference(n_radii):
         np.testing.assert_array_equal(votes[position], expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_radius_counts_from_the_first_k_match_reference_at_attained_radii(dtype):
+    # With every example among the first k, the counts come from the sorted first k (a binary search per radius
+    # and interleaved label histograms): radii equal to attained distances, repeated radii and a radius below
+    # every distance must count exactly the examples at distance <= r.
+    X_train, y_train, X_test = tie_heavy_data(24, dtype=dtype)
+    D = reference_distances(X_train, X_test, "l1")
+    attained = np.unique(D)
+    radii = np.concatenate([attained[1:40:3], attained[5:6], [attained[1] / 2], [float(attained.max()) + 1]])
+    radii = np.random.default_rng(25).permutation(radii)
+    index = NeighbourIndex(X_train, y_train, backend="numba")
+    labels, votes = index.search(X_test, n_neighbors=len(X_train), radii=radii, n_classes=N_CLASSES)
+    for position, r in enumerate(radii):
+        cast = _radius_in(r, dtype)
+        expected = np.stack([np.bincount(y_train[D[i] <= cast], minlength=N_CLASSES) for i in range(len(X_test))])
+        np.testing.assert_array_equal(votes[position], expected)
+    np.testing.assert_array_equal(votes, index.radius_votes(X_test, radii, N_CLASSES))  # the pass over each row
+
+
 def test_convenience_functions_equal_the_index():
     X_train, y_train, X_test = tie_heavy_data(13)
     index = NeighbourIndex(X_train, y_train, metric="l2", backend="numba")

@@ -480,6 +480,7 @@ def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_r
         bits = np.empty((row_block, n_train), probe.dtype)
         counts = np.zeros((n_radii + 1, n_classes), np.int64)
         bin_buffer = np.empty(_RADIUS_BLOCK, np.int32)
+        lanes = np.zeros((_COUNT_LANES, n_classes), np.int64)
         scratch = _select_scratch(k, n_train, probe.dtype)
         sorted_distances = scratch[1].view(XT.dtype)  # _select_row leaves the first k's bit patterns there, sorted
         positions = np.empty(k, np.int64)
@@ -500,15 +501,7 @@ def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_r
                     # among the first k, already in order: count them there instead of passing over the row,
                     # reading the sorted distances and the labels just written (no gather).
                     if k > 0 and (k >= n_train or sorted_distances[k - 1] > padded_radii[n_radii - 1]):
-                        counts[:, :] = 0
-                        b = 0
-                        for t in range(k):
-                            d = sorted_distances[t]
-                            while b < n_radii and padded_radii[b] < d:
-                                b += 1
-                            if b == n_radii:
-                                break
-                            counts[b, row[t]] += 1
+                        _count_sorted_prefix(sorted_distances[:k], row, padded_radii, n_radii, counts, lanes)
                     else:
                         _radius_row(distances, labels, padded_radii, n_radii, counts, bin_buffer)
                     for c in range(n_classes):
@@ -516,6 +509,50 @@ def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_r
                         for r in range(n_radii):
                             running += counts[r, c]
                             out_votes[r, i, c] = running
+
+
+#: Interleaved label histograms of :func:`_count_labels`.
+_COUNT_LANES = 4
+
+
+@numba.njit(inline="always")
+def _count_labels(labels, start, stop, out, lanes):  # pragma: no cover - compiled
+    """out[l] += #{start <= t < stop : labels[t] == l}; ``lanes`` (``_COUNT_LANES`` x labels, zero) is left zero.
+
+    Consecutive neighbours mostly share a label, so one histogram would chain nearly every increment through the
+    same counter (a store-to-load dependency per label); four histograms, taken in turn, break that chain.
+    """
+    t = start
+    while t + _COUNT_LANES <= stop:
+        lanes[0, labels[t]] += 1
+        lanes[1, labels[t + 1]] += 1
+        lanes[2, labels[t + 2]] += 1
+        lanes[3, labels[t + 3]] += 1
+        t += _COUNT_LANES
+    while t < stop:
+        lanes[0, labels[t]] += 1
+        t += 1
+    for c in range(out.shape[0]):
+        out[c] += lanes[0, c] + lanes[1, c] + lanes[2, c] + lanes[3, c]
+        lanes[0, c] = 0
+        lanes[1, c] = 0
+        lanes[2, c] = 0
+        lanes[3, c] = 0
+
+
+@numba.njit(inline="always")
+def _count_sorted_prefix(sorted_distances, labels, padded_radii, n_radii, counts, lanes):  # pragma: no cover
+    """counts[b, l] as :func:`_radius_row` leaves them, from distances sorted ascending and their labels.
+
+    The examples within radius ``b`` are a prefix of the sorted distances, found by binary search; the labels
+    between one radius's prefix and the next are counted into bin ``b``.
+    """
+    counts[:, :] = 0
+    start = 0
+    for b in range(n_radii):
+        stop = np.searchsorted(sorted_distances, padded_radii[b], side="right")
+        _count_labels(labels, start, stop, counts[b], lanes)
+        start = stop
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
