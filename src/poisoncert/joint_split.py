@@ -1360,9 +1360,6 @@ class _OnlineProfiles:
             input_pairs = np.argsort(input_of_pair, kind="stable").astype(np.int64)
             input_start = np.searchsorted(input_of_pair[input_pairs], np.arange(n_inputs + 1)).astype(np.int64)
 
-        def row(lab: int, lo: int, hi: int) -> np.ndarray:
-            return h[lab] if dense else h[lo:hi]
-
         held = [-1] * c
         memo: dict[tuple[int, int], np.ndarray] = {}
         memo_alphas: list[list[int]] = [[] for _ in range(c)]  # per label, the memoised alpha_l ascending
@@ -1371,10 +1368,18 @@ class _OnlineProfiles:
         sl_bits, sl_cum, sr_bits, sr_cum = self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum
         unbracketed = np.empty(0, np.int32)
         winner, no_shift = np.empty(n_inputs, np.int64), np.zeros(c, np.int32)
-        # h at alpha_l = size is the bound computed above: later alpha_l have a memoised value above them.
+        # Per label with pairs, its slices of the pair arrays and its row of h, cut once: needs() runs thousands
+        # of times per size, and its Python loop over the labels is where the search holds the GIL.
+        blocks = []
         for lab in range(c):
             lo, hi = int(label_start[lab]), int(label_start[lab + 1])
-            if lo < hi and memo_bytes[0] < _MEMO_BYTES:
+            if lo < hi:
+                blocks.append((lab, h[lab] if dense else h[lo:hi], (pairs[lo:hi], slots[lo:hi], tie[lo:hi],
+                                                                     d_k[lo:hi], zeros[lo:hi])))
+        # h at alpha_l = size is the bound computed above: later alpha_l have a memoised value above them.
+        for lab, target, _ in blocks:
+            if memo_bytes[0] < _MEMO_BYTES:
+                lo, hi = int(label_start[lab]), int(label_start[lab + 1])
                 top = np.full(n_inputs, size + 1, np.int32) if dense else np.empty(hi - lo, np.int32)
                 top[slots[lo:hi]] = bound[lo:hi]
                 memo[(lab, size)] = top
@@ -1382,12 +1387,11 @@ class _OnlineProfiles:
                 memo_bytes[0] += top.nbytes
 
         def needs(alpha, out, active):  # type: ignore[no-untyped-def]
-            for lab in range(c):
-                lo, hi = int(label_start[lab]), int(label_start[lab + 1])
-                value = int(alpha[lab])
-                if lo == hi or held[lab] == value:
+            split = np.asarray(alpha).tolist()
+            for lab, target, label_pairs in blocks:
+                value = split[lab]
+                if held[lab] == value:
                     continue
-                target = row(lab, lo, hi)
                 values = memo.get((lab, value))
                 if values is None:
                     # The nearest memoised values on either side settle every pair where they agree.
@@ -1396,8 +1400,8 @@ class _OnlineProfiles:
                     below, above = unbracketed, unbracketed
                     if 0 < at < len(known):
                         below, above = memo[(lab, known[at - 1])], memo[(lab, known[at])]
-                    _online_label_needs(pairs[lo:hi], slots[lo:hi], tie[lo:hi], d_k[lo:hi], zeros[lo:hi], sl_bits,
-                                        sl_cum, sr_bits, sr_cum, size, value, below, above, target)
+                    _online_label_needs(*label_pairs, sl_bits, sl_cum, sr_bits, sr_cum, size, value, below, above,
+                                        target)
                     if memo_bytes[0] < _MEMO_BYTES:
                         memo[(lab, value)] = target.copy()
                         known.insert(at, value)
