@@ -372,3 +372,24 @@ def test_knn_joint_costs_from_the_table_match_the_prefix_matrix_version(case):
 def test_knn_joint_rejects_bad_input(table, y, n_classes, k, error):
     with pytest.raises(error):
         knn_joint_certified_accuracy(table, y, [0, 1], n_classes, n_neighbors=k)
+
+
+def test_the_global_curve_keeps_its_attacker_for_worst_case_removals():
+    """An rNN result's global curve and its worst-case removals come from one knapsack per size: after the curve,
+    the removals are read back, and they equal a fresh global_attack_allocation whatever was computed first."""
+    from poisoncert._classifiers import certify_neighbours
+
+    rng = np.random.default_rng(41)
+    X = rng.random((260, 4))
+    y = (X[:, 0] * 3).astype(int) % 3
+    fresh = lambda: certify_neighbours(X[:200], y[:200], X[200:], y[200:], rnn=[0.45])[1][0.45]  # noqa: E731
+    e = np.array([0, 1, 2, 3, 5, 8])
+    expected = joint.global_attack_allocation(fresh().votes, y[200:], e)
+    assert expected.sum() > 0
+    result = fresh()
+    result.curve(e[::2], "global")
+    assert set(result._global_removals) == set(e[::2].tolist())  # kept by the curve
+    np.testing.assert_array_equal(result.worst_case_removals(e), expected)  # the rest solved on demand
+    np.testing.assert_array_equal(result.curve(e, "global")[0], joint.global_rnn_certified_accuracy(
+        fresh().votes, y[200:], e))
+    np.testing.assert_array_equal(fresh().worst_case_removals(e[::-1]), expected[::-1])

@@ -270,9 +270,7 @@ def global_rnn_certified_accuracy(votes: np.ndarray, y: np.ndarray, e: np.ndarra
     >>> global_rnn_certified_accuracy([[4, 0], [0, 3]], [0, 1], [0, 1, 2, 3])
     array([1. , 1. , 0.5, 0. ])
     """
-    labels, margin, e, y, n_classes = _rnn_setup(votes, y, e)
-    costs = global_rnn_costs(margin, e)
-    return _curve(labels, costs, e, len(y), n_classes)[0]
+    return global_rnn_curve(votes, y, e)[0]
 
 
 def global_attack_allocation(votes: np.ndarray, y: np.ndarray, e: np.ndarray | list[int] | int) -> np.ndarray:
@@ -283,9 +281,15 @@ def global_attack_allocation(votes: np.ndarray, y: np.ndarray, e: np.ndarray | l
     broken arbitrarily but deterministically). It describes the over-approximated attacker of the bound, not
     necessarily an attack that realises it.
     """
+    return global_rnn_curve(votes, y, e)[1]
+
+
+def global_rnn_curve(votes: np.ndarray, y: np.ndarray, e: np.ndarray | list[int] | int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`global_rnn_certified_accuracy` and :func:`global_attack_allocation` from one knapsack per size."""
     labels, margin, e, y, n_classes = _rnn_setup(votes, y, e)
     costs = global_rnn_costs(margin, e)
-    return _curve(labels, costs, e, len(y), n_classes)[1]
+    return _curve(labels, costs, e, len(y), n_classes)
 
 
 def knn_joint_costs(prefix: np.ndarray, rival: np.ndarray, k: int, e: np.ndarray) -> np.ndarray:

@@ -1377,7 +1377,7 @@ class _OnlineProfiles:
                 blocks.append((lab, h[lab] if dense else h[lo:hi], (pairs[lo:hi], slots[lo:hi], tie[lo:hi],
                                                                      d_k[lo:hi], zeros[lo:hi])))
         # h at alpha_l = size is the bound computed above: later alpha_l have a memoised value above them.
-        for lab, target, _ in blocks:
+        for lab, _, _ in blocks:
             if memo_bytes[0] < _MEMO_BYTES:
                 lo, hi = int(label_start[lab]), int(label_start[lab + 1])
                 top = np.full(n_inputs, size + 1, np.int32) if dense else np.empty(hi - lo, np.int32)

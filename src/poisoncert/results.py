@@ -88,6 +88,7 @@ class CertificationResult:
     max_e: int | None = None
     _cache: dict[str, dict[int, tuple[float, bool]]] = field(default_factory=dict, repr=False)
     _split: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _global_removals: dict[int, list[int]] = field(default_factory=dict, repr=False)
     _certifier: Any = field(default=None, repr=False)
 
     @property
@@ -208,6 +209,14 @@ class CertificationResult:
                                      "max_flips": int(details.max_flips[j]), "nodes": int(details.nodes[j]),
                                      "exact": bool(details.exact[j])}
             return details.accuracy, details.exact
+        if self.method == "rnn" and method == "global":
+            from .joint import global_rnn_curve
+
+            # The knapsack that bounds the curve also gives its attacker (worst_case_removals): kept, not solved
+            # again when the outputs are written.
+            accuracy, removals = global_rnn_curve(self.votes, self.y_true, e)
+            self._global_removals.update(zip(e.tolist(), removals.tolist(), strict=True))
+            return accuracy, exact
         if self.method == "knn":
             k = int(self.params["k"])
             table = self.neighbor_labels[:, : min(k, self.neighbor_labels.shape[1])]
@@ -241,9 +250,15 @@ class CertificationResult:
         if self.method != "rnn" or self.threat_model != "general" or self.y_true is None:
             raise ValueError("worst-case removals per label exist for labelled rNN results under the general "
                              "threat model only")
-        from .joint import global_attack_allocation
+        e = check_poisoning_sizes(e)
+        missing = np.array(sorted({int(v) for v in e.tolist()} - set(self._global_removals)), dtype=np.int64)
+        if missing.size:
+            from .joint import global_attack_allocation
 
-        return global_attack_allocation(self.votes, self.y_true, check_poisoning_sizes(e))
+            removals = global_attack_allocation(self.votes, self.y_true, missing)
+            self._global_removals.update(zip(missing.tolist(), removals.tolist(), strict=True))
+        return np.array([self._global_removals[int(v)] for v in e.tolist()], dtype=np.int64).reshape(
+            len(e), self.votes.shape[1])
 
     def describe(self) -> dict[str, Any]:
         """Metadata saying exactly what the numbers are."""
