@@ -117,15 +117,16 @@ def example_digests(X: np.ndarray, label_code: np.ndarray) -> np.ndarray:
     label itself): a function of the example alone, never of its row position or of the other examples.
     Neighbour tie ranks and DPA partitions are both derived from it.
     """
-    features = np.ascontiguousarray(np.asarray(X, dtype=np.float64) + 0.0, dtype="<f8")
-    labels = np.ascontiguousarray(label_code, dtype="<i8")
-    row_bytes = features.shape[1] * 8
-    buffer = np.empty((len(features), row_bytes + 8), dtype=np.uint8)
-    buffer[:, :row_bytes] = features.view(np.uint8).reshape(len(features), row_bytes)
-    buffer[:, row_bytes:] = labels.view(np.uint8).reshape(len(labels), 8)
-    # One hash per training example (a one-off cost of about a microsecond per row).
-    digests = b"".join(hashlib.sha256(row).digest() for row in buffer)
-    return np.frombuffer(digests, dtype=np.uint8).reshape(len(features), 32)
+    from ._sha256 import canonical_digests  # compiled, so imported only here
+
+    features = np.asarray(X)
+    if features.dtype not in (np.float32, np.float64):
+        features = np.asarray(X, dtype=np.float64)
+    labels = np.asarray(label_code, dtype=np.int64)
+    if features.ndim != 2 or labels.shape != (features.shape[0],):
+        raise ValueError(f"example_digests needs 2-D features and one label code per row, got {features.shape} "
+                         f"and {labels.shape}")
+    return canonical_digests(features, labels)
 
 
 def _json_default(value: Any) -> Any:
