@@ -18,6 +18,7 @@ fully resolved parameters and the poisoncert version.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -667,6 +668,12 @@ _EXTRACTOR_LIBRARIES = {
 
 
 def _library_versions(extractor: str) -> dict[str, str | None]:
+    return dict(_installed_versions(extractor))
+
+
+@functools.cache
+def _installed_versions(extractor: str) -> dict[str, str | None]:
+    # Looked up once per process: each lookup scans the installed distributions (about 10 ms, twice per dataset).
     from importlib.metadata import PackageNotFoundError, version
 
     distributions = {"skimage": "scikit-image", "open_clip": "open_clip_torch"}
