@@ -668,22 +668,19 @@ _EXTRACTOR_LIBRARIES = {
 
 
 def _library_versions(extractor: str) -> dict[str, str | None]:
-    return dict(_installed_versions(extractor))
+    return {module: _installed_version(module) for module in _EXTRACTOR_LIBRARIES.get(extractor, ())}
 
 
 @functools.cache
-def _installed_versions(extractor: str) -> dict[str, str | None]:
+def _installed_version(module: str) -> str | None:
     # Looked up once per process: each lookup scans the installed distributions (about 10 ms, twice per dataset).
     from importlib.metadata import PackageNotFoundError, version
 
     distributions = {"skimage": "scikit-image", "open_clip": "open_clip_torch"}
-    versions: dict[str, str | None] = {}
-    for module in _EXTRACTOR_LIBRARIES.get(extractor, ()):
-        try:
-            versions[module] = version(distributions.get(module, module))
-        except PackageNotFoundError:
-            versions[module] = None
-    return versions
+    try:
+        return version(distributions.get(module, module))
+    except PackageNotFoundError:
+        return None
 
 
 def dataset_features(
