@@ -610,15 +610,19 @@ def _sampled_path_taken(bits: np.ndarray, k: int) -> bool:
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("k", [1, 7, 50, 333, 1999, 2000])
-def test_selection_gives_the_first_k_by_value_then_position(seed: int, k: int) -> None:
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_selection_gives_the_first_k_by_value_then_position(seed: int, k: int, dtype) -> None:
     """Rows of 2,000 small integers (many ties): both selections (sampled threshold, and the exact fallback where
-    the row's first sixteenth is unrepresentative) return the reference order."""
+    the row's first sixteenth is unrepresentative) return the reference order. The sort of the winners packs key
+    and position into one word where the keys span at most 31 bits; 64-bit rows spanning more take the unpacked
+    sort."""
     from poisoncert.neighbours import _select_numba
 
     rng = np.random.default_rng(seed)
     n = 2000
-    rows = rng.integers(0, [[3], [40], [5000], [2**30]], size=(4, n)).astype(np.int32)
-    skewed = rng.integers(10, 50, size=(2, n)).astype(np.int32)
+    spans = [[3], [40], [5000], [2**30]] + ([[2**31 + 5], [2**62]] if dtype == np.int64 else [])
+    rows = rng.integers(0, spans, size=(len(spans), n)).astype(dtype)
+    skewed = rng.integers(10, 50, size=(2, n)).astype(dtype)
     skewed[:, : n // 16] = rng.integers(0, 3, size=(2, n // 16))  # a sample far below the rest of its row
     rows = np.vstack([rows, skewed])
     out = np.empty((len(rows), k), np.int64)

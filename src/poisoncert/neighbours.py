@@ -275,6 +275,54 @@ _SORT_DIGIT = 13
 
 
 @numba.njit(inline="always")
+def _max_position(positions):  # pragma: no cover - compiled
+    top = positions[0]
+    for t in range(positions.shape[0]):
+        top = max(top, positions[t])
+    return top
+
+
+@numba.njit(inline="always")
+def _packed_radix_sort(keys, positions, scratch, hist, low, n_bits):  # pragma: no cover - compiled
+    """:func:`_stable_radix_sort` where each key fits 31 bits above ``low`` and each position 32 bits.
+
+    Key and position travel as one int64, ``(key - low) << 32 | position``: each pass moves 8 bytes per element
+    instead of a key and a position in separate arrays, and its scattered writes touch one array, not two (about a
+    third less time on MNIST's candidates). Sorted by the key bits only, stably, as the unpacked sort; the
+    positions and keys are then unpacked into their arrays.
+    """
+    n = keys.shape[0]
+    src, dst = positions, scratch[:n]
+    for t in range(n):
+        src[t] = (np.int64(keys[t] - low) << 32) | positions[t]
+    n_passes = max(1, (n_bits + _SORT_DIGIT - 1) // _SORT_DIGIT)
+    digit = (n_bits + n_passes - 1) // n_passes
+    shift = 32
+    top = 32 + n_bits
+    while shift < top:
+        width = min(digit, top - shift)
+        mask = (1 << width) - 1
+        hist[: mask + 2] = 0
+        for t in range(n):
+            hist[((src[t] >> shift) & mask) + 1] += 1
+        for b in range(1, mask + 2):
+            hist[b] += hist[b - 1]
+        for t in range(n):
+            value = src[t]
+            d = (value >> shift) & mask
+            slot = hist[d]
+            hist[d] = slot + 1
+            dst[slot] = value
+        src, dst = dst, src
+        shift += width
+    low_bits = (np.int64(1) << 32) - 1
+    for t in range(n):
+        value = src[t]
+        keys[t] = (value >> 32) + low
+        positions[t] = value & low_bits
+
+
+@numba.njit(inline="always")
 def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist):  # pragma: no cover - compiled
     """Sort ``keys`` ascending (carrying ``positions``), stably, in place; LSD radix with digits of at most
     ``_SORT_DIGIT`` bits (``hist`` holds ``2 ** _SORT_DIGIT + 2`` counts)."""
@@ -286,6 +334,9 @@ def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist):  # pragm
     n_bits = 0
     while (span >> n_bits) > 0:
         n_bits += 1
+    if n_bits <= 31 and _max_position(positions) < (np.int64(1) << 32):
+        _packed_radix_sort(keys, positions, positions_tmp, hist, low, n_bits)
+        return
     for t in range(n):
         keys[t] -= low
     src_k, src_p, dst_k, dst_p = keys, positions, keys_tmp, positions_tmp
@@ -688,8 +739,8 @@ class NeighbourIndex:
         sharded over the active dask.distributed client (:class:`poisoncert.distributed.DaskNeighbourIndex`, which
         this constructor then returns; optional dependency). All give identical results.
     chunk_size : int, optional
-        Test inputs per chunk. By default derived from ``max_memory_mb`` and ``n_train`` (1,024 for the fused
-        kNN/rNN pass of :meth:`search`, whose chunks only pace the progress bar).
+        Test inputs per chunk. By default derived from ``max_memory_mb`` and ``n_train`` (for the fused kNN/rNN
+        pass of :meth:`search`, whose chunks only pace the progress bar: 1,024 with ``progress``, else all).
     max_memory_mb : float, default 512
         Budget for the working memory: a chunk's distance matrix and selection buffers, or for :meth:`search`
         (:meth:`ordered_labels`, :meth:`radius_votes`) with the Numba backend, every thread's block of up to 16
@@ -1015,8 +1066,9 @@ class NeighbourIndex:
         selection = 8 * (4 * (2 * (k or 0) + _SELECT_SLACK) + self.n_train_ + 1 + (k or 0))
         room = self.max_memory_mb * 2**20 / numba.get_num_threads() - selection
         row_block = int(max(1, min(_ROW_BLOCK, room // per_row)))
-        # Chunks only pace the progress bar: the fused kernel never holds a chunk's whole distance matrix.
-        chunk = min(self.chunk_size or 1024, len(Q))
+        # Chunks only pace the progress bar: the fused kernel never holds a chunk's whole distance matrix. Without
+        # a bar, one call: each call ends waiting for its slowest thread (10 calls cost MNIST about 0.03 s).
+        chunk = min(self.chunk_size or (1024 if self.progress else len(Q)), len(Q))
         for start, stop in self._chunk_bounds(len(Q), chunk):
             _search_numba(Q[start:stop], self._XT, metric, k or 0, self._labels, probe,
                           no_labels if labels is None else labels[start:stop], radii, n_radii,
