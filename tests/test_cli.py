@@ -330,3 +330,8 @@ def test_console_entry_point_exit_status_and_streams(user_files, tmp_path):
     done = subprocess.run([sys.executable, "-c", script, "bye"], capture_output=True, text=True, check=False)
     assert done.returncode == 1
     assert done.stdout == "partial lineatexit ran\n" and "leaving: bye" in done.stderr
+    # A command that closes stdout, or exits with a status beyond a C long, ends as Python would end it.
+    for body, status in (("print('x'); sys.stdout.close()", 0), ("sys.exit(2**70)", 255), ("sys.exit(-1)", 255)):
+        script = f"import sys, poisoncert.cli as cli\n@cli.app.command('bye')\ndef bye():\n    {body}\ncli.main()\n"
+        done = subprocess.run([sys.executable, "-c", script, "bye"], capture_output=True, text=True, check=False)
+        assert done.returncode == status, (body, done.returncode, done.stderr)

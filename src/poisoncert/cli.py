@@ -615,7 +615,8 @@ def main() -> None:
     objects, about 5 % of the MNIST command. So the exit status is settled as ``sys.exit`` would settle it, the
     ``atexit`` handlers run, the standard streams are flushed, and the process ends at once; the OS reclaims the
     rest. Where another thread is still alive (a library's worker), the normal exit path is taken instead, which
-    joins it.
+    joins it. What finalisation alone would do is skipped: flushing file objects left open (poisoncert writes every
+    file in a ``with`` block) and ``__del__`` methods.
     """
     import atexit
     import sys
@@ -631,15 +632,17 @@ def main() -> None:
     if status is None:
         code = 0
     elif isinstance(status, int):
-        code = status
+        code = status if -(2**63) <= status < 2**63 else -1  # as CPython reads it: a C long, -1 on overflow
     else:  # sys.exit("message") prints the message and exits with 1
         print(status, file=sys.stderr)
         code = 1
     atexit._run_exitfuncs()  # what Python would run before finalising (no public API runs them early)
     for stream in (sys.stdout, sys.stderr):
+        if stream is None or stream.closed:  # closed by the command: Python skips it at exit too
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be delivered to it
+        except OSError:  # a closed pipe: nothing more can be delivered to it
             code = code or 120  # Python's own status when flushing standard streams fails at exit
     os._exit(code & 0xFF)
 
