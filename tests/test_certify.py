@@ -219,6 +219,26 @@ def test_truncated_neighbour_tables_never_give_optimistic_certificates():
     assert certify.knn_joint_certified_accuracy(order, [0], [0], 2, n_neighbors=4).tolist() == [0.0]
 
 
+def test_votes_from_labels_equal_counts_for_every_k():
+    """Votes for many k in one pass (four interleaved histograms per row) equal a bincount of each prefix, and an
+    out-of-range label anywhere inside the counted prefix is refused."""
+    rng = np.random.default_rng(17)
+    table = rng.choice(4, size=(9, 203), p=[0.7, 0.1, 0.15, 0.05]).astype(np.int16)
+    ks = [1, 3, 4, 5, 64, 203, 300, 7]
+    votes = knn_votes_from_labels(table, ks, 4)
+    for position, k in enumerate(ks):
+        expected = np.stack([np.bincount(row[:k], minlength=4) for row in table])
+        np.testing.assert_array_equal(votes[position], expected)
+    for column in (0, 101, 102, 103, 199):
+        broken = table.copy()
+        broken[5, column] = 4
+        with pytest.raises(ValueError, match=r"label indices in 0..3"):
+            knn_votes_from_labels(broken, 200, 4)
+    # The last one broke column 199: the first 199 columns still vote.
+    np.testing.assert_array_equal(knn_votes_from_labels(broken, 199, 4),
+                                  np.stack([np.bincount(row[:199], minlength=4) for row in table]))
+
+
 @pytest.mark.parametrize("bad", [-1, 3])
 def test_votes_from_labels_refuse_labels_outside_the_classes(bad):
     table = np.array([[0, 1, 2, 1], [2, 2, bad, 0]])

@@ -134,16 +134,26 @@ def _prefix_votes(labels, stops, out):  # pragma: no cover - compiled
     n_classes = out.shape[2]
     bad = 0
     for i in numba.prange(labels.shape[0]):
-        counts = np.zeros(n_classes + 1, np.int64)  # the last slot collects out-of-range entries
+        # Four histograms taken in turn (consecutive neighbours mostly share a label, which would chain one
+        # histogram's increments through one counter); the last slot collects out-of-range entries.
+        lanes = np.zeros((4, n_classes + 1), np.int64)
         row = labels[i]
         start = 0
         for s in range(stops.shape[0]):
-            for j in range(start, stops[s]):
+            j = start
+            while j + 4 <= stops[s]:
+                for lane in range(4):
+                    label = row[j + lane]
+                    lanes[lane, label if 0 <= label < n_classes else n_classes] += 1
+                j += 4
+            while j < stops[s]:
                 label = row[j]
-                counts[label if 0 <= label < n_classes else n_classes] += 1
+                lanes[0, label if 0 <= label < n_classes else n_classes] += 1
+                j += 1
             start = max(start, stops[s])
-            out[s, i, :] = counts[:n_classes]
-        bad += counts[n_classes]
+            for lab in range(n_classes):
+                out[s, i, lab] = lanes[0, lab] + lanes[1, lab] + lanes[2, lab] + lanes[3, lab]
+        bad += lanes[0, n_classes] + lanes[1, n_classes] + lanes[2, n_classes] + lanes[3, n_classes]
     return bad == 0
 
 
