@@ -40,6 +40,7 @@ from numba import prange
 
 from ._io import example_digests, label_codes
 from ._validation import check_features, check_metric, check_positive_int, encode_labels
+from .votes import _COUNT_LANES, _add_label_counts
 
 __all__ = [
     "NeighbourIndex",
@@ -275,14 +276,6 @@ _SORT_DIGIT = 13
 
 
 @numba.njit(inline="always")
-def _max_position(positions):  # pragma: no cover - compiled
-    top = positions[0]
-    for t in range(positions.shape[0]):
-        top = max(top, positions[t])
-    return top
-
-
-@numba.njit(inline="always")
 def _digit_width(n_bits):  # pragma: no cover - compiled
     """Bits per pass of an LSD radix sort of ``n_bits``-bit keys: as few passes as ``_SORT_DIGIT`` allows, equal."""
     n_passes = max(1, (n_bits + _SORT_DIGIT - 1) // _SORT_DIGIT)
@@ -335,9 +328,9 @@ def _packed_radix_sort(keys, positions, scratch, hist, low, n_bits):  # pragma: 
 
 
 @numba.njit(inline="always")
-def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist):  # pragma: no cover - compiled
-    """Sort ``keys`` ascending (carrying ``positions``), stably, in place; LSD radix with digits of at most
-    ``_SORT_DIGIT`` bits (``hist`` holds ``2 ** _SORT_DIGIT + 2`` counts)."""
+def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist, n_positions):  # pragma: no cover - compiled
+    """Sort ``keys`` ascending (carrying ``positions``, each below ``n_positions``), stably, in place; LSD radix with
+    digits of at most ``_SORT_DIGIT`` bits (``hist`` holds ``2 ** _SORT_DIGIT + 2`` counts)."""
     n = keys.shape[0]
     if n < 2:
         return
@@ -346,7 +339,7 @@ def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist):  # pragm
     n_bits = 0
     while (span >> n_bits) > 0:
         n_bits += 1
-    if n_bits <= 31 and _max_position(positions) < (np.int64(1) << 32):
+    if n_bits <= 31 and n_positions <= (np.int64(1) << 32):
         _packed_radix_sort(keys, positions, positions_tmp, hist, low, n_bits)
         return
     for t in range(n):
@@ -439,7 +432,7 @@ def _select_row_sampled(bits, k, scratch, out_pos):  # pragma: no cover - compil
         keys[t] = bits[j]
         positions[t] = j
     _stable_radix_sort(keys[:n_candidates], positions[:n_candidates], keys_tmp[:n_candidates],
-                       positions_tmp[:n_candidates], hist)
+                       positions_tmp[:n_candidates], hist, n_train)
     out_pos[:] = positions[:k]
     return True
 
@@ -510,7 +503,7 @@ def _select_row(bits, k, scratch, out_pos):  # pragma: no cover - compiled
             keys[c] = value
             positions[c] = bucket_positions[t]
             c += 1
-    _stable_radix_sort(keys[:k], positions[:k], keys_tmp[:k], positions_tmp[:k], hist)
+    _stable_radix_sort(keys[:k], positions[:k], keys_tmp[:k], positions_tmp[:k], hist, n_train)
     out_pos[:] = positions[:k]
 
 
@@ -536,9 +529,9 @@ def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_r
     # multi-megabyte buffer per block would page-fault its whole size every time.
     for worker in prange(n_workers):
         bits = np.empty((row_block, n_train), probe.dtype)
-        counts = np.zeros((n_radii + 1, n_classes), np.int64)
+        counts = np.zeros((n_radii + 1, n_classes + 1), np.int64)  # a spare label slot for _add_label_counts
         bin_buffer = np.empty(_RADIUS_BLOCK, np.int32)
-        lanes = np.zeros((_COUNT_LANES, n_classes), np.int64)
+        lanes = np.zeros((_COUNT_LANES, n_classes + 1), np.int64)
         scratch = _select_scratch(k, n_train, probe.dtype)
         sorted_distances = scratch[1].view(XT.dtype)  # _select_row leaves the first k's bit patterns there, sorted
         positions = np.empty(k, np.int64)
@@ -569,35 +562,6 @@ def _search_numba(Q, XT, metric, k, labels, probe, out_labels, padded_radii, n_r
                             out_votes[r, i, c] = running
 
 
-#: Interleaved label histograms of :func:`_count_labels`.
-_COUNT_LANES = 4
-
-
-@numba.njit(inline="always")
-def _count_labels(labels, start, stop, out, lanes):  # pragma: no cover - compiled
-    """out[l] += #{start <= t < stop : labels[t] == l}; ``lanes`` (``_COUNT_LANES`` x labels, zero) is left zero.
-
-    Consecutive neighbours mostly share a label, so one histogram would chain nearly every increment through the
-    same counter (a store-to-load dependency per label); four histograms, taken in turn, break that chain.
-    """
-    t = start
-    while t + _COUNT_LANES <= stop:
-        lanes[0, labels[t]] += 1
-        lanes[1, labels[t + 1]] += 1
-        lanes[2, labels[t + 2]] += 1
-        lanes[3, labels[t + 3]] += 1
-        t += _COUNT_LANES
-    while t < stop:
-        lanes[0, labels[t]] += 1
-        t += 1
-    for c in range(out.shape[0]):
-        out[c] += lanes[0, c] + lanes[1, c] + lanes[2, c] + lanes[3, c]
-        lanes[0, c] = 0
-        lanes[1, c] = 0
-        lanes[2, c] = 0
-        lanes[3, c] = 0
-
-
 @numba.njit(inline="always")
 def _count_sorted_prefix(sorted_distances, labels, padded_radii, n_radii, counts, lanes):  # pragma: no cover
     """counts[b, l] as :func:`_radius_row` leaves them, from distances sorted ascending and their labels.
@@ -609,7 +573,7 @@ def _count_sorted_prefix(sorted_distances, labels, padded_radii, n_radii, counts
     start = 0
     for b in range(n_radii):
         stop = np.searchsorted(sorted_distances, padded_radii[b], side="right")
-        _count_labels(labels, start, stop, counts[b], lanes)
+        _add_label_counts(labels, start, stop, counts[b], lanes)
         start = stop
 
 

@@ -251,12 +251,7 @@ class CertificationResult:
             raise ValueError("worst-case removals per label exist for labelled rNN results under the general "
                              "threat model only")
         e = check_poisoning_sizes(e)
-        missing = np.array(sorted({int(v) for v in e.tolist()} - set(self._global_removals)), dtype=np.int64)
-        if missing.size:
-            from .joint import global_attack_allocation
-
-            removals = global_attack_allocation(self.votes, self.y_true, missing)
-            self._global_removals.update(zip(missing.tolist(), removals.tolist(), strict=True))
+        self.curve(e, "global")  # the curve's knapsacks keep their attackers (_compute)
         return np.array([self._global_removals[int(v)] for v in e.tolist()], dtype=np.int64).reshape(
             len(e), self.votes.shape[1])
 

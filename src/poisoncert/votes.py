@@ -125,6 +125,35 @@ def knn_votes_from_labels(
     return out[0] if single else out
 
 
+#: Interleaved histograms of :func:`_add_label_counts`.
+_COUNT_LANES = 4
+
+
+@numba.njit(inline="always")
+def _add_label_counts(labels, start, stop, counts, lanes):  # pragma: no cover - compiled
+    """counts[l] += #{start <= t < stop : labels[t] == l}, an entry outside ``0 .. len(counts) - 2`` counted in the
+    last slot; ``lanes`` (``_COUNT_LANES`` x ``len(counts)``, zero) is left zero.
+
+    Consecutive neighbours mostly share a label, so one histogram would chain nearly every increment through the
+    same counter (a store-to-load dependency per label); four histograms, taken in turn, break that chain.
+    """
+    last = counts.shape[0] - 1
+    t = start
+    while t + _COUNT_LANES <= stop:
+        for lane in range(_COUNT_LANES):
+            label = labels[t + lane]
+            lanes[lane, label if 0 <= label < last else last] += 1
+        t += _COUNT_LANES
+    while t < stop:
+        label = labels[t]
+        lanes[0, label if 0 <= label < last else last] += 1
+        t += 1
+    for slot in range(last + 1):
+        for lane in range(_COUNT_LANES):
+            counts[slot] += lanes[lane, slot]
+            lanes[lane, slot] = 0
+
+
 @numba.njit(parallel=True, cache=True)
 def _prefix_votes(labels, stops, out):  # pragma: no cover - compiled
     """out[s, i, l] = label-l count among the first stops[s] columns of row i (stops ascending); rows in parallel.
@@ -134,26 +163,15 @@ def _prefix_votes(labels, stops, out):  # pragma: no cover - compiled
     n_classes = out.shape[2]
     bad = 0
     for i in numba.prange(labels.shape[0]):
-        # Four histograms taken in turn (consecutive neighbours mostly share a label, which would chain one
-        # histogram's increments through one counter); the last slot collects out-of-range entries.
-        lanes = np.zeros((4, n_classes + 1), np.int64)
+        counts = np.zeros(n_classes + 1, np.int64)  # the last slot collects out-of-range entries
+        lanes = np.zeros((_COUNT_LANES, n_classes + 1), np.int64)
         row = labels[i]
         start = 0
         for s in range(stops.shape[0]):
-            j = start
-            while j + 4 <= stops[s]:
-                for lane in range(4):
-                    label = row[j + lane]
-                    lanes[lane, label if 0 <= label < n_classes else n_classes] += 1
-                j += 4
-            while j < stops[s]:
-                label = row[j]
-                lanes[0, label if 0 <= label < n_classes else n_classes] += 1
-                j += 1
+            _add_label_counts(row, start, stops[s], counts, lanes)
             start = max(start, stops[s])
-            for lab in range(n_classes):
-                out[s, i, lab] = lanes[0, lab] + lanes[1, lab] + lanes[2, lab] + lanes[3, lab]
-        bad += lanes[0, n_classes] + lanes[1, n_classes] + lanes[2, n_classes] + lanes[3, n_classes]
+            out[s, i, :] = counts[:n_classes]
+        bad += counts[n_classes]
     return bad == 0
 
 
