@@ -20,6 +20,8 @@ import numpy as np
 from llvmlite import ir
 from numba.extending import intrinsic
 
+from . import _jit  # noqa: F401 - numba's start-up without SciPy's linear algebra (before any kernel runs)
+
 __all__ = ["FAST_PDEP", "cumulative_popcounts", "lowest_set_bit", "popcount", "rank1", "select0", "select_in_word",
            "zero_word"]
 

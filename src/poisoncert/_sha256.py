@@ -22,6 +22,8 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
+from . import _jit  # noqa: F401 - numba's start-up without SciPy's linear algebra (before any kernel runs)
+
 
 @intrinsic
 def _sha256_into(typingctx, address, data, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numba
 import numpy as np
 
+from . import _jit  # noqa: F401 - numba's start-up without SciPy's linear algebra (before any kernel runs)
 from ._validation import check_votes
 
 
