@@ -1312,14 +1312,18 @@ class _OnlineProfiles:
         n_words = -(-largest // 64)
         n_pairs = int(wanted.sum())
         sl_bits = np.zeros((n_pairs, n_words), np.uint64)
-        sr_bits = np.zeros((n_pairs, n_words), np.uint64)
+        # SR is stored word-major (a transposed view: still indexed [pair, word]): a need evaluation reads SR at one
+        # word for all of a rival's pairs (y = e - alpha_l is theirs alike), so those reads are contiguous. SL is
+        # searched per pair (its zero to select depends on the pair), so it stays pair-major. MNIST: the need
+        # evaluations 25 % faster.
+        sr_bits = np.zeros((n_words, n_pairs), np.uint64).T
         if n_pairs:
             _knn_profiles(table, alive, a[alive], votes[alive].astype(np.int64), pair_row, k, n_train, largest,
                           sl_bits, sr_bits)
         # Counts of set bits before each word: at most 64 * n_words, so uint16 holds them up to e = 65,535.
         cum_dtype = np.uint16 if 64 * n_words <= np.iinfo(np.uint16).max else np.int64
         sl_cum = np.empty((n_pairs, n_words + 1), cum_dtype)
-        sr_cum = np.empty((n_pairs, n_words + 1), cum_dtype)
+        sr_cum = np.empty((n_words + 1, n_pairs), cum_dtype).T
         cumulative_popcounts(sl_bits, sl_cum)
         cumulative_popcounts(sr_bits, sr_cum)
         rival, position = np.nonzero(wanted.T)
