@@ -504,6 +504,39 @@ def test_sizes_above_saturation_record_the_smallest_saturated_attacker(monkeypat
             assert solution.nodes == 0
 
 
+def test_the_last_worker_left_gets_every_numba_thread_again(monkeypatch):
+    """Workers run single-threaded inside numba; once the others are done, the branch and bound's per-node check
+    gives the last one every thread (its threads change how fast, never what, it computes)."""
+    import threading
+    import time
+
+    import numba
+
+    from poisoncert import joint_split
+    from poisoncert.joint_split import _Solution, _solve_curve, _widen_when_alone
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("one numba thread")
+    monkeypatch.setattr(joint_split, "_threadsafe_workers", lambda n_tasks: 2)
+    seen: dict[int, list[tuple[str, int]]] = {}
+
+    def solve(size, previous, previous_budget):
+        threads = []
+        for _ in range(5):  # five branch-and-bound nodes
+            _widen_when_alone()
+            threads.append(numba.get_num_threads())
+            time.sleep(0.002 if size % 2 else 0.02)  # the odd sizes' worker ends first
+        seen[size] = (threading.current_thread().name, threads)
+        return _Solution(0, 0, np.array([size, 0]), 5), np.array([0, 0]), False, size
+
+    _solve_curve(np.arange(6), 10, solve)
+    assert all(threads == [1] * 5 for size, (_, threads) in seen.items() if size % 2)  # never alone
+    widened = [numba.get_num_threads()] * 5
+    assert seen[0][1][0] == 1 and seen[0][1][-1] == widened[0]  # widened mid-size, when the odd sizes ran out
+    assert seen[2][1] == seen[4][1] == widened
+    assert numba.get_num_threads() >= 2  # the caller's own setting is untouched
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_rnn_needs_and_the_labels_that_win_them_follow_the_definition(seed: int) -> None:
     rng = np.random.default_rng(seed)

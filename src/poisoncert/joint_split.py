@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -807,6 +808,7 @@ def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_lim
                 heapq.heappush(heap, (-value, neg_found, counter, True, lo, corner, active, True))
             continue
         nodes += 1
+        _widen_when_alone()
         width = corner - lo
         if int(width.max()) == 0:
             continue  # a single feasible point whose exact F was recorded when it was created
@@ -960,13 +962,25 @@ def _warm_threading_layer(x):  # pragma: no cover - compiled
     return total
 
 
+#: Per worker thread of :func:`_solve_curve`: ``widen``, called by the branch and bound at each node, gives the
+#: worker every numba thread again once it is the last one left (None otherwise).
+_worker = threading.local()
+
+
+def _widen_when_alone() -> None:
+    widen = getattr(_worker, "widen", None)
+    if widen is not None:
+        widen()
+
+
 def _solve_curve(e: np.ndarray, n_candidates: int, solve: Any,
                  saturated: list[tuple[int, _Solution, np.ndarray, bool]] | None = None,
                  ) -> dict[int, tuple[_Solution, np.ndarray, bool]]:
     """Run ``solve(size, previous, previous_budget) -> (solution, removals, coarsened, budget)`` for every size.
 
     Sizes are taken in ascending order, each seeded with the previous size's best split; with several numba
-    threads they are dealt round-robin to worker threads (each single-threaded inside numba). Once one size
+    threads they are dealt round-robin to worker threads (each single-threaded inside numba until it is the last one
+    left: the curve's last size, often its costliest, then runs on every thread). Once one size
     provably flips every candidate, so does every larger one (F* is non-decreasing in e): those are filled in,
     in the end all from the smallest such size. ``saturated`` (appended to) carries such sizes from one call to
     the next.
@@ -977,9 +991,26 @@ def _solve_curve(e: np.ndarray, n_candidates: int, solve: Any,
     # (size, solution, removals, coarsened) of sizes that flip every candidate
     saturated = [] if saturated is None else saturated
 
+    threads = numba.get_num_threads()
+    finished, lock = [0], threading.Lock()  # workers whose sizes are all done
+
+    def widen() -> None:
+        if finished[0] == workers - 1:  # the last worker left: its kernels may use every thread again
+            numba.set_num_threads(threads)
+            _worker.widen = None
+
     def run(positions: list[int], single_threaded: bool) -> None:
         if single_threaded:
             numba.set_num_threads(1)
+            _worker.widen = widen  # asked by the branch and bound at every node
+        try:
+            solve_all(positions)
+        finally:
+            _worker.widen = None
+            with lock:
+                finished[0] += 1
+
+    def solve_all(positions: list[int]) -> None:
         previous, previous_budget = None, 0
         for position in positions:
             size = int(e[position])
