@@ -65,3 +65,35 @@ def test_a_helper_given_no_request_exits_quietly() -> None:
     plotter.close()
     assert process is not None and process.returncode == 0
     plotter.close()  # closing twice is harmless
+
+
+def test_lines_drawn_over_the_prerendered_background_match_a_full_render(tmp_path) -> None:
+    """draw() renders only the lines and spines over a background rendered with the layout; the picture is what
+    savefig renders from scratch, up to where the crop falls within a pixel (text antialiasing shifts with it)."""
+    from PIL import Image
+
+    from poisoncert.plots import CurvesFigure
+
+    rows = _rows()
+    figure = CurvesFigure(curve_layout(rows), "title", "toy", rows)
+    assert figure._background is not None
+    figure.draw(rows, tmp_path / "fast.png")
+    figure._background = None  # savefig's full render of the same figure
+    figure.draw(rows, tmp_path / "full.png")
+    fast = np.asarray(Image.open(tmp_path / "fast.png").convert("L"), dtype=np.float64)
+    full = np.asarray(Image.open(tmp_path / "full.png").convert("L"), dtype=np.float64)
+    assert abs(fast.shape[0] - full.shape[0]) <= 2 and abs(fast.shape[1] - full.shape[1]) <= 2
+
+    def blocks(image: np.ndarray, size: int = 6) -> np.ndarray:  # means of 6 x 6 pixels: blind to sub-pixel shifts
+        h, w = image.shape[0] // size * size, image.shape[1] // size * size
+        return image[:h, :w].reshape(h // size, size, w // size, size).mean(axis=(1, 3))
+
+    h, w = min(fast.shape[0], full.shape[0]) - 2, min(fast.shape[1], full.shape[1]) - 2
+    mismatch = min(float(np.abs(blocks(fast[dy : dy + h, dx : dx + w]) - blocks(full[1 : 1 + h, 1 : 1 + w])).max())
+                   for dy in range(3) for dx in range(3))
+    assert mismatch < 60  # about 26 here; 145 with half the lines left out
+    # The lines are there: their heights changed, so did the picture.
+    lowered = [{**row, "certified_accuracy": row["certified_accuracy"] / 2} for row in rows]
+    figure = CurvesFigure(curve_layout(rows), "title", "toy", rows)
+    figure.draw(lowered, tmp_path / "lowered.png")
+    assert (tmp_path / "lowered.png").read_bytes() != (tmp_path / "fast.png").read_bytes()

@@ -94,8 +94,9 @@ class CurvesFigure:
     """The figure of :func:`plot_curves`, laid out from :func:`curve_layout` before the accuracies are known.
 
     Everything but the lines' heights is fixed by the layout: the axes (accuracy from 0 to 1, ``e`` from 0),
-    legend, title, the tight layout and the cropping box. :meth:`draw` then sets the heights and renders once, so
-    a helper process that built the figure while the curves were computed has little left to do.
+    legend, title, the tight layout and the cropping box, and all of it is rendered then. :meth:`draw` sets the
+    heights and renders only the lines (and the spines over them) on that background, so a helper process that
+    built the figure while the curves were computed has little left to do (MNIST: 0.03 s instead of 0.14-0.2 s).
     """
 
     def __init__(self, layout: list[dict[str, Any]], title: str, subtitle: str | None,
@@ -144,6 +145,22 @@ class CurvesFigure:
 
         figure.draw_without_rendering()
         self._crop = figure.get_tightbbox().padded(matplotlib.rcParams["savefig.pad_inches"])
+        # Rendered now, once: everything but the lines (with their markers) and what is drawn over them, the
+        # spines. draw() restores it and renders only those, in the order a full draw takes them; nothing else
+        # drawn after them can overlap them (the legend is below the axes, the title above, and the lines are
+        # clipped to the axes). Text was most of a full render. A crop reaching past the figure (an image
+        # larger than the canvas) is left to savefig.
+        self._axes = axes
+        self._foreground = [*axes.lines, *axes.spines.values()]
+        self._background = None
+        if figure.bbox_inches.padded(1e-9).contains(self._crop.x0, self._crop.y0) and \
+                figure.bbox_inches.padded(1e-9).contains(self._crop.x1, self._crop.y1):
+            for artist in self._foreground:
+                artist.set_visible(False)
+            figure.canvas.draw()
+            self._background = figure.canvas.copy_from_bbox(figure.bbox)
+            for artist in self._foreground:
+                artist.set_visible(True)
 
     def fits(self, rows: list[dict[str, Any]], title: str, subtitle: str | None) -> bool:
         """Whether these rows and titles have this figure's layout (and its markers of values not exact)."""
@@ -156,9 +173,31 @@ class CurvesFigure:
         for line, artist in zip(self.layout, self._lines, strict=True):
             artist.set_ydata([value for _, value, _ in heights[(line["classifier"], line["certification"])]])
         buffer = io.BytesIO()
-        self._figure.savefig(buffer, format="png", bbox_inches=self._crop)
+        if self._background is None:
+            self._figure.savefig(buffer, format="png", bbox_inches=self._crop)
+        else:
+            self._draw_on_background(buffer)
         with atomic_write(path, "wb") as handle:
             handle.write(buffer.getvalue())
+
+    def _draw_on_background(self, buffer: io.BytesIO) -> None:
+        """The lines and spines over the background, cropped to whole pixels around the crop box, as PNG."""
+        import math
+
+        import numpy as np
+        from matplotlib.image import imsave
+
+        canvas = self._figure.canvas
+        canvas.restore_region(self._background)
+        for artist in self._foreground:
+            self._axes.draw_artist(artist)
+        pixels = np.asarray(canvas.buffer_rgba())
+        dpi = self._figure.dpi
+        height, width = pixels.shape[:2]
+        left, right = max(0, math.floor(self._crop.x0 * dpi)), min(width, math.ceil(self._crop.x1 * dpi))
+        bottom, top = max(0, math.floor(self._crop.y0 * dpi)), min(height, math.ceil(self._crop.y1 * dpi))
+        # As savefig writes PNG (PIL, matplotlib's metadata, the figure's dpi); rows run top down.
+        imsave(buffer, pixels[height - top : height - bottom, left:right], format="png", dpi=dpi)
 
 
 def plot_bracket(
