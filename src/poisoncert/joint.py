@@ -38,7 +38,7 @@ __all__ = [
 UNFLIPPABLE = np.iinfo(np.int64).max
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _knapsack(costs, starts, budget, choice):  # pragma: no cover - compiled; tested through max_flips
     """Exact ``max sum_l g_l(r_l)`` over ``sum_l r_l <= budget``; records the chosen ``r_l`` per budget.
 

@@ -155,7 +155,7 @@ def _add_label_counts(labels, start, stop, counts, lanes):  # pragma: no cover -
             lanes[lane, slot] = 0
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _prefix_votes(labels, stops, out):  # pragma: no cover - compiled
     """out[s, i, l] = label-l count among the first stops[s] columns of row i (stops ascending); rows in parallel.
 
