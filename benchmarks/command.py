@@ -9,8 +9,8 @@ and 10,000 test features, l1):
 - the distance-only floor of poisoncert's own kernel (every test-train distance once, nothing else);
 - poisoncert's one neighbour pass for kNN (k + e_max = 10,000 ordered labels) and rNN (r = 4);
 - the warm command ``poisoncert certify --dataset mnist --features hog --knn 5000 --rnn 4 --no-neighbour-cache``
-  (features, numba kernels and bytecode cached; the neighbour pass, the individual certificates and every joint curve, all outputs), wall time
-  and peak RSS of the subprocess, best of ``--repeat`` runs;
+  (features, numba kernels and bytecode cached; the neighbour pass, the individual certificates and every joint
+  curve, all outputs), wall time and peak RSS of the subprocess, best of ``--repeat`` runs;
 - the same command re-run with its neighbour tables in the cache (what a second run with the default
   ``--neighbour-cache`` does: no search at all, so it is not compared with faiss's search);
 
