@@ -119,3 +119,48 @@ def test_a_curve_that_fails_side_by_side_raises_its_error() -> None:
     results[1].curve = broken
     with pytest.raises(ValueError, match="on purpose"):
         compute_curves(results, np.arange(0, 20, 4))
+
+
+def _examples_csv_by_csv_writer(results) -> str:
+    """What write_examples_csv wrote with csv.writer row by row (the oracle of the formatted version)."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    header = None
+    for result in results:
+        classes = np.asarray(result.classes).tolist()
+        if header is None:
+            header = ["classifier", "threat_model", "index", "y_true", "prediction", "certified_size",
+                      *(f"votes_{name}" for name in classes)]
+            writer.writerow(header)
+        n_votes = len(header) - 6
+        truth = [""] * result.n_test if result.y_true is None else [classes[t] for t in result.y_true.tolist()]
+        rows = zip(truth, result.prediction_indices.tolist(), result.certified_size.tolist(), result.votes.tolist(),
+                   strict=True)
+        for index, (t, p, size, votes) in enumerate(rows):
+            writer.writerow((result.label(), result.threat_model, index, t, classes[p], size, *votes[:n_votes],
+                             *([""] * (n_votes - len(votes)))))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("classes", [[0, 1, 2], ["a,b", 'say "hi"', "100%"], ["", "x\ny", "ü"], [-1.5, 2.0, 1e300]])
+def test_examples_csv_is_what_csv_writer_writes(tmp_path, classes) -> None:
+    from types import SimpleNamespace
+
+    from poisoncert.experiments import write_examples_csv
+
+    rng = np.random.default_rng(len(str(classes)))
+
+    def result(label: str, n_test: int, n_classes: int, labelled: bool):
+        return SimpleNamespace(
+            classes=np.array(classes[:n_classes], dtype=object), label=lambda: label, threat_model="general%s",
+            n_test=n_test, votes=rng.integers(0, 9, (n_test, n_classes)),
+            y_true=rng.integers(0, n_classes, n_test) if labelled else None,
+            prediction_indices=rng.integers(0, n_classes, n_test), certified_size=rng.integers(-1, 50, n_test))
+
+    results = [result('kNN (k=5), "odd, %d label"', 7, 3, True), result("rNN", 5, 2, False), result("e", 0, 3, True)]
+    write_examples_csv(tmp_path / "examples.csv", results)
+    text = (tmp_path / "examples.csv").read_bytes().decode("utf-8")
+    assert text.split("\n", 1)[1] == _examples_csv_by_csv_writer(results)

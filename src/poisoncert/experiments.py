@@ -354,25 +354,38 @@ def write_examples_csv(path: str | Path, results: Sequence[CertificationResult])
     buffer.write(f"# poisoncert {__version__}: per-example individual certificates; certified_size -1 = "
                  "misclassified or not certified; votes are neighbour (kNN/rNN) or base-classifier (DPA, Bagging) "
                  "counts\n")
-    writer = csv.writer(buffer)
     header: list[str] | None = None
     for result in results:
         classes = np.asarray(result.classes).tolist()
         if header is None:
             header = ["classifier", "threat_model", "index", "y_true", "prediction", "certified_size",
                       *(f"votes_{name}" for name in classes)]
-            writer.writerow(header)
+            buffer.write(_csv_fields(header) + "\r\n")
         n_votes = len(header) - 6  # later results are written under the first one's vote columns
-        truth = [""] * result.n_test if result.y_true is None else [classes[t] for t in result.y_true.tolist()]
-        prefix = (result.label(), result.threat_model)
-        # Plain rows from whole-array lists: a dict per row cost more than the numbers themselves.
-        writer.writerows(
-            (*prefix, index, t, classes[p], size, *votes[:n_votes], *([""] * (n_votes - len(votes))))
-            for index, (t, p, size, votes) in enumerate(zip(
-                truth, result.prediction_indices.tolist(), result.certified_size.tolist(), result.votes.tolist(),
-                strict=True)))
+        if result.n_test == 0:
+            continue
+        votes = result.votes[:, :n_votes]
+        # csv.writer's rows, written by one string formatting per result: the class names quoted by csv.writer
+        # itself, everything else str() as csv.writer writes it. A Python tuple per row cost more than the numbers.
+        names = np.array([_csv_fields([name, ""])[:-1] for name in classes], dtype=object)
+        columns = np.empty((result.n_test, 4 + votes.shape[1]), dtype=object)
+        columns[:, 0] = range(result.n_test)
+        columns[:, 1] = "" if result.y_true is None else names[result.y_true]
+        columns[:, 2] = names[result.prediction_indices]
+        columns[:, 3] = result.certified_size.tolist()
+        columns[:, 4:] = votes.tolist()
+        prefix = _csv_fields([result.label(), result.threat_model]).replace("%", "%%")
+        row = ",".join([prefix, *(["%s"] * columns.shape[1]), *([""] * (n_votes - votes.shape[1]))]) + "\r\n"
+        buffer.write((row * result.n_test) % tuple(columns.ravel().tolist()))
     with atomic_write(path, "w", encoding="utf-8", newline="") as handle:
         handle.write(buffer.getvalue())
+
+
+def _csv_fields(fields: Sequence[Any]) -> str:
+    """``fields`` as csv.writer writes them (quoted where needed), without the line end."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(fields)  # its own line end: a field holding a line break is quoted for it
+    return buffer.getvalue()[:-2]
 
 
 def _result_record(result: CertificationResult, e: np.ndarray, rows: list[dict[str, Any]]) -> dict[str, Any]:
