@@ -460,31 +460,33 @@ def certify(
     prepare_output_folder(out)  # an output folder that cannot be written fails before any work
     methods = {"knn": knn, "rnn": rnn, "dpa": dpa, "bagging": bagging_specs, "alpha": alpha, "metric": metric,
                "threat_model": threat_model}
-    check_methods(None, **methods)  # every parameter is checked before any data is read
-    # The plot's helper process imports matplotlib while this one loads the data (one core is idle then).
-    with _neighbour_backend(scheduler) as backend, _plotter(not unlabelled) as plotter:
-        inputs = _load_inputs(train=train, test=test, train_labels=train_labels, test_labels=test_labels,
-                              dataset=dataset, features=features, data_path=data_path, checkpoint=checkpoint,
-                              cache_dir=cache_dir, unlabelled=unlabelled, progress=progress)
-        settings = {**inputs.info, "metric": metric, "threat_model": threat_model,
-                    "alpha": alpha if bagging else None, "split_time_limit_s": split_time_limit,
-                    "neighbour_backend": backend, "scheduler": scheduler}
-        results = certify_methods(inputs.X_train, inputs.y_train, inputs.X_test, inputs.y_test, **methods,
-                                  backend=backend, progress=progress, metadata=inputs.info, max_e=e_max,
-                                  time_limit=split_time_limit,
-                                  neighbour_cache=_cache_folder(cache_dir) if neighbour_cache else None)
-        if any(result.metadata.get("neighbour_tables_from_cache") for result in results):
-            typer.echo("neighbour tables read from the cache (same data, metric, k + e-max and radii as an earlier "
-                       "run; --no-neighbour-cache searches again)", err=True)
-        subtitle = inputs.subtitle(metric, threat_model)
-        _report(results, e_max, e_step, out, "Certified accuracy under data poisoning", subtitle, settings,
-                plotter)  # without labels there is no plot, and the helper ends when the block does
-        if budgets is not None:
-            if inputs.y_test is None:
-                _fail("--attack needs test labels: an attack's verified accuracy is measured on them")
-            _attack_report(inputs, budgets, knn=knn, rnn=rnn, metric=metric, threat_model=threat_model, seed=seed,
-                           time_budget=attack_time_budget, progress=progress, results=results, settings=settings,
-                           out=out)
+    # The plot's helper process imports matplotlib (0.6 s of one core) while this one imports numba and loads the
+    # data (one core is idle then): started first, it is done about when the neighbour search takes both cores.
+    with _plotter(not unlabelled) as plotter:
+        check_methods(None, **methods)  # every parameter is checked before any data is read
+        with _neighbour_backend(scheduler) as backend:
+            inputs = _load_inputs(train=train, test=test, train_labels=train_labels, test_labels=test_labels,
+                                  dataset=dataset, features=features, data_path=data_path, checkpoint=checkpoint,
+                                  cache_dir=cache_dir, unlabelled=unlabelled, progress=progress)
+            settings = {**inputs.info, "metric": metric, "threat_model": threat_model,
+                        "alpha": alpha if bagging else None, "split_time_limit_s": split_time_limit,
+                        "neighbour_backend": backend, "scheduler": scheduler}
+            results = certify_methods(inputs.X_train, inputs.y_train, inputs.X_test, inputs.y_test, **methods,
+                                      backend=backend, progress=progress, metadata=inputs.info, max_e=e_max,
+                                      time_limit=split_time_limit,
+                                      neighbour_cache=_cache_folder(cache_dir) if neighbour_cache else None)
+            if any(result.metadata.get("neighbour_tables_from_cache") for result in results):
+                typer.echo("neighbour tables read from the cache (same data, metric, k + e-max and radii as an earlier "
+                           "run; --no-neighbour-cache searches again)", err=True)
+            subtitle = inputs.subtitle(metric, threat_model)
+            _report(results, e_max, e_step, out, "Certified accuracy under data poisoning", subtitle, settings,
+                    plotter)  # without labels there is no plot, and the helper ends when the block does
+            if budgets is not None:
+                if inputs.y_test is None:
+                    _fail("--attack needs test labels: an attack's verified accuracy is measured on them")
+                _attack_report(inputs, budgets, knn=knn, rnn=rnn, metric=metric, threat_model=threat_model, seed=seed,
+                               time_budget=attack_time_budget, progress=progress, results=results, settings=settings,
+                               out=out)
 
 
 def _attack_report(inputs: _Inputs, budgets: list[int], *, knn: list[int], rnn: list[float], metric: str,
