@@ -300,7 +300,7 @@ class KNeighborsCertifier(_NeighborsCertifier):
         undecided = np.flatnonzero(~decided)
         while undecided.size:
             width = min(self.n_train_, 2 * width)
-            # The label table (int16/int32) and the engine's own buffers per row; see NeighbourIndex.
+            # The label table (int8/int16/int32) and the engine's own buffers per row; see NeighbourIndex.
             rows_per_chunk = max(1, int(self.max_memory_mb * 2**20 // (width * 16)))
             for start in range(0, len(undecided), rows_per_chunk):
                 rows = undecided[start : start + rows_per_chunk]

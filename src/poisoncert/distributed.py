@@ -60,6 +60,7 @@ from .neighbours import (
     _resolve_backend,
     _select_numba,
     _unit_rows,
+    label_table_dtype,
 )
 
 __all__ = ["DaskNeighbourIndex", "TrainingSource", "check_training_source", "connect", "training_source"]
@@ -752,7 +753,7 @@ class DaskNeighbourIndex(NeighbourIndex):
         self.dtype_ = source.search_dtype
         self.n_train_, self.n_features_in_ = source.shape
         self._max_label = int(y.max())
-        self._label_dtype = np.dtype(np.int16 if self._max_label <= np.iinfo(np.int16).max else np.int32)
+        self._label_dtype = label_table_dtype(self._max_label)
         self.last_run_: dict[str, Any] = {}
         self._client = _get_client(client)
         self._fit(source, y, label_codes(self.classes_)[y], shard_size)
