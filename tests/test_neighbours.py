@@ -624,7 +624,9 @@ def test_selection_gives_the_first_k_by_value_then_position(seed: int, k: int, d
     rows = rng.integers(0, spans, size=(len(spans), n)).astype(dtype)
     skewed = rng.integers(10, 50, size=(2, n)).astype(dtype)
     skewed[:, : n // 16] = rng.integers(0, 3, size=(2, n // 16))  # a sample far below the rest of its row
-    rows = np.vstack([rows, skewed])
+    # Key spans of 2 to 62 bits: the packed sort's one, two (2**26: its widest histograms) and three passes.
+    two_passes = np.random.default_rng(seed + 100).integers(0, [[2**20], [2**26]], size=(2, n)).astype(dtype)
+    rows = np.vstack([rows, two_passes, skewed])
     out = np.empty((len(rows), k), np.int64)
     _select_numba(rows, k, out)
     for row, got in zip(rows, out, strict=True):
