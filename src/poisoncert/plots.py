@@ -287,9 +287,11 @@ class BackgroundPlotter:
         # The helper imports this very package (the folder above it goes first on its path), whatever is installed.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+        # One BLAS thread: NumPy's OpenBLAS otherwise starts a thread per core that spins for about 0.1 s after the
+        # import, taking a core from the parent's start-up; the helper does no linear algebra.
         self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
             [sys.executable, "-m", "poisoncert.plots"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
+            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path, "OPENBLAS_NUM_THREADS": "1"})
         self._sent = False
 
     def _send(self, request: dict[str, Any], last: bool) -> None:
