@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -475,6 +476,9 @@ def certify(
                                       backend=backend, progress=progress, metadata=inputs.info, max_e=e_max,
                                       time_limit=split_time_limit,
                                       neighbour_cache=_cache_folder(cache_dir) if neighbour_cache else None)
+            # What is alive now (modules, numba's kernels, the results) stays until the process ends: frozen, the
+            # cyclic collector stops walking it (a full collection during the output files took 0.06 s on MNIST).
+            gc.freeze()
             if any(result.metadata.get("neighbour_tables_from_cache") for result in results):
                 typer.echo("neighbour tables read from the cache (same data, metric, k + e-max and radii as an earlier "
                            "run; --no-neighbour-cache searches again)", err=True)
