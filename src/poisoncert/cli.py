@@ -464,7 +464,15 @@ def certify(
     # The plot's helper process imports matplotlib (0.6 s of one core) while this one imports numba and loads the
     # data (one core is idle then): started first, it is done about when the neighbour search takes both cores.
     with _plotter(not unlabelled) as plotter:
-        check_methods(None, **methods)  # every parameter is checked before any data is read
+        # Importing numba (here, on the first check) creates some 10^5 long-lived objects and no garbage: the
+        # cyclic collector would walk them in full collections (0.03 s) during the one-core start-up. They are
+        # frozen instead, as everything alive after the neighbour pass is below.
+        gc.disable()
+        try:
+            check_methods(None, **methods)  # every parameter is checked before any data is read
+        finally:
+            gc.freeze()
+            gc.enable()
         with _neighbour_backend(scheduler) as backend:
             inputs = _load_inputs(train=train, test=test, train_labels=train_labels, test_labels=test_labels,
                                   dataset=dataset, features=features, data_path=data_path, checkpoint=checkpoint,
