@@ -182,11 +182,14 @@ def main() -> None:
         f"20-value r sweep / one r: {results['poisoncert rNN 20 r values'] / ours_r:.2f}x "
         f"(every distance inside the largest radius: {worst:.2f}x)"
     )
-    output_mb = X_test.shape[0] * K * 2 / 2**20
+    from poisoncert.neighbours import label_table_dtype
+
+    table_dtype = label_table_dtype(int(np.max(y_train)))
+    output_mb = X_test.shape[0] * K * table_dtype.itemsize / 2**20
     for chunk_size, peak in peaks.items():
         print(
             f"peak traced memory, kNN k=5000, chunk_size={chunk_size}: {peak:.0f} MiB "
-            f"(of which {output_mb:.0f} MiB is the returned int16 label matrix)"
+            f"(of which {output_mb:.0f} MiB is the returned {table_dtype} label matrix)"
         )
 
 
