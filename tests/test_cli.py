@@ -335,3 +335,38 @@ def test_console_entry_point_exit_status_and_streams(user_files, tmp_path):
         script = f"import sys, poisoncert.cli as cli\n@cli.app.command('bye')\ndef bye():\n    {body}\ncli.main()\n"
         done = subprocess.run([sys.executable, "-c", script, "bye"], capture_output=True, text=True, check=False)
         assert done.returncode == status, (body, done.returncode, done.stderr)
+
+
+def test_certify_in_process_leaves_the_cyclic_collector_as_it_was(user_files):
+    """Only the console script's own process tunes the collector (no collection while numba is imported, the
+    survivors frozen); called in-process, certify neither re-enables nor freezes anything."""
+    import gc
+
+    args = ["certify", "--train", str(user_files / "train.npz"), "--test", str(user_files / "test.npz"), "--knn", "3",
+            "--out", str(user_files / "out"), "--no-progress"]
+    frozen = gc.get_freeze_count()
+    gc.disable()
+    try:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert not gc.isenabled() and gc.get_freeze_count() == frozen
+    finally:
+        gc.enable()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and gc.isenabled() and gc.get_freeze_count() == frozen
+
+
+def test_the_console_script_pauses_the_collector_while_numba_is_imported(monkeypatch):
+    import gc
+
+    from poisoncert import cli
+
+    monkeypatch.setattr(cli, "_OWN_PROCESS", True)
+    frozen_before = gc.get_freeze_count()
+    try:
+        with cli._collector_paused():
+            assert not gc.isenabled()
+            created = [[] for _ in range(100)]  # noqa: F841 - tracked objects made inside the block
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen_before + 100
+    finally:
+        gc.unfreeze()

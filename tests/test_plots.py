@@ -97,3 +97,32 @@ def test_lines_drawn_over_the_prerendered_background_match_a_full_render(tmp_pat
     figure = CurvesFigure(curve_layout(rows), "title", "toy", rows)
     figure.draw(lowered, tmp_path / "lowered.png")
     assert (tmp_path / "lowered.png").read_bytes() != (tmp_path / "fast.png").read_bytes()
+
+
+@pytest.mark.parametrize("setting", [{"savefig.dpi": 200}, {"savefig.facecolor": "yellow"},
+                                     {"savefig.transparent": True}, {"axes.axisbelow": False}])
+def test_matplotlib_settings_that_savefig_honours_keep_savefig(tmp_path, setting) -> None:
+    import matplotlib
+    from PIL import Image
+
+    from poisoncert.plots import CurvesFigure
+
+    rows = _rows()
+    with matplotlib.rc_context(setting):
+        figure = CurvesFigure(curve_layout(rows), "title", "toy", rows)
+        assert figure._background is None
+        figure.draw(rows, tmp_path / "set.png")
+    if "savefig.dpi" in setting:
+        default = CurvesFigure(curve_layout(rows), "title", "toy", rows)
+        assert default._background is not None
+        default.draw(rows, tmp_path / "default.png")
+        assert Image.open(tmp_path / "set.png").size[0] > 1.5 * Image.open(tmp_path / "default.png").size[0]
+
+
+def test_a_block_that_fails_ends_the_helper_at_once() -> None:
+    """A bad parameter fails before any plot is asked for: the helper is killed, not waited for."""
+    with pytest.raises(ValueError, match="bad parameter"):
+        with BackgroundPlotter() as plotter:
+            process = plotter._process
+            raise ValueError("bad parameter")
+    assert process is not None and process.returncode is not None and process.returncode < 0

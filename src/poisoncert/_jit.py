@@ -9,7 +9,10 @@ core before the first kernel runs, about a third of numba's first call, while no
 ``cython_blas`` as an extension module in its ``linalg`` package), and the probe is put back at once: a kernel that
 does use BLAS (``np.dot``) still runs numba's own check when it is compiled, and SciPy's BLAS is imported then. With
 another numba (where that probe is gone or renamed), or with ``numba.np.arraymath`` already imported, nothing is
-changed.
+changed. Limits, neither of which touches poisoncert's own kernels: the answer assumes the ``cython_blas`` found
+loads (with a broken SciPy whose file is there but does not load, numba's ``np.correlate`` and ``np.convolve`` in a
+kernel fail instead of falling back to their plain loops), and another thread compiling a BLAS kernel during this
+one import would skip numba's check of SciPy's integer width.
 """
 
 from __future__ import annotations

@@ -93,6 +93,37 @@ def _parse_bagging(specs: list[str]) -> list[tuple[int, int]]:
     return parsed
 
 
+#: True while :func:`main` runs a command in its own process, which ends when the command returns: only then may the
+#: cyclic collector be tuned for the command (not when the commands are called in-process, by tests or notebooks).
+_OWN_PROCESS = False
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic collection inside the block, and what it created frozen (:func:`gc.freeze`) after it.
+
+    Importing numba creates some 10^5 long-lived objects and no garbage: the collector would walk them in full
+    collections (0.03 s) during the command's one-core start-up. Only in the command's own process.
+    """
+    if not _OWN_PROCESS:
+        yield
+        return
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was_enabled:
+            gc.enable()
+
+
+def _freeze_survivors() -> None:
+    """:func:`gc.freeze` in the command's own process (everything alive stays until it ends)."""
+    if _OWN_PROCESS:
+        gc.freeze()
+
+
 @contextlib.contextmanager
 def _plotter(wanted: bool) -> Iterator[Any]:
     """A :class:`poisoncert.plots.BackgroundPlotter` when a plot will be drawn, else None."""
@@ -464,15 +495,8 @@ def certify(
     # The plot's helper process imports matplotlib (0.6 s of one core) while this one imports numba and loads the
     # data (one core is idle then): started first, it is done about when the neighbour search takes both cores.
     with _plotter(not unlabelled) as plotter:
-        # Importing numba (here, on the first check) creates some 10^5 long-lived objects and no garbage: the
-        # cyclic collector would walk them in full collections (0.03 s) during the one-core start-up. They are
-        # frozen instead, as everything alive after the neighbour pass is below.
-        gc.disable()
-        try:
+        with _collector_paused():  # numba is imported by the first check
             check_methods(None, **methods)  # every parameter is checked before any data is read
-        finally:
-            gc.freeze()
-            gc.enable()
         with _neighbour_backend(scheduler) as backend:
             inputs = _load_inputs(train=train, test=test, train_labels=train_labels, test_labels=test_labels,
                                   dataset=dataset, features=features, data_path=data_path, checkpoint=checkpoint,
@@ -486,7 +510,7 @@ def certify(
                                       neighbour_cache=_cache_folder(cache_dir) if neighbour_cache else None)
             # What is alive now (modules, numba's kernels, the results) stays until the process ends: frozen, the
             # cyclic collector stops walking it (a full collection during the output files took 0.06 s on MNIST).
-            gc.freeze()
+            _freeze_survivors()
             if any(result.metadata.get("neighbour_tables_from_cache") for result in results):
                 typer.echo("neighbour tables read from the cache (same data, metric, k + e-max and radii as an earlier "
                            "run; --no-neighbour-cache searches again)", err=True)
@@ -630,12 +654,15 @@ def main() -> None:
     ``atexit`` handlers run, the standard streams are flushed, and the process ends at once; the OS reclaims the
     rest. Where another thread is still alive (a library's worker), the normal exit path is taken instead, which
     joins it. What finalisation alone would do is skipped: flushing file objects left open (poisoncert writes every
-    file in a ``with`` block) and ``__del__`` methods.
+    file in a ``with`` block) and ``__del__`` methods. Only here does certify tune the cyclic collector for the
+    command (:func:`_collector_paused`); called in-process (tests, notebooks) the commands leave it as it was.
     """
     import atexit
     import sys
     import threading
 
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     try:
         app()
         status: object = 0

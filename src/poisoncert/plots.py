@@ -153,7 +153,8 @@ class CurvesFigure:
         self._axes = axes
         self._foreground = [*axes.lines, *axes.spines.values()]
         self._background = None
-        if figure.bbox_inches.padded(1e-9).contains(self._crop.x0, self._crop.y0) and \
+        if _savefig_draws_as_the_figure(figure) and \
+                figure.bbox_inches.padded(1e-9).contains(self._crop.x0, self._crop.y0) and \
                 figure.bbox_inches.padded(1e-9).contains(self._crop.x1, self._crop.y1):
             for artist in self._foreground:
                 artist.set_visible(False)
@@ -198,6 +199,18 @@ class CurvesFigure:
         bottom, top = max(0, math.floor(self._crop.y0 * dpi)), min(height, math.ceil(self._crop.y1 * dpi))
         # As savefig writes PNG (PIL, matplotlib's metadata, the figure's dpi); rows run top down.
         imsave(buffer, pixels[height - top : height - bottom, left:right], format="png", dpi=dpi)
+
+
+def _savefig_draws_as_the_figure(figure: Any) -> bool:
+    """Whether savefig would render what the figure's own canvas renders (the pre-rendered background's premise):
+    matplotlib's defaults for the PNG's dpi and colours, and the grid below the lines. A user's matplotlibrc that
+    changes them keeps savefig."""
+    import matplotlib
+
+    rc = matplotlib.rcParams
+    return (rc["savefig.dpi"] in ("figure", figure.dpi) and rc["savefig.facecolor"] == "auto"
+            and rc["savefig.edgecolor"] == "auto" and not rc["savefig.transparent"]
+            and rc["axes.axisbelow"] in (True, "line"))
 
 
 def plot_bracket(
@@ -373,6 +386,10 @@ class BackgroundPlotter:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
+        if kind is not None and self._process is not None:
+            # The command failed (often a bad parameter, before any work): end the helper now rather than wait
+            # for it to finish importing matplotlib.
+            self._process.kill()
         self.close()
 
 
