@@ -184,7 +184,7 @@ def main() -> None:
     )
     from poisoncert.neighbours import label_table_dtype
 
-    table_dtype = label_table_dtype(int(np.max(y_train)))
+    table_dtype = label_table_dtype(len(np.unique(y_train)) - 1)  # label indices, not values
     output_mb = X_test.shape[0] * K * table_dtype.itemsize / 2**20
     for chunk_size, peak in peaks.items():
         print(

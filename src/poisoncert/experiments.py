@@ -367,6 +367,7 @@ def write_examples_csv(path: str | Path, results: Sequence[CertificationResult])
         votes = result.votes[:, :n_votes]
         # csv.writer's rows, written by one string formatting per result: the class names quoted by csv.writer
         # itself, everything else str() as csv.writer writes it. A Python tuple per row cost more than the numbers.
+        # Each name written beside an empty field, as in a row (alone, an empty field would be written as "").
         names = np.array([_csv_fields([name, ""])[:-1] for name in classes], dtype=object)
         columns = np.empty((result.n_test, 4 + votes.shape[1]), dtype=object)
         columns[:, 0] = range(result.n_test)

@@ -153,9 +153,9 @@ class CurvesFigure:
         self._axes = axes
         self._foreground = [*axes.lines, *axes.spines.values()]
         self._background = None
-        if _savefig_draws_as_the_figure(figure) and \
-                figure.bbox_inches.padded(1e-9).contains(self._crop.x0, self._crop.y0) and \
-                figure.bbox_inches.padded(1e-9).contains(self._crop.x1, self._crop.y1):
+        canvas = figure.bbox_inches.padded(1e-9)
+        if _savefig_draws_as_the_figure(figure) and canvas.contains(self._crop.x0, self._crop.y0) and \
+                canvas.contains(self._crop.x1, self._crop.y1):
             for artist in self._foreground:
                 artist.set_visible(False)
             figure.canvas.draw()
