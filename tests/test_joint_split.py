@@ -132,6 +132,61 @@ def test_knn_profiles_and_tables_agree_on_larger_tables(seed: int, monkeypatch) 
     assert profiles.exact.all() and tables.exact.all()
 
 
+def _profile_bits(table_row: np.ndarray, a: int, rival: int, k: int, n: int, reach: int, side: int) -> np.ndarray:
+    """Bit x = whether ``D = s_rival - s_a`` reaches a new running maximum at the side's (x + 1)-th step, read off
+    the definition: the steps' D changes, their cumulative sum and its running maximum."""
+    x = np.arange(reach)
+    if side == 0:  # SL: neighbour k - x - 1 dropped, if it is a real one (below min(k, n))
+        position = k - x - 1
+        valid = (position >= 0) & (position < min(k, n))
+        sign = 1
+    else:  # SR: neighbour k + x taken in, if there is one
+        position = k + x
+        valid = (position < n) & (position < table_row.shape[0])
+        sign = -1
+    labels = table_row[np.where(valid, position, 0)]
+    delta = np.where(valid, sign * ((labels == a).astype(int) - (labels == rival).astype(int)), 0)
+    level = np.cumsum(delta)
+    best = np.maximum.accumulate(np.concatenate([[0], level]))[:-1]
+    return level > best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knn_profiles_follow_their_definition_over_many_words(seed: int) -> None:
+    # Word-at-a-time kernel against the running maxima, with profiles of several 64-bit words (a partial last one),
+    # k above n, tables narrower than the training set, long runs of one label and labels that never occur.
+    rng = np.random.default_rng(seed)
+    c = int(rng.integers(2, 7))
+    n_test, width = int(rng.integers(1, 6)), int(rng.integers(150, 700))
+    # A table narrower than the training set (it holds the first k and more), or the whole of it with k > n too.
+    n = width if seed % 3 else width + int(rng.integers(1, 200))
+    k = width + 5 if seed % 3 and seed % 4 == 1 else int(rng.integers(20, width))
+    table = rng.integers(0, c - (seed % 2), (n_test, width)).astype(np.int8)
+    for row in table:
+        start = int(rng.integers(0, width - 50))
+        row[start : start + int(rng.integers(1, 140))] = rng.integers(0, c)
+    votes = knn_votes_from_labels(table[:, : min(k, n, width)], min(k, n, width), c).astype(np.int64)
+    a = predict(votes)
+    reach = int(rng.integers(1, min(k, 300) + 1))
+    inputs = np.arange(n_test)
+    pair_row = np.full((n_test, c), -1, np.int64)
+    wanted = rng.random((n_test, c)) < 0.8
+    wanted[inputs, a] = False
+    pair_row.T[wanted.T] = np.arange(int(wanted.sum()))
+    n_words = -(-reach // 64)
+    sl_bits = np.full((int(wanted.sum()), n_words), 7, np.uint64)
+    sr_bits = np.full((n_words, int(wanted.sum())), 7, np.uint64).T
+    joint_split._knn_profiles(table, inputs, a, votes, pair_row, k, n, reach, sl_bits, sr_bits)
+    for i, rival in zip(*np.nonzero(wanted), strict=True):
+        for side, bits in ((0, sl_bits), (1, sr_bits)):
+            unpacked = np.unpackbits(np.ascontiguousarray(bits[pair_row[i, rival]]).view(np.uint8),
+                                     bitorder="little")
+            np.testing.assert_array_equal(unpacked[:reach].astype(bool),
+                                          _profile_bits(table[i], a[i], rival, k, n, reach, side),
+                                          err_msg=f"side {side}")
+            assert not unpacked[reach:].any(), "bits past the reach are clear"
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_a_certifier_asked_again_agrees_with_a_fresh_one(seed: int) -> None:
     # It keeps its profiles and the sizes known to flip every input between calls, and builds profiles for a
