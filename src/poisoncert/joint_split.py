@@ -85,7 +85,8 @@ def _bound_flips(labels, costs, budget, n_classes, threshold, slack, hist, touch
     hulls, taken greedily by slope) gives the multiplier ``lam`` and the Lagrangian bound ``L = lam * budget +
     sum_l max_x (g_l(x) - lam x)``; the greedy integral part of the LP is a feasible allocation. Any allocation
     with more than ``thr`` flips has total Lagrangian loss below ``L - thr``, so a label's choices with a larger
-    loss are dropped (reduced-cost fixing) and the exact dynamic programme runs over the few that remain.
+    loss are dropped (reduced-cost fixing) and the exact dynamic programme runs over the few that remain
+    (:func:`_best_gain_within`), first for a trial threshold just below the LP bound.
 
     ``hist`` (``n_classes x (budget + 1)``) and ``touched`` (``n_classes x (budget // 64 + 1)`` bits) are scratch,
     zero on entry and left zero: only the costs that occur are visited, not every cost up to the budget.
@@ -191,48 +192,91 @@ def _bound_flips(labels, costs, budget, n_classes, threshold, slack, hist, touch
         out[0] = upper
         out[2] = 0
         return
-    # Exact DP over the choices whose Lagrangian loss leaves room for more than thr flips.
-    allowed = bound - (thr - free + 1) + 1e-7
-    best = np.full(budget + 1, _NEG, np.int64)
-    best[0] = 0
+    # Exact DP over the choices whose Lagrangian loss leaves room for more than a trial threshold: first just below
+    # the LP bound, where F usually is (MNIST: within 7 of it in 90 % of the calls that find F, while thr lay a
+    # median 43 and up to thousands below), then 4 times further down each time, last at thr. A smaller
+    # allowance drops more choices and states, so the trials cost less than one DP at thr (MNIST's kNN and rNN
+    # split curves: the DPs 40 % less time).
+    best = np.empty(budget + 1, np.int64)
     new = np.empty(budget + 1, np.int64)
-    reach = 0
+    gap = 4
+    while True:
+        trial = max(thr, upper - gap)
+        value = _best_gain_within(start, px, pg, lam, best_reduced, bound - (trial - free + 1) + 1e-7, budget,
+                                  n_classes, best, new)
+        if value >= 0 and free + value > trial:
+            # Every allocation with more than ``trial`` flips was kept, so the best of them is the optimum.
+            out[0] = free + value
+            out[1] = free + value
+            out[2] = 1
+            return
+        if trial == thr:
+            break
+        gap *= 4
+    out[0] = thr
+    out[2] = 1 if thr == lower else 0
+
+
+@numba.njit(inline="always")
+def _best_gain_within(start, px, pg, lam, best_reduced, allowed, budget, n_classes, best, new):  # pragma: no cover
+    """Largest total gain of at most one point per label (``px``, ``pg`` from ``start[l]``) costing at most
+    ``budget``, over the choices whose Lagrangian loss (``best_reduced[l] - (g - lam x)``, summed) is at most
+    ``allowed``; ``_NEG`` when there is none. ``best``, ``new``: scratch of ``budget + 1``.
+
+    A dynamic programme over labels on the budget spent. Loss only grows as labels are added, so a point whose
+    own loss exceeds ``allowed`` is skipped and so is a state (a spend and its best gain so far) whose loss does:
+    the live states then span a range of spends far narrower than the budget, and the next label's pass covers
+    only that range.
+    """
+    best[:] = _NEG
+    new[:] = _NEG
+    best[0] = 0
+    lo = 0
+    hi = 0
+    spent_reduced = 0.0
     for lab in range(n_classes):
         keep_zero = best_reduced[lab] <= allowed
+        new_lo = budget + 1
+        new_hi = -1
         if keep_zero:
-            new[:] = best
-        else:
-            new[:] = _NEG
+            new[lo : hi + 1] = best[lo : hi + 1]
+            new_lo = lo
+            new_hi = hi
         n_kept = 0
-        widest = 0
         for j in range(start[lab], start[lab + 1]):
             if best_reduced[lab] - (pg[j] - lam * px[j]) > allowed:
                 continue
-            n_kept += 1
             x = px[j]
-            g = pg[j]
-            if x > widest:
-                widest = x
-            top = min(budget, reach + x)
+            if lo + x > budget:
+                continue
+            n_kept += 1
+            top = min(budget, hi + x)
             # Branch-free max over aligned slices: this inner loop is most of the time and vectorises so.
-            _max_shifted(new[x : top + 1], best[: top + 1 - x], g)
+            _max_shifted(new[lo + x : top + 1], best[lo : top + 1 - x], pg[j])
+            new_lo = min(new_lo, lo + x)
+            new_hi = max(new_hi, top)
         if n_kept == 0 and not keep_zero:
-            out[0] = thr
-            out[2] = 1 if thr == lower else 0
-            return
-        reach = min(budget, reach + widest)
-        best[:] = new
+            return _NEG
+        best[lo : hi + 1] = _NEG
+        spent_reduced += best_reduced[lab]
+        floor = spent_reduced - allowed - 1e-6  # a state's loss so far: spent_reduced - (gain - lam * spend)
+        live_lo = budget + 1
+        live_hi = -1
+        for b in range(new_lo, new_hi + 1):
+            if new[b] - lam * b < floor:
+                new[b] = _NEG
+            elif new[b] > _NEG:
+                live_lo = min(live_lo, b)
+                live_hi = b
+        if live_hi < 0:
+            return _NEG
+        best, new = new, best
+        lo = live_lo
+        hi = live_hi
     value = _NEG
-    for b in range(budget + 1):
-        if best[b] > value:
-            value = best[b]
-    if value >= 0 and free + value > thr:
-        out[0] = free + value
-        out[1] = free + value
-        out[2] = 1
-    else:
-        out[0] = thr
-        out[2] = 1 if thr == lower else 0
+    for b in range(lo, hi + 1):
+        value = max(value, best[b])
+    return value
 
 
 @numba.njit(inline="always")
