@@ -66,6 +66,26 @@ def test_string_labels_with_gaps_are_mapped_through_classes(blobs):
     assert set(result.predictions.tolist()) <= {"cat", "dog", "emu"}
 
 
+@pytest.mark.parametrize("k", [5, 60])  # 60 + 40 > n_train = 90: the table holds the whole training set
+def test_knn_result_curves_equal_the_functions_on_its_table(blobs, k):
+    # A result hands its own vote counts to its global and split curves instead of counting its table again: the
+    # curves must equal those of the public functions, which count (and check) the table themselves.
+    from poisoncert.certify import knn_joint_certified_accuracy
+    from poisoncert.joint_split import knn_split_certified_accuracy
+
+    X_train, y_train, X_test, y_test = blobs
+    names = np.array(["cat", "dog", "emu"])
+    model = CertifiedKNeighborsClassifier(n_neighbors=k).fit(X_train, names[y_train])
+    result = model.certify(X_test, names[y_test], max_e=40)
+    table, truth, e = result.neighbor_labels, np.searchsorted(names, names[y_test]), np.arange(0, 41, 3)
+    np.testing.assert_array_equal(
+        result.certified_accuracy(e, method="global"),
+        knn_joint_certified_accuracy(table, truth, e, n_classes=3, n_neighbors=k, n_train=len(X_train)))
+    np.testing.assert_array_equal(
+        result.certified_accuracy(e, method="split"),
+        knn_split_certified_accuracy(table, truth, e, k, n_classes=3, n_train=len(X_train)))
+
+
 def test_certify_result_is_consistent_and_exports_metadata(blobs, tmp_path):
     X_train, y_train, X_test, y_test = blobs
     model = CertifiedKNeighborsClassifier(n_neighbors=15).fit(X_train, y_train)

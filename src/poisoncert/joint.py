@@ -416,7 +416,13 @@ def knn_joint_certified_accuracy(
         )
     # A(m) is only read at m <= k (r <= e), so columns beyond k never matter.
     labels = labels[:, : min(k, labels.shape[1])]
-    votes = knn_votes_from_labels(labels, labels.shape[1], n_classes)
+    return _knn_joint_curve(labels, knn_votes_from_labels(labels, labels.shape[1], n_classes), y, e, k, n_classes)
+
+
+def _knn_joint_curve(labels: np.ndarray, votes: np.ndarray, y: np.ndarray, e: np.ndarray, k: int,
+                     n_classes: int) -> np.ndarray:
+    """:func:`knn_joint_certified_accuracy` on checked inputs: ``labels`` the first ``min(k, K)`` columns of a
+    table of label indices, ``votes`` their counts (a result's own, which it counted from that table)."""
     a = predict(votes)
     rival = rival_counts(votes, a)
     correct = np.flatnonzero(a == y)

@@ -1522,7 +1522,7 @@ class KnnSplitCertifier:
 
     def __init__(self, neighbor_labels: np.ndarray, y: np.ndarray, k: int, n_classes: int | None = None,
                  n_train: int | None = None, threat_model: str = "general", *, max_memory_mb: float = 1024,
-                 max_e: int | None = None) -> None:
+                 max_e: int | None = None, _votes: np.ndarray | None = None) -> None:
         self.threat_model = _check_threat_model(threat_model)
         if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, int | float) or not max_memory_mb > 0:
             raise ValueError(f"max_memory_mb must be a positive number, got {max_memory_mb!r}")
@@ -1533,7 +1533,12 @@ class KnnSplitCertifier:
         self._n_train_given = n_train
         n_test = self.table.shape[0]
         window = min(self.k, self.n_train, self.table.shape[1])
-        self.votes = knn_votes_from_labels(self.table[:, :window], window, self.c)
+        if _votes is not None and _votes.shape == (n_test, self.c):
+            # A CertificationResult's own counts of this table's first min(k, n_train) columns (it counted them
+            # there): not counted again. Callers outside the package never pass them.
+            self.votes = _votes
+        else:
+            self.votes = knn_votes_from_labels(self.table[:, :window], window, self.c)
         self.a = predict(self.votes)
         self.correct = np.flatnonzero(self.a == self.y)
         self.model = "general" if self.threat_model == "label-flip" else self.threat_model
