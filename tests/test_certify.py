@@ -156,6 +156,28 @@ def test_paper_sort_key_trap_does_not_overcount():
         assert ca <= 0.5 and island <= 0.5
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_rd_curve_sorted_once_equals_sorting_every_size(seed):
+    # The RD curve sorts its fixed groups once (correct members by margin, then the misclassified); each size's
+    # count must equal that of the members sorted by that size's g, with misclassified members of large margin,
+    # equal margins and sizes past every margin.
+    from poisoncert.certify import _certified_in_groups, _rank_within_label
+    from poisoncert.votes import margin_terms
+
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(1, 60)), int(rng.integers(2, 5))
+    votes = rng.integers(0, 8, (n, c))
+    a, _, margin = margin_terms(votes)
+    y = np.where(rng.random(n) < 0.7, a, rng.integers(0, c, n))
+    e = np.arange(0, 12)
+    order = np.random.default_rng(seed).permutation(n)
+    group = np.empty(n, dtype=np.int64)
+    group[order] = _rank_within_label(a[order], np.zeros(n))
+    expected = [_certified_in_groups(group, np.where(a == y, np.maximum(margin - size, 0), 0), size) / n
+                for size in e]
+    np.testing.assert_array_equal(certify.certified_accuracy(votes, y, e, "rd", seed=seed), expected)
+
+
 def test_accuracy_from_certified_sizes():
     sizes = np.array([-1, 0, 0, 3, 7])
     np.testing.assert_allclose(certify.accuracy_from_certified_sizes(sizes, [0, 1, 3, 4, 7, 8]),

@@ -215,6 +215,10 @@ def _grouped_accuracy(
         order = np.random.default_rng(seed).permutation(n_test)
         rd_group = np.empty(n_test, dtype=np.int64)
         rd_group[order] = _rank_within_label(a[order], np.zeros(n_test))
+        # The groups are fixed, and within one the correct members by margin descending, then the others (g = 0),
+        # have g(e) non-increasing at every e: one sort serves the whole curve.
+        rd_order = np.lexsort((-margin, ~correct, rd_group))
+        rd_sorted_group = rd_group[rd_order]
     out = np.empty(len(e), dtype=np.float64)
     for position, size in enumerate(e.tolist()):
         g = np.where(correct, np.maximum(margin - size, 0), 0)
@@ -226,7 +230,7 @@ def _grouped_accuracy(
             group = _rank_within_label(a[members], -margin[members])
             certified = int(individually_certified.sum()) + _certified_in_groups(group, g[members], size)
         else:
-            certified = _certified_in_groups(rd_group, g, size)
+            certified = _suffix_sums_above(rd_sorted_group, g[rd_order].astype(np.int64), size)
         out[position] = certified / n_test
     return out
 
@@ -249,12 +253,17 @@ def _certified_in_groups(group: np.ndarray, g: np.ndarray, budget: int) -> int:
     if len(group) == 0:
         return 0
     order = np.lexsort((-g, group))
-    sorted_group = group[order]
-    sorted_g = g[order].astype(np.int64)
+    return _suffix_sums_above(group[order], g[order].astype(np.int64), budget)
+
+
+def _suffix_sums_above(sorted_group: np.ndarray, sorted_g: np.ndarray, budget: int) -> int:
+    """:func:`_certified_in_groups` on members sorted by group, and by ``g`` descending within one."""
+    if len(sorted_group) == 0:
+        return 0
     # Suffix sums within each group: total of the group minus the prefix sum before each position.
     prefix = np.cumsum(sorted_g) - sorted_g
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_group)) + 1]
-    ends = np.r_[starts[1:], len(order)]
+    ends = np.r_[starts[1:], len(sorted_group)]
     lengths = ends - starts
     group_prefix_start = np.repeat(prefix[starts], lengths)
     group_total = np.repeat(np.add.reduceat(sorted_g, starts), lengths)
