@@ -86,6 +86,26 @@ def test_knn_result_curves_equal_the_functions_on_its_table(blobs, k):
         knn_split_certified_accuracy(table, truth, e, k, n_classes=3, n_train=len(X_train)))
 
 
+def test_a_hand_built_knn_result_counts_its_table_for_its_curves():
+    # Votes that do not match the table (here: both inputs given 3 votes for label 0, while their first 3
+    # neighbours are 1, 1, 0): a result the package did not count itself must not take them on trust.
+    from poisoncert.certify import knn_joint_certified_accuracy
+    from poisoncert.joint_split import knn_split_certified_accuracy
+    from poisoncert.results import CertificationResult
+
+    table = np.array([[1, 1, 0, 0, 0]] * 2)
+    result = CertificationResult(method="knn", params={"k": 3}, prediction_indices=np.array([0, 0]),
+                                 y_true=np.array([0, 0]), votes=np.array([[3, 0], [3, 0]]),
+                                 certified_size=np.array([0, 0]), classes=np.array([0, 1]), neighbor_labels=table,
+                                 metadata={"n_train": 5})
+    e = [0, 1]
+    np.testing.assert_array_equal(result.certified_accuracy(e, method="global"),
+                                  knn_joint_certified_accuracy(table, [0, 0], e, n_classes=2, n_neighbors=3, n_train=5))
+    np.testing.assert_array_equal(result.certified_accuracy(e, method="split"),
+                                  knn_split_certified_accuracy(table, [0, 0], e, 3, n_classes=2, n_train=5))
+    assert result.certified_accuracy(e, method="split").tolist() == [0.0, 0.0]
+
+
 def test_certify_result_is_consistent_and_exports_metadata(blobs, tmp_path):
     X_train, y_train, X_test, y_test = blobs
     model = CertifiedKNeighborsClassifier(n_neighbors=15).fit(X_train, y_train)

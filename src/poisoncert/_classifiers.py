@@ -282,6 +282,7 @@ class KNeighborsCertifier(_NeighborsCertifier):
                 votes, y_index, sizes, threat_model, {"k": k}, options,
                 neighbor_labels=np.ascontiguousarray(labels[:, :table_width]) if y_index is not None else None,
                 max_e=None if table_width == self.n_train_ else joint_e,
+                _votes_of_table=y_index is not None,  # votes: the first min(k, n_train) columns of this table
             )
             result.metadata["neighbour_table_width"] = int(table_width)
             results[k] = result

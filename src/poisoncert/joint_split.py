@@ -1533,9 +1533,9 @@ class KnnSplitCertifier:
         self._n_train_given = n_train
         n_test = self.table.shape[0]
         window = min(self.k, self.n_train, self.table.shape[1])
-        if _votes is not None and _votes.shape == (n_test, self.c):
-            # A CertificationResult's own counts of this table's first min(k, n_train) columns (it counted them
-            # there): not counted again. Callers outside the package never pass them.
+        if _votes is not None and _votes.shape == (n_test, self.c) and window == min(self.k, self.table.shape[1]):
+            # A CertificationResult's counts of this table's first min(k, K) columns, made by the package from this
+            # very table (results.py passes them only then): not counted again. No caller outside passes them.
             self.votes = _votes
         else:
             self.votes = knn_votes_from_labels(self.table[:, :window], window, self.c)

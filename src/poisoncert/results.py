@@ -90,6 +90,10 @@ class CertificationResult:
     _split: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
     _global_removals: dict[int, list[int]] = field(default_factory=dict, repr=False)
     _certifier: Any = field(default=None, repr=False)
+    # True where the package counted ``votes`` from ``neighbor_labels`` itself (their first min(k, K) columns): the
+    # kNN joint curves then take those counts instead of counting the table again. A result built by hand, or
+    # changed since, keeps False and its curves count the table, so they never depend on votes it was given.
+    _votes_of_table: bool = field(default=False, repr=False)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -198,7 +202,8 @@ class CertificationResult:
                     self._certifier = KnnSplitCertifier(
                         self.neighbor_labels, self.y_true, int(self.params["k"]), self.votes.shape[1],
                         self.metadata.get("n_train"), self.threat_model,
-                        **({} if memory is None else {"max_memory_mb": memory}), _votes=self.votes)
+                        **({} if memory is None else {"max_memory_mb": memory}),
+                        _votes=self.votes if self._votes_of_table else None)
                 details = self._certifier.certify(e, **options)
             else:
                 details = rnn_split_certificate(self.votes, self.y_true, e, self.threat_model, **options)
@@ -218,13 +223,18 @@ class CertificationResult:
             self._global_removals.update(zip(e.tolist(), removals.tolist(), strict=True))
             return accuracy, exact
         if self.method == "knn":
-            from .joint import _knn_joint_curve
-
-            # The result's table and the votes it counted from it (the first min(k, n_train) columns), both checked
-            # when they were made: the curve need not check and count them again (0.1 CPU-s on MNIST).
             k = int(self.params["k"])
             table = self.neighbor_labels[:, : min(k, self.neighbor_labels.shape[1])]
-            return _knn_joint_curve(table, self.votes, self.y_true, e, k, self.votes.shape[1]), exact
+            if self._votes_of_table:
+                from .joint import _knn_joint_curve
+
+                # The table and the votes the package counted from it, both checked when they were made: not
+                # checked and counted again (0.1 CPU-s on MNIST).
+                return _knn_joint_curve(table, self.votes, self.y_true, e, k, self.votes.shape[1]), exact
+            return certify.knn_joint_certified_accuracy(
+                table, self.y_true, e, n_classes=self.votes.shape[1], n_neighbors=k,
+                n_train=self.metadata.get("n_train"),
+            ), exact
         return certify.certified_accuracy(self.votes, self.y_true, e, method=method, seed=self.seed), exact
 
     def split_attack(self, e: np.ndarray | list[int] | int) -> dict[str, Any]:
