@@ -339,10 +339,15 @@ def _packed_radix_sort(keys, positions, scratch, hist, low, n_bits):  # pragma: 
     n = keys.shape[0]
     for t in range(n):
         positions[t] = (np.int64(keys[t] - low) << 32) | positions[t]
-    src = _sort_packed(positions, scratch[:n], hist, n_bits)
+    _unpack(_sort_packed(positions, scratch[:n], hist, n_bits), n, low, keys, positions)
+
+
+@numba.njit(inline="always")
+def _unpack(words, count, low, keys, positions):  # pragma: no cover - compiled
+    """The first ``count`` packed ``(key - low) << 32 | position`` words into ``keys`` and ``positions``."""
     low_bits = (np.int64(1) << 32) - 1
-    for t in range(n):
-        value = src[t]
+    for t in range(count):
+        value = words[t]
         keys[t] = (value >> 32) + low
         positions[t] = value & low_bits
 
@@ -460,12 +465,7 @@ def _select_row_sampled(bits, k, scratch, out_pos):  # pragma: no cover - compil
         for t in range(n_candidates):
             j = candidates[t]
             packed[t] = ((np.int64(bits[j]) - np.int64(low)) << 32) | j
-        ordered = _sort_packed(packed, positions_tmp[:n_candidates], hist, n_bits)
-        low_bits = (np.int64(1) << 32) - 1
-        for t in range(k):
-            value = ordered[t]
-            keys[t] = (value >> 32) + low
-            out_pos[t] = value & low_bits
+        _unpack(_sort_packed(packed, positions_tmp[:n_candidates], hist, n_bits), k, low, keys, out_pos)
         return True
     for t in range(n_candidates):
         j = candidates[t]
