@@ -353,6 +353,22 @@ def _unpack(words, count, low, keys, positions):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
+def _key_bits(low, high):  # pragma: no cover - compiled
+    """Bits of the span ``high - low`` (non-negative keys): how wide the keys are once ``low`` is taken off."""
+    span = np.int64(high) - np.int64(low)
+    n_bits = 0
+    while (span >> n_bits) > 0:
+        n_bits += 1
+    return n_bits
+
+
+@numba.njit(inline="always")
+def _packs(n_bits, n_positions):  # pragma: no cover - compiled
+    """Whether keys of ``n_bits`` and positions below ``n_positions`` fit one int64 word (31 and 32 bits)."""
+    return n_bits <= 31 and n_positions <= (np.int64(1) << 32)
+
+
+@numba.njit(inline="always")
 def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist, n_positions):  # pragma: no cover - compiled
     """Sort ``keys`` ascending (carrying ``positions``, each below ``n_positions``), stably, in place; LSD radix with
     digits of at most ``_SORT_DIGIT`` bits (``hist`` holds ``2 ** _SORT_DIGIT + 2`` counts)."""
@@ -360,11 +376,8 @@ def _stable_radix_sort(keys, positions, keys_tmp, positions_tmp, hist, n_positio
     if n < 2:
         return
     low, high = _min_max(keys)
-    span = high - low
-    n_bits = 0
-    while (span >> n_bits) > 0:
-        n_bits += 1
-    if n_bits <= 31 and n_positions <= (np.int64(1) << 32):
+    n_bits = _key_bits(low, high)
+    if _packs(n_bits, n_positions):
         _packed_radix_sort(keys, positions, positions_tmp, hist, low, n_bits)
         return
     for t in range(n):
@@ -455,10 +468,8 @@ def _select_row_sampled(bits, k, scratch, out_pos):  # pragma: no cover - compil
         low = min(low, value)
     if n_candidates < k or n_candidates > keys.shape[0]:
         return False
-    n_bits = 0
-    while ((np.int64(threshold) - np.int64(low)) >> n_bits) > 0:
-        n_bits += 1
-    if n_bits <= 31 and n_train <= (np.int64(1) << 32):
+    n_bits = _key_bits(low, threshold)
+    if _packs(n_bits, n_train):
         # Gathered straight into packed words (key above the minimum, position), sorted, and only the first k
         # unpacked, into the output and ``keys``: no separate gather, minimum and packing passes.
         packed = positions[:n_candidates]

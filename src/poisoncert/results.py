@@ -91,8 +91,8 @@ class CertificationResult:
     _global_removals: dict[int, list[int]] = field(default_factory=dict, repr=False)
     _certifier: Any = field(default=None, repr=False)
     # True where the package counted ``votes`` from ``neighbor_labels`` itself (their first min(k, K) columns): the
-    # kNN joint curves then take those counts instead of counting the table again. A result built by hand, or
-    # changed since, keeps False and its curves count the table, so they never depend on votes it was given.
+    # kNN joint curves then take those counts instead of counting the table again. A result built by hand keeps
+    # False and its curves count the table, so they never depend on votes it was given.
     _votes_of_table: bool = field(default=False, repr=False)
 
     @property
