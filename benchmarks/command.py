@@ -107,7 +107,7 @@ def main() -> None:
         print(f"  {name:<64} {seconds:7.2f} s")
 
 
-def _command_phases(X_train, y_train, X_test, y_test) -> list[tuple[str, float]]:
+def _command_phases(X_train, y_train, X_test, y_test, backend: str = "numba") -> list[tuple[str, float]]:
     """The command's steps timed one by one: the neighbour pass, each certificate's curve on the command's grid."""
     from poisoncert._classifiers import certify_neighbours
     from poisoncert.experiments import compute_curves, default_e_grid, table_points
@@ -115,7 +115,7 @@ def _command_phases(X_train, y_train, X_test, y_test) -> list[tuple[str, float]]
     phases = []
     start = time.perf_counter()
     knn, rnn = certify_neighbours(X_train, y_train, X_test, y_test, knn=[5000], rnn=[4.0], metric="l1",
-                                  backend="numba")
+                                  backend=backend)
     phases.append(("neighbour pass + individual certificates", time.perf_counter() - start))
     results = [*knn.values(), *rnn.values()]
     start = time.perf_counter()
