@@ -370,3 +370,45 @@ def test_the_console_script_pauses_the_collector_while_numba_is_imported(monkeyp
         assert gc.isenabled() and gc.get_freeze_count() >= frozen_before + 100
     finally:
         gc.unfreeze()
+
+
+def test_certify_backend_option_is_recorded_and_checked(user_files, monkeypatch):
+    out = user_files / "numba"
+    result = runner.invoke(app, ["certify", "--train", str(user_files / "train.npz"), "--test",
+                                 str(user_files / "test.npz"), "--knn", "5", "--rnn", "1.5", "--backend", "numba",
+                                 "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "curves.json").read_text())
+    assert meta["settings"]["neighbour_backend"] == "numba"
+    assert {r["metadata"]["backend"] for r in meta["results"]} == {"numba"}
+    for args, message in ((["--backend", "cuda"], "unknown --backend 'cuda'"),
+                          (["--backend", "numba", "--scheduler", "local:2"], "give one of the two")):
+        result = runner.invoke(app, ["certify", "--train", str(user_files / "train.npz"), "--test",
+                                     str(user_files / "test.npz"), "--knn", "5", *args, "--out",
+                                     str(user_files / "never"), "--no-progress"])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (user_files / "never").exists()
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    result = runner.invoke(app, ["certify", "--train", str(user_files / "train.npz"), "--test",
+                                 str(user_files / "test.npz"), "--knn", "5", "--backend", "torch", "--out",
+                                 str(user_files / "never"), "--no-progress"])
+    assert result.exit_code == 2 and "poisoncert[torch]" in result.output, result.output
+
+
+def test_certify_torch_backend_gives_the_numba_results(user_files):
+    pytest.importorskip("torch")
+    curves = {}
+    for backend in ("numba", "torch"):
+        out = user_files / backend
+        result = runner.invoke(app, ["certify", "--train", str(user_files / "train.npz"), "--test",
+                                     str(user_files / "test.npz"), "--knn", "5", "--rnn", "1.5", "--backend",
+                                     backend, "--no-neighbour-cache", "--out", str(out), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        curves[backend] = _csv_rows(out / "curves.csv")  # the rows; the comment lines name the backend
+        assert {r["metadata"]["backend"] for r in json.loads((out / "curves.json").read_text())["results"]} == {
+            backend}
+    assert curves["numba"] == curves["torch"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import importlib.util
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -412,11 +413,24 @@ CacheDirInput = Annotated[Path | None, typer.Option(help="Cache folder (default:
                                                         "user cache dir).")]
 
 
+BACKENDS = ("auto", "numba", "torch")
+
+
+def _check_backend(backend: str, scheduler: str | None) -> None:
+    if backend not in BACKENDS:
+        _fail(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if scheduler is not None and backend != "auto":
+        _fail("--backend chooses the engine of this process; with --scheduler the search runs on the Dask "
+              "workers (each picks its own, as 'auto' does): give one of the two")
+    if backend == "torch" and importlib.util.find_spec("torch") is None:
+        _fail("--backend torch needs PyTorch: pip install 'poisoncert[torch]'")
+
+
 @contextlib.contextmanager
-def _neighbour_backend(scheduler: str | None) -> Iterator[str]:
-    """"auto" (this process), or "dask" with a client connected to ``scheduler`` for the duration."""
+def _neighbour_backend(scheduler: str | None, backend: str = "auto") -> Iterator[str]:
+    """``backend`` (this process), or "dask" with a client connected to ``scheduler`` for the duration."""
     if scheduler is None:
-        yield "auto"
+        yield backend
         return
     from .distributed import connect
 
@@ -464,6 +478,10 @@ def certify(
                                                        "tcp://HOST:PORT of a running scheduler, or local:N to "
                                                        "start N local worker processes (pip install "
                                                        "'poisoncert[dask]'). Results are bit-identical.")] = None,
+    backend: Annotated[str, typer.Option(help="Neighbour search engine of this process: auto (PyTorch on a CUDA "
+                                              "GPU where PyTorch is installed and finds one, else numba), numba "
+                                              "(every CPU core) or torch (PyTorch: the GPU where there is one, else "
+                                              "the CPU). Results are bit-identical.")] = "auto",
     neighbour_cache: Annotated[bool, typer.Option(
         "--neighbour-cache/--no-neighbour-cache",
         help="Keep the kNN/rNN neighbour tables in the cache folder, keyed by content (training and test features, "
@@ -487,6 +505,7 @@ def certify(
         _fail("choose at least one classifier: --knn K, --rnn R, --dpa ZETA or --bagging N:XI")
     bagging_specs = _parse_bagging(bagging)
     _check_e_grid(e_max, e_step)
+    _check_backend(backend, scheduler)
     if split_time_limit is not None and not split_time_limit > 0:
         _fail(f"--split-time-limit must be a positive number of seconds, got {split_time_limit}")
     prepare_output_folder(out)  # an output folder that cannot be written fails before any work
@@ -497,7 +516,7 @@ def certify(
     with _plotter(not unlabelled) as plotter:
         with _collector_paused():  # numba is imported by the first check
             check_methods(None, **methods)  # every parameter is checked before any data is read
-        with _neighbour_backend(scheduler) as backend:
+        with _neighbour_backend(scheduler, backend) as backend:
             inputs = _load_inputs(train=train, test=test, train_labels=train_labels, test_labels=test_labels,
                                   dataset=dataset, features=features, data_path=data_path, checkpoint=checkpoint,
                                   cache_dir=cache_dir, unlabelled=unlabelled, progress=progress)
