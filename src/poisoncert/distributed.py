@@ -427,6 +427,7 @@ class _ShardIndex(NeighbourIndex):
         state = dict(self.__dict__)
         state["_torch_cache"] = None
         state.pop("_torch_labels_cache", None)
+        state.pop("_torch_table_labels_cache", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -1109,8 +1109,11 @@ class NeighbourIndex:
                       sorted_radii: np.ndarray | None, n_classes: int | None) -> None:
         for start, stop, D in self._distance_chunks(Q, k=k or 0):
             if k is not None:
-                positions = self._torch_select(D, k)
-                _take_rows(self._labels_out, positions, labels[start:stop])
+                # Labels looked up where the distances are: on a GPU, the host then receives the label table
+                # (one byte per entry for up to 128 labels) instead of 8-byte positions, and does no lookup.
+                torch, _, device = self._torch_state()
+                _, order = D.sort(dim=1, stable=True)
+                labels[start:stop] = self._torch_table_labels(torch, device)[order[:, :k]].cpu().numpy()
             if votes_sorted is not None:
                 votes_sorted[:, start:stop] = self._torch_radius(D, sorted_radii, n_classes)
 
@@ -1204,6 +1207,12 @@ class NeighbourIndex:
         counts.scatter_add_(1, keys, torch.ones_like(keys))
         counts = counts.view(D.shape[0], n_radii + 1, n_classes)[:, :n_radii].cumsum(dim=1)
         return counts.permute(1, 0, 2).cpu().numpy()
+
+    def _torch_table_labels(self, torch, device):  # type: ignore[no-untyped-def]
+        """The training labels in the label table's dtype (:func:`label_table_dtype`), on ``device``."""
+        if getattr(self, "_torch_table_labels_cache", None) is None:
+            self._torch_table_labels_cache = torch.from_numpy(self._labels_out).to(device)
+        return self._torch_table_labels_cache
 
     def _torch_labels(self, torch, device):  # type: ignore[no-untyped-def]
         if getattr(self, "_torch_labels_cache", None) is None:
