@@ -9,7 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from poisoncert.neighbours import NeighbourIndex, knn_ordered_labels, radius_vote_counts, training_ranks
+from poisoncert.neighbours import (
+    NeighbourIndex,
+    knn_ordered_labels,
+    label_table_dtype,
+    radius_vote_counts,
+    training_ranks,
+)
 from poisoncert.votes import knn_votes_from_labels
 
 METRICS = ("l1", "l2", "cosine")
@@ -349,6 +355,23 @@ def test_torch_backend_equals_numba_backend(metric, dtype, integer_features):
     np.testing.assert_array_equal(
         torch_index.radius_votes(X_test, radii, N_CLASSES), numba_index.radius_votes(X_test, radii, N_CLASSES)
     )
+
+
+@pytest.mark.parametrize("n_labels", [2, 200, 40_000])
+def test_torch_label_tables_match_numba_in_every_table_dtype(n_labels):
+    """The torch backend looks the labels up where the distances are, in the table's own dtype (int8, int16, int32)."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(n_labels)
+    n_train = max(300, n_labels)
+    X_train = rng.integers(0, 4, (n_train, 3)).astype(np.float32)  # many distance ties
+    y_train = np.arange(n_train) % n_labels * 7 - 3  # label values, not indices
+    X_test = rng.integers(0, 4, (17, 3)).astype(np.float32)
+    numba_index = NeighbourIndex(X_train, y_train, backend="numba")
+    torch_index = NeighbourIndex(X_train, y_train, backend="torch", chunk_size=6)
+    expected = numba_index.ordered_labels(X_test, 250)
+    got = torch_index.ordered_labels(X_test, 250)
+    assert got.dtype == expected.dtype == label_table_dtype(n_labels - 1)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_auto_backend_is_numba_without_a_gpu():
