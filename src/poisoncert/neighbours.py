@@ -1111,9 +1111,12 @@ class NeighbourIndex:
             if k is not None:
                 # Labels looked up where the distances are: on a GPU, the host then receives the label table
                 # (one byte per entry for up to 128 labels) instead of 8-byte positions, and does no lookup.
+                # The sorted values and the full order are dropped at once: the radius counts below and the next
+                # chunk's distances would otherwise be allocated beside them.
                 torch, _, device = self._torch_state()
-                _, order = D.sort(dim=1, stable=True)
-                labels[start:stop] = self._torch_table_labels(torch, device)[order[:, :k]].cpu().numpy()
+                chunk_labels = self._torch_table_labels(torch, device)[D.sort(dim=1, stable=True).indices[:, :k]]
+                labels[start:stop] = chunk_labels.cpu().numpy()
+                del chunk_labels
             if votes_sorted is not None:
                 votes_sorted[:, start:stop] = self._torch_radius(D, sorted_radii, n_classes)
 
