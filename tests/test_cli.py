@@ -258,6 +258,7 @@ def test_certify_with_attack_adds_the_upper_bounds(user_files):
     (["--knn", "5", "--e", "2,x"], "whole numbers"),
     (["--e", "2"], "choose at least one classifier"),
     (["--knn", "5", "--e", "-3"], ">= 0"),
+    (["--knn", "5", "--e", "2", "--backend", "gpu"], "unknown --backend 'gpu'"),
 ])
 def test_attack_errors_are_clear(user_files, args, message):
     result = runner.invoke(app, ["attack", "--train", str(user_files / "train.npz"), "--test",
@@ -397,6 +398,34 @@ def test_certify_backend_option_is_recorded_and_checked(user_files, monkeypatch)
                                  str(user_files / "test.npz"), "--knn", "5", "--backend", "torch", "--out",
                                  str(user_files / "never"), "--no-progress"])
     assert result.exit_code == 2 and "poisoncert[torch]" in result.output, result.output
+    assert not (user_files / "never").exists()
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_attacks_search_with_the_chosen_backend(user_files, backend):
+    """--backend reaches the attacks' classifiers (their certificates and refits), from certify and attack alike."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    from poisoncert import estimators
+
+    chosen = []
+    real_fit = estimators.CertifiedKNeighborsClassifier.fit
+
+    def fit(self, *args, **kwargs):
+        chosen.append(self.backend)
+        return real_fit(self, *args, **kwargs)
+
+    for command in (["attack", "--e", "2"], ["certify", "--attack", "2", "--no-neighbour-cache"]):
+        chosen.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(estimators.CertifiedKNeighborsClassifier, "fit", fit)
+            result = runner.invoke(app, [*command, "--train", str(user_files / "train.npz"), "--test",
+                                         str(user_files / "test.npz"), "--knn", "5", "--backend", backend, "--out",
+                                         str(user_files / command[0]), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert chosen and set(chosen) == {backend}, chosen
+        record = json.loads((user_files / command[0] / "bracket.json").read_text())
+        assert record["settings"]["neighbour_backend"] == backend
 
 
 def test_certify_torch_backend_gives_the_numba_results(user_files):

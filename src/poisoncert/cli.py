@@ -414,6 +414,11 @@ CacheDirInput = Annotated[Path | None, typer.Option(help="Cache folder (default:
 
 
 BACKENDS = ("auto", "numba", "torch")
+BackendOption = Annotated[str, typer.Option(help="Neighbour search engine of this process (its certificates and "
+                                                 "attack refits): auto (PyTorch on a CUDA GPU where PyTorch is "
+                                                 "installed and finds one, else numba), numba (every CPU core) or "
+                                                 "torch (PyTorch: the GPU where there is one, else the CPU). "
+                                                 "Results are bit-identical.")]
 
 
 def _check_backend(backend: str, scheduler: str | None) -> None:
@@ -422,8 +427,13 @@ def _check_backend(backend: str, scheduler: str | None) -> None:
     if scheduler is not None and backend != "auto":
         _fail("--backend chooses the engine of this process; with --scheduler the search runs on the Dask "
               "workers (each picks its own, as 'auto' does): give one of the two")
-    if backend == "torch" and importlib.util.find_spec("torch") is None:
-        _fail("--backend torch needs PyTorch: pip install 'poisoncert[torch]'")
+    if backend == "torch":
+        if importlib.util.find_spec("torch") is None:
+            _fail("--backend torch needs PyTorch: pip install 'poisoncert[torch]'")
+        try:  # the search imports it anyway: a broken install is reported now, before the output folder exists
+            import torch  # noqa: F401
+        except Exception as error:  # whatever the failure, it is the user's to see
+            _fail(f"--backend torch: PyTorch does not import ({type(error).__name__}: {error})")
 
 
 @contextlib.contextmanager
@@ -478,10 +488,7 @@ def certify(
                                                        "tcp://HOST:PORT of a running scheduler, or local:N to "
                                                        "start N local worker processes (pip install "
                                                        "'poisoncert[dask]'). Results are bit-identical.")] = None,
-    backend: Annotated[str, typer.Option(help="Neighbour search engine of this process: auto (PyTorch on a CUDA "
-                                              "GPU where PyTorch is installed and finds one, else numba), numba "
-                                              "(every CPU core) or torch (PyTorch: the GPU where there is one, else "
-                                              "the CPU). Results are bit-identical.")] = "auto",
+    backend: BackendOption = "auto",
     neighbour_cache: Annotated[bool, typer.Option(
         "--neighbour-cache/--no-neighbour-cache",
         help="Keep the kNN/rNN neighbour tables in the cache folder, keyed by content (training and test features, "
@@ -541,19 +548,19 @@ def certify(
                     _fail("--attack needs test labels: an attack's verified accuracy is measured on them")
                 _attack_report(inputs, budgets, knn=knn, rnn=rnn, metric=metric, threat_model=threat_model, seed=seed,
                                time_budget=attack_time_budget, progress=progress, results=results, settings=settings,
-                               out=out)
+                               out=out, backend="auto" if scheduler is not None else backend)
 
 
 def _attack_report(inputs: _Inputs, budgets: list[int], *, knn: list[int], rnn: list[float], metric: str,
                    threat_model: str, seed: int, time_budget: float, progress: bool, results: list | None,
-                   settings: dict[str, Any], out: Path) -> None:
+                   settings: dict[str, Any], out: Path, backend: str = "auto") -> None:
     """Attack every kNN/rNN at every budget, print the bracket table and write the attack files."""
     from .experiments import bracket_table, run_attacks, write_attack_outputs
 
     runs = run_attacks(inputs.X_train, inputs.y_train, inputs.X_test, inputs.y_test, budgets, knn=knn, rnn=rnn,
                        metric=metric, threat_model=threat_model, seed=seed, time_budget=time_budget,
                        progress=progress, results=[r for r in results or () if r.method in ("knn", "rnn")],
-                       metadata=inputs.info)
+                       metadata=inputs.info, backend=backend)
     subtitle = inputs.subtitle(metric, threat_model)
     typer.echo("\nbracket: certified lower bound <= CA(e) <= verified attack accuracy (the classifier refitted on "
                f"the poisoned set); threat model: {threat_model}\n")
@@ -582,6 +589,7 @@ def attack_command(
     threat_model: ThreatOption = "general",
     time_budget: AttackBudgetOption = 180.0,
     seed: SeedOption = 0,
+    backend: BackendOption = "auto",
     out: OutOption = Path("poisoncert-out"),
     progress: ProgressOption = True,
 ) -> None:
@@ -600,14 +608,16 @@ def attack_command(
     if not time_budget > 0:
         _fail(f"--time-budget must be a positive number of seconds, got {time_budget}")
     check_methods(None, knn=knn, rnn=rnn, metric=metric, threat_model=threat_model)
+    _check_backend(backend, None)
     inputs = _load_inputs(train=train, test=test, train_labels=train_labels, test_labels=test_labels,
                           dataset=dataset, features=features, data_path=data_path, checkpoint=checkpoint,
                           cache_dir=cache_dir, unlabelled=False, progress=progress)
     if inputs.y_test is None:
         _fail("attacks need test labels: an attack's verified accuracy is measured on them")
-    settings = {**inputs.info, "metric": metric, "threat_model": threat_model}
+    settings = {**inputs.info, "metric": metric, "threat_model": threat_model, "neighbour_backend": backend}
     _attack_report(inputs, budgets, knn=knn, rnn=rnn, metric=metric, threat_model=threat_model, seed=seed,
-                   time_budget=time_budget, progress=progress, results=None, settings=settings, out=out)
+                   time_budget=time_budget, progress=progress, results=None, settings=settings, out=out,
+                   backend=backend)
 
 
 CacheOption = Annotated[Path | None, typer.Option(help="Cache folder (default: $POISONCERT_CACHE or the user "

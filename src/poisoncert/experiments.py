@@ -517,11 +517,13 @@ def run_attacks(
     progress: bool = False,
     results: Sequence[CertificationResult] | None = None,
     metadata: dict[str, Any] | None = None,
+    backend: str = "auto",
 ) -> list[AttackRun]:
     """Certify each kNN/rNN classifier and attack it at every budget in ``e``, verifying each attack by refitting.
 
     ``results`` may hold certificates already computed for the same classifiers (e.g. by ``certify``); a
-    classifier without one is certified here (kNN out to ``k + max(e)``).
+    classifier without one is certified here (kNN out to ``k + max(e)``). ``backend``: the estimators' neighbour
+    engine (:class:`poisoncert.neighbours.NeighbourIndex`), for their certificates and the refits alike.
     """
     from .attacks import attack, prepare_attack
     from .estimators import CertifiedKNeighborsClassifier, CertifiedRadiusNeighborsClassifier
@@ -531,10 +533,10 @@ def run_attacks(
     budgets = [int(value) for value in e]
     known = {(r.method, float(r.params.get("k", r.params.get("r", -1)))): r for r in results or ()}
     runs = []
-    classifiers = [("knn", float(k), CertifiedKNeighborsClassifier(n_neighbors=int(k), metric=metric))
-                   for k in knn]
-    classifiers += [("rnn", float(r), CertifiedRadiusNeighborsClassifier(radius=float(r), metric=metric))
-                    for r in rnn]
+    classifiers = [("knn", float(k), CertifiedKNeighborsClassifier(n_neighbors=int(k), metric=metric,
+                                                                    backend=backend)) for k in knn]
+    classifiers += [("rnn", float(r), CertifiedRadiusNeighborsClassifier(radius=float(r), metric=metric,
+                                                                         backend=backend)) for r in rnn]
     for method, value, estimator in classifiers:
         estimator.fit(X_train, y_train)
         result = known.get((method, value))
