@@ -39,17 +39,11 @@ import numpy as np
 
 from poisoncert.neighbours import NeighbourIndex, _distances_numba, _import_torch, _torch_distances
 
+# benchmarks/command.py, beside this script (the script's folder is on sys.path when it runs)
+from command import _best, _command_phases  # noqa: E402  (isort: skip)
+
 K_PASS = 10_000  # k + e_max of the command's kNN table (k = 5000, e_max = k)
 RADIUS = 4.0
-
-
-def _best(function: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def _load(args: argparse.Namespace) -> tuple[np.ndarray, ...]:
@@ -156,8 +150,6 @@ def main() -> None:
         "torch one pass, max_memory_mb=16384": _best(one_pass(roomy_index), args.repeat),
     }
     times.update(_engine(X_train, y_train, X_test, y_test, args.repeat))
-    from command import _command_phases  # benchmarks/command.py, beside this script
-
     for name, seconds in _command_phases(X_train, y_train, X_test, y_test, backend="torch"):
         times[f"  torch, step by step: {name}"] = seconds
     times.update(_command(args, X_train, y_train, X_test, y_test, torch_gpu=gpu is not None, report=report))
