@@ -680,14 +680,6 @@ def _radius_row(row, labels, padded_radii, n_radii, counts, bins):  # pragma: no
                 counts[bins[j], labels[j0 + j]] += 1
 
 
-@numba.njit(parallel=True, cache=True)
-def _take_rows(values, positions, out):  # pragma: no cover - compiled
-    """out[i, j] = values[positions[i, j]], rows in parallel (np.take on one core was a serial step)."""
-    for i in prange(positions.shape[0]):
-        for j in range(positions.shape[1]):
-            out[i, j] = values[positions[i, j]]
-
-
 # --------------------------------------------------------------------------------------------------------------
 # PyTorch backend
 # --------------------------------------------------------------------------------------------------------------
