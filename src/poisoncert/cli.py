@@ -523,15 +523,15 @@ def certify(
     with _plotter(not unlabelled) as plotter:
         with _collector_paused():  # numba is imported by the first check
             check_methods(None, **methods)  # every parameter is checked before any data is read
-        with _neighbour_backend(scheduler, backend) as backend:
+        with _neighbour_backend(scheduler, backend) as search_backend:
             inputs = _load_inputs(train=train, test=test, train_labels=train_labels, test_labels=test_labels,
                                   dataset=dataset, features=features, data_path=data_path, checkpoint=checkpoint,
                                   cache_dir=cache_dir, unlabelled=unlabelled, progress=progress)
             settings = {**inputs.info, "metric": metric, "threat_model": threat_model,
                         "alpha": alpha if bagging else None, "split_time_limit_s": split_time_limit,
-                        "neighbour_backend": backend, "scheduler": scheduler}
+                        "neighbour_backend": search_backend, "scheduler": scheduler}
             results = certify_methods(inputs.X_train, inputs.y_train, inputs.X_test, inputs.y_test, **methods,
-                                      backend=backend, progress=progress, metadata=inputs.info, max_e=e_max,
+                                      backend=search_backend, progress=progress, metadata=inputs.info, max_e=e_max,
                                       time_limit=split_time_limit,
                                       neighbour_cache=_cache_folder(cache_dir) if neighbour_cache else None)
             # What is alive now (modules, numba's kernels, the results) stays until the process ends: frozen, the
@@ -548,7 +548,7 @@ def certify(
                     _fail("--attack needs test labels: an attack's verified accuracy is measured on them")
                 _attack_report(inputs, budgets, knn=knn, rnn=rnn, metric=metric, threat_model=threat_model, seed=seed,
                                time_budget=attack_time_budget, progress=progress, results=results, settings=settings,
-                               out=out, backend="auto" if scheduler is not None else backend)
+                               out=out, backend=backend)  # this process's engine ("auto" with a scheduler)
 
 
 def _attack_report(inputs: _Inputs, budgets: list[int], *, knn: list[int], rnn: list[float], metric: str,

@@ -426,7 +426,6 @@ class _ShardIndex(NeighbourIndex):
         # A shard copied to another worker (work stealing, replication) leaves its device tensors behind.
         state = dict(self.__dict__)
         state["_torch_cache"] = None
-        state.pop("_torch_labels_cache", None)
         state.pop("_torch_table_labels_cache", None)
         return state
 

@@ -1193,26 +1193,22 @@ class NeighbourIndex:
     def _torch_radius(self, D, sorted_radii: np.ndarray, n_classes: int) -> np.ndarray:  # type: ignore[no-untyped-def]
         torch, _, device = self._torch_state()
         radii = torch.from_numpy(sorted_radii).to(device)
-        labels = self._torch_labels(torch, device)
+        labels = self._torch_table_labels(torch, device)
         n_radii = len(sorted_radii)
         # bin = number of radii strictly below d (searchsorted "left"), as in the Numba kernel.
         bins = torch.searchsorted(radii, D, right=False)
-        keys = bins * n_classes + labels[None, :]
+        keys = bins * n_classes + labels[None, :]  # int64: the narrow labels are promoted to the bins' dtype
         counts = torch.zeros((D.shape[0], (n_radii + 1) * n_classes), dtype=torch.int64, device=device)
         counts.scatter_add_(1, keys, torch.ones_like(keys))
         counts = counts.view(D.shape[0], n_radii + 1, n_classes)[:, :n_radii].cumsum(dim=1)
         return counts.permute(1, 0, 2).cpu().numpy()
 
     def _torch_table_labels(self, torch, device):  # type: ignore[no-untyped-def]
-        """The training labels in the label table's dtype (:func:`label_table_dtype`), on ``device``."""
+        """The training labels in the label table's dtype (:func:`label_table_dtype`), on ``device``: the kNN
+        tables are looked up in it, and the radius counts take it as their keys' label part."""
         if getattr(self, "_torch_table_labels_cache", None) is None:
             self._torch_table_labels_cache = torch.from_numpy(self._labels_out).to(device)
         return self._torch_table_labels_cache
-
-    def _torch_labels(self, torch, device):  # type: ignore[no-untyped-def]
-        if getattr(self, "_torch_labels_cache", None) is None:
-            self._torch_labels_cache = torch.from_numpy(self._labels.astype(np.int64)).to(device)
-        return self._torch_labels_cache
 
 
 # --------------------------------------------------------------------------------------------------------------
