@@ -13,6 +13,8 @@ The exhaustive enumeration of poisoned training sets lives in test_soundness.py.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -263,17 +265,17 @@ def _confuser_table(seed: int) -> tuple[np.ndarray, np.ndarray, int, int]:
 def test_bracketed_needs_in_the_search_give_the_table_values(seed: int, monkeypatch) -> None:
     table, y, k, c = _confuser_table(seed)
     es = [k // 4, k // 2, 3 * k // 4, k]
-    kernel = joint_split._online_label_needs
-    bracketed_calls = []
+    build = joint_split._OnlineProfiles.problem
+    problems = []
 
-    def counting(pairs, *args):  # type: ignore[no-untyped-def]
-        below, out = args[-3], args[-1]
-        bracketed_calls.append(len(below) == len(out) > 0)
-        return kernel(pairs, *args)
+    def recording(self, *args):  # type: ignore[no-untyped-def]
+        problems.append(build(self, *args))
+        return problems[-1]
 
-    monkeypatch.setattr(joint_split, "_online_label_needs", counting)
+    monkeypatch.setattr(joint_split._OnlineProfiles, "problem", recording)
     profiles = knn_split_certificate(table, y, es, k, n_classes=c)
-    assert sum(bracketed_calls) > 50  # brackets were used, not only available
+    # brackets were used, not only available (the memo's counters: store used, entries, bracketed evaluations)
+    assert sum(int(problem._arrays[7][-1][2]) for problem in problems) > 50
     monkeypatch.setattr(joint_split, "_USE_PROFILES", False)
     tables = knn_split_certificate(table, y, es, k, n_classes=c)
     np.testing.assert_array_equal(profiles.max_flips, tables.max_flips)
@@ -399,12 +401,10 @@ def test_remembered_evaluations_agree_with_fresh_ones(seed: int) -> None:
     margins[np.arange(n), labels] = joint_split._MARGIN_OWN
     add, remove = int(rng.integers(0, 6)), int(rng.integers(0, 6))
 
-    by_label, winner = np.ascontiguousarray(margins.T), np.empty(n, np.int64)
+    by_label = np.ascontiguousarray(margins.T)
 
     def make() -> joint_split._Problem:
-        def needs(alpha, out, active):
-            joint_split._rnn_needs(by_label, alpha, remove, out, active, winner)
-        return joint_split._Problem(labels, c, add, remove, needs)
+        return joint_split._Problem(labels, c, add, remove, joint_split._RNN, (by_label,))
 
     remembering = make()
     splits = [rng.integers(0, add + 1, c) for _ in range(4)]
@@ -560,7 +560,7 @@ def test_sizes_above_saturation_record_the_smallest_saturated_attacker(monkeypat
 
 
 def test_the_last_worker_left_gets_every_numba_thread_again(monkeypatch):
-    """Workers run single-threaded inside numba; once the others are done, the branch and bound's per-node check
+    """Workers run single-threaded inside numba; once the others are done, the check as each size's search starts
     gives the last one every thread (its threads change how fast, never what, it computes)."""
     import threading
     import time
@@ -607,3 +607,46 @@ def test_rnn_needs_and_the_labels_that_win_them_follow_the_definition(seed: int)
     np.testing.assert_array_equal(out, np.where(need <= budget, need, budget + 1))
     winners = shifted.argmin(axis=1)[need <= budget]  # the first label attaining the minimum
     np.testing.assert_array_equal(active, np.bincount(winners, minlength=c))
+
+
+def test_a_search_of_many_boxes_finds_the_maximum_over_every_split() -> None:
+    """The compiled branch and bound grows its box store past its first 64 boxes; F* is still the maximum of F over
+    every split that spends the budget (F is non-decreasing in each alpha_l), each F by the exact knapsack."""
+    rng = np.random.default_rng(4)
+    c, n, e = 4, 400, 10
+    votes = rng.integers(0, 40, (n, c)) + np.eye(c, dtype=np.int64)[rng.integers(0, c, n)] * 20
+    y = predict(votes)
+    result = rnn_split_certificate(votes, y, [e])
+    assert result.nodes[0] > 64 and result.exact.all()
+    a = predict(votes)
+    own = votes[np.arange(n), a]
+    margins = own[:, None] - votes + (a[:, None] > np.arange(c)[None, :])
+    margins[np.arange(n), a] = 10**9
+    best = 0
+    for cut in itertools.combinations(range(e + c - 1), c - 1):  # every alpha with sum e (stars and bars)
+        alpha = np.diff(np.r_[-1, cut, e + c - 1]) - 1
+        need = np.maximum(0, (margins - alpha[None, :]).min(axis=1))
+        best = max(best, max_flips(a, np.where(need <= e, need, 10**9), e, n_classes=c))
+    assert result.max_flips[0] == best
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_full_memo_and_full_remembered_evaluations_change_nothing(seed: int, monkeypatch) -> None:
+    """The memo of per-label needs and the table of remembered evaluations only save work: with room for (almost)
+    nothing the search gives the same values, node counts and attackers."""
+    table, y, k, c = _confuser_table(seed)
+    es = [k // 4, k // 2, 3 * k // 4, k]
+    rng = np.random.default_rng(seed)
+    votes = rng.integers(0, 30, (300, 5)) + np.eye(5, dtype=np.int64)[rng.integers(0, 5, 300)] * 20
+    runs = []
+    for cramped in (False, True):
+        if cramped:
+            monkeypatch.setattr(joint_split, "_MEMO_PER_LABEL", 1)  # only h at alpha_l = e: no later value kept
+            monkeypatch.setattr(joint_split, "_MEMO_BYTES", 0)
+            monkeypatch.setattr(joint_split, "_SEEN_WORDS", 1)  # the smallest table: 64 evaluations
+        runs.append((knn_split_certificate(table, y, es, k, n_classes=c),
+                     rnn_split_certificate(votes, predict(votes), [5, 15, 30])))
+    for roomy, cramped in zip(*runs, strict=True):
+        for name in ("max_flips", "attack_flips", "nodes", "additions", "removals", "exact"):
+            np.testing.assert_array_equal(getattr(roomy, name), getattr(cramped, name), err_msg=name)
+    assert runs[0][1].nodes.max() > 30  # three evaluations or so per node: the small table filled up

@@ -32,7 +32,7 @@ Each certified value says whether it is exact: ``False`` only when the search hi
 
 from __future__ import annotations
 
-import bisect
+import ctypes
 import heapq
 import math
 import threading
@@ -43,7 +43,10 @@ from typing import Any
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import prange
+from numba.core import types
+from numba.extending import intrinsic
 
 from ._bitvectors import cumulative_popcounts, lowest_set_bit, popcount, rank1, select0, select_in_word, zero_word
 from ._validation import check_label_indices, check_poisoning_sizes, check_positive_int, check_votes
@@ -726,175 +729,453 @@ class _Solution:
         return self.lower == self.upper
 
 
-class _Problem:
-    """One F* problem: candidate inputs (their predicted labels) and a need kernel for any addition split."""
+#: Kinds of need kernel a problem holds (:func:`_problem_needs`).
+_RNN, _TABLE, _ONLINE = 0, 1, 2
+#: Remembered evaluations of one problem: room for at most this many int64 (split and active counts per entry).
+_SEEN_WORDS = 1 << 21
+# The states of the kinds a problem is not (typed as the real ones, so that each kind compiles once).
+_NONE = np.zeros(0, np.int64)
+_NO_RNN = (np.zeros((1, 1), np.int64),)
+_NO_TABLE = (_NONE, _NONE, _NONE, _NONE, _NONE, np.zeros(0, np.int32), 1)
+_NO_ONLINE = (_NONE, _NONE, _NONE, _NONE, _NONE, np.zeros((0, 1), np.uint64), np.zeros((0, 2), np.uint16),
+              np.zeros((1, 0), np.uint64).T, np.zeros((2, 0), np.uint16).T, 0, np.zeros(1, np.int64),
+              np.zeros(0, np.int32), False, 0, _NONE, _NONE, _NONE, np.zeros(0, np.int32), _NONE,
+              np.zeros((0, 1), np.int64), np.zeros((0, 1), np.int64), _NONE, np.zeros(0, np.int32), _NONE,
+              np.zeros(3, np.int64))
 
-    def __init__(self, labels: np.ndarray, n_classes: int, add_budget: int, remove_budget: int, needs: Any) -> None:
-        self.labels = labels
+
+def _monotonic_clock() -> np.ndarray:
+    """[address of the C library's ``clock_gettime``, ``CLOCK_MONOTONIC``], or [0, 0] where there is none (Windows):
+    the compiled branch and bound reads the clock for ``time_limit`` itself, without the GIL."""
+    clock_id = getattr(time, "CLOCK_MONOTONIC", None)
+    address = 0
+    if clock_id is not None:
+        try:
+            address = ctypes.cast(ctypes.CDLL(None).clock_gettime, ctypes.c_void_p).value or 0
+        except (AttributeError, OSError, TypeError):  # pragma: no cover - no such symbol here
+            address = 0
+    return np.array([address, clock_id if address else 0], dtype=np.int64)
+
+
+_CLOCK = _monotonic_clock()
+
+
+@intrinsic
+def _clock_gettime(typingctx, address, clock_id, out):  # type: ignore[no-untyped-def]  # pragma: no cover
+    """``clock_gettime(clock_id, out)`` through the function at the integer ``address`` (``out``: two int64, the
+    ``timespec`` of 64-bit platforms). An argument, not a constant, so that the kernels calling it stay cacheable."""
+    if not (isinstance(address, types.Integer) and isinstance(clock_id, types.Integer)
+            and isinstance(out, types.Array)):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        target = context.make_array(signature.args[2])(context, builder, value=args[2])
+        byte_pointer = ir.PointerType(ir.IntType(8))
+        function = ir.FunctionType(ir.IntType(32), [ir.IntType(32), byte_pointer])
+        pointer = builder.inttoptr(args[0], function.as_pointer())
+        builder.call(pointer, [builder.trunc(args[1], ir.IntType(32)), builder.bitcast(target.data, byte_pointer)])
+        return context.get_dummy_value()
+
+    return types.void(address, clock_id, out), codegen
+
+
+@numba.njit(inline="always")
+def _seconds(clock, buffer):  # pragma: no cover - compiled
+    """Monotonic seconds (:func:`_clock_gettime`); ``clock`` from :func:`_monotonic_clock`, nonzero."""
+    _clock_gettime(clock[0], clock[1], buffer)
+    return buffer[0] + 1e-9 * buffer[1]
+
+
+class _Problem:
+    """One F* problem: candidate inputs (their predicted labels) and a need kernel for any addition split.
+
+    ``kind`` selects the kernel (:func:`_problem_needs`) and ``state`` holds its arrays. The scratch and the
+    remembered evaluations are arrays too, all in one tuple: the branch and bound runs compiled, without the GIL.
+    """
+
+    def __init__(self, labels: np.ndarray, n_classes: int, add_budget: int, remove_budget: int, kind: int,
+                 state: tuple[Any, ...]) -> None:
+        self.labels = np.ascontiguousarray(labels, dtype=np.int64)
         self.n_classes = n_classes
         self.add_budget = add_budget
         self.remove_budget = remove_budget
-        self._needs = needs
-        self.costs = np.empty(len(labels), np.int64)
-        self.active = np.zeros(n_classes, np.int64)
-        self._hist = np.zeros((n_classes, remove_budget + 1), np.int32)
-        self._touched = np.zeros((n_classes, remove_budget // 64 + 1), np.uint64)
-        self._out = np.zeros(3, np.int64)
-        self._seen: dict[bytes, tuple[int, int, bool, np.ndarray]] = {}
-        self.evaluations = 0
+        n = len(self.labels)
+        states: list[tuple[Any, ...]] = [_NO_RNN, _NO_TABLE, _NO_ONLINE]
+        states[kind] = state
+        capacity = max(64, _SEEN_WORDS // (2 * n_classes))
+        slots = 1 << (2 * capacity - 1).bit_length()  # at most half full
+        self.costs = np.empty(n, np.int64)
+        self._arrays = (
+            kind, self.labels, n_classes, add_budget, remove_budget, *states,
+            self.costs, np.zeros(n_classes, np.int64), np.empty(n, np.int64),  # costs, active counts, winners
+            np.zeros((n_classes, remove_budget + 1), np.int32),  # _bound_flips scratch
+            np.zeros((n_classes, remove_budget // 64 + 1), np.uint64), np.zeros(3, np.int64),
+            # remembered evaluations: open-addressing table of entry numbers; each entry's split, active counts and
+            # (upper, attained, exact); counters (entries, fresh evaluations)
+            np.full(slots, -1, np.int64), np.empty((capacity, n_classes), np.int64),
+            np.empty((capacity, n_classes), np.int64), np.empty((capacity, 3), np.int64), np.zeros(2, np.int64),
+        )
+
+    @property
+    def evaluations(self) -> int:
+        """Fresh evaluations of F so far (remembered answers not counted)."""
+        return int(self._arrays[-1][1])
 
     def evaluate(self, alpha: np.ndarray, threshold: int, slack: int) -> tuple[int, int, bool, np.ndarray]:
-        """(upper, attained, exact, active label counts) of F(alpha); see :func:`_bound_flips`.
-
-        The branch and bound meets the same split again (boxes share feasible points and corners): a result kept
-        from before answers when it was exact, or when its upper bound is within ``threshold`` (then so is F, which
-        is all the caller learns from a fresh evaluation too).
-        """
-        key = np.asarray(alpha, dtype=np.int64).tobytes()
-        seen = self._seen.get(key)
-        if seen is not None and (seen[2] or seen[0] <= threshold):
-            return seen[0], seen[1], seen[2], seen[3].copy()
-        self.evaluations += 1
-        self._needs(alpha, self.costs, self.active)
-        _bound_flips(self.labels, self.costs, self.remove_budget, self.n_classes, threshold, slack, self._hist,
-                     self._touched, self._out)
-        result = (int(self._out[0]), int(self._out[1]), bool(self._out[2]), self.active.copy())
-        if seen is None or result[2]:
-            self._seen[key] = result
-        return result[0], result[1], result[2], result[3].copy()
+        """(upper, attained, exact, active label counts) of F(alpha); see :func:`_evaluate`."""
+        active = np.empty(self.n_classes, np.int64)
+        upper, attained, exact = _evaluate(self._arrays, np.asarray(alpha, dtype=np.int64), int(threshold),
+                                           int(slack), active)
+        return int(upper), int(attained), bool(exact), active
 
     def costs_at(self, alpha: np.ndarray) -> np.ndarray:
         """Every candidate's need (removals that flip it) under the addition split ``alpha``, freshly computed."""
-        self._needs(alpha, self.costs, self.active)
+        _costs_at(self._arrays, np.asarray(alpha, dtype=np.int64))
         return self.costs
 
 
-def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_limit: int | None = None,
-                    starts: Sequence[np.ndarray] = ()) -> _Solution:
+@numba.njit(cache=True, nogil=True)
+def _problem_needs(problem, alpha):  # pragma: no cover - compiled
+    """Each candidate's need under ``alpha`` into the problem's costs, and the active label counts."""
+    kind, c, remove = problem[0], problem[2], problem[4]
+    costs, active, winner = problem[8], problem[9], problem[10]
+    if kind == _RNN:
+        _rnn_needs(problem[5][0], alpha, remove, costs, active, winner)
+    elif kind == _TABLE:
+        pair_start, rivals, first, zero, offset, values, step = problem[6]
+        _knn_needs(pair_start, rivals, first, zero, offset, values, step, alpha, remove, costs, winner)
+        _count_winners(winner, costs, remove, c, active)
+    else:
+        _online_needs(problem[7], alpha, remove, costs, active, winner)
+
+
+@numba.njit(cache=True, nogil=True)
+def _costs_at(problem, alpha):  # pragma: no cover - compiled
+    _problem_needs(problem, alpha)
+
+
+@numba.njit(cache=True, nogil=True)
+def _evaluate(problem, alpha, threshold, slack, active_out):  # pragma: no cover - compiled
+    """(upper, attained, exact) of F(alpha) (:func:`_bound_flips`); its active label counts into ``active_out``.
+
+    The branch and bound meets the same split again (boxes share feasible points and corners): a result kept
+    from before answers when it was exact, or when its upper bound is within ``threshold`` (then so is F, which
+    is all the caller learns from a fresh evaluation too). Results are kept while the table has room.
+    """
+    labels, c, remove = problem[1], problem[2], problem[4]
+    costs, active, hist, touched, out = problem[8], problem[9], problem[11], problem[12], problem[13]
+    table, seen_alpha, seen_active, seen_result = problem[14], problem[15], problem[16], problem[17]
+    counters = problem[18]
+    mask = table.shape[0] - 1
+    key = np.uint64(14695981039346656037)  # FNV-1a over the split's entries
+    for j in range(c):
+        key = (key ^ np.uint64(alpha[j])) * np.uint64(1099511628211)
+    slot = np.int64(key & np.uint64(mask))
+    entry = -1
+    while table[slot] >= 0:
+        candidate = table[slot]
+        same = True
+        for j in range(c):
+            if seen_alpha[candidate, j] != alpha[j]:
+                same = False
+                break
+        if same:
+            entry = candidate
+            break
+        slot = (slot + 1) & mask
+    if entry >= 0 and (seen_result[entry, 2] == 1 or seen_result[entry, 0] <= threshold):
+        active_out[:] = seen_active[entry]
+        return seen_result[entry, 0], seen_result[entry, 1], seen_result[entry, 2] == 1
+    counters[1] += 1
+    _problem_needs(problem, alpha)
+    _bound_flips(labels, costs, remove, c, threshold, slack, hist, touched, out)
+    active_out[:] = active
+    new = entry < 0 and counters[0] < seen_alpha.shape[0]
+    if new:
+        entry = counters[0]
+        counters[0] += 1
+        table[slot] = entry
+        seen_alpha[entry] = alpha
+    if new or (entry >= 0 and out[2] == 1):
+        seen_result[entry] = out
+        seen_active[entry] = active
+    return out[0], out[1], out[2] == 1
+
+
+@numba.njit(inline="always")
+def _capped(lo, hi, budget, out):  # pragma: no cover - compiled
+    """``out = min(hi, budget - (sum lo - lo))``: the box's corner, each coordinate capped by what the others
+    leave of the budget."""
+    total = lo.sum()
+    for j in range(lo.shape[0]):
+        out[j] = min(hi[j], budget - (total - lo[j]))
+
+
+@numba.njit(inline="always")
+def _feasible_point(lo, corner, budget, active, shared):  # pragma: no cover - compiled
+    """A point of the box that spends the whole budget (or its corner, if that is feasible): the slack goes in
+    proportion to each label's active inputs times its room first when ``shared``, the rest widest first."""
+    slack = budget - lo.sum()
+    width = corner - lo
+    if width.sum() <= slack:
+        return corner.copy()
+    point = lo.copy()
+    if shared:
+        weight = active * width
+        total = weight.sum()
+        if total > 0:
+            for j in range(point.shape[0]):
+                point[j] += min(width[j], (slack * weight[j]) // total)
+            slack = budget - point.sum()
+            width = corner - point
+    for j in np.argsort(-width, kind="mergesort"):
+        if slack <= 0:
+            break
+        add = min(slack, width[j])
+        point[j] += add
+        slack -= add
+    return point
+
+
+@numba.njit(cache=True, nogil=True)
+def _branch_and_bound(problem, starts, node_limit, time_limit, clock, best_alpha, result):  # pragma: no cover
     """``F* = max over integer alpha >= 0, sum alpha <= A, of F(alpha)`` by best-first branch and bound.
 
     A box ``[lo, hi]`` is bounded by F at its upper corner capped at ``A - (sum lo - lo_l)`` per coordinate (F is
     non-decreasing in every ``alpha_l``, and every feasible point of the box lies below that corner). Feasible
     points (all of the slack spent, widest coordinates first, or first in proportion to the labels' winning inputs
-    where the box's bound is every candidate; the vertices ``A e_l``; ``start``) give attained values. Boxes are
+    where the box's bound is every candidate; the vertices ``A e_l``; ``starts``) give attained values. Boxes are
     split at the midpoint of the coordinate with the most inputs whose cheapest rival is that label, weighted by
-    its width. When the limits stop the search the open boxes' largest bound is returned as
-    ``upper`` (sound, not exact).
+    its width. ``node_limit`` (> 0) and ``time_limit`` (seconds, > 0, read from ``clock``) stop the search; the
+    open boxes' largest bound is then the upper bound (sound, not exact).
+
+    Writes the best split into ``best_alpha``, (lower, upper, nodes) into ``result``, and leaves the candidates'
+    needs under the best split in the problem's costs (for its removals).
     """
-    c = problem.n_classes
-    budget = problem.add_budget
-    clock = time.perf_counter()
-    if len(problem.labels) == 0:
-        return _Solution(0, 0, np.zeros(c, np.int64), 0)
+    c, budget, n_candidates = problem[2], problem[3], problem[1].shape[0]
+    gap, no_gap = np.int64(_LP_EXACT_GAP), np.int64(_NO_SLACK_LIMIT)  # typed as incumbent is: one compiled _evaluate
+    active = np.empty(c, np.int64)
+    best_alpha[:] = 0
     if budget == 0:
-        alpha = np.zeros(c, np.int64)
-        upper, lower, _, _ = problem.evaluate(alpha, -1, _NO_SLACK_LIMIT)
-        return _Solution(lower, upper, alpha, 0)
-
-    def cap(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        return np.minimum(hi, budget - (lo.sum() - lo))
-
-    def feasible(lo: np.ndarray, corner: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
-        slack = budget - int(lo.sum())
-        width = corner - lo
-        if int(width.sum()) <= slack:
-            return corner.copy()
-        point = lo.copy()
-        if active is not None:
-            # Slack shared in proportion to each label's inputs (times its room) first, the rest widest first.
-            weight = active * width
-            if int(weight.sum()) > 0:
-                point += np.minimum(width, (slack * weight) // int(weight.sum()))
-                slack = budget - int(point.sum())
-                width = corner - point
-        for j in np.argsort(-width, kind="stable").tolist():
-            if slack <= 0:
-                break
-            add = min(slack, int(width[j]))
-            point[j] += add
-            slack -= add
-        return point
-
-    incumbent, best_alpha = -1, np.zeros(c, np.int64)
-    # A warm start (the previous poisoning size's best split) is usually near-optimal; without one, the vertices
-    # (every addition on one label) are good first guesses.
-    points = [np.asarray(start, dtype=np.int64) for start in starts if int(np.sum(start)) <= budget]
-    if not points:
-        points = [np.eye(c, dtype=np.int64)[j] * budget for j in range(c)]
-    for point in points:
-        _, attained, _, _ = problem.evaluate(point, incumbent, _LP_EXACT_GAP)
+        upper, lower, _ = _evaluate(problem, best_alpha, np.int64(-1), no_gap, active)
+        result[0], result[1], result[2] = lower, upper, 0
+        _problem_needs(problem, best_alpha)
+        return
+    buffer = np.zeros(2, np.int64)
+    started = _seconds(clock, buffer) if time_limit > 0 else 0.0
+    incumbent = -1
+    for s in range(starts.shape[0]):
+        point = starts[s].copy()
+        _, attained, _ = _evaluate(problem, point, incumbent, gap, active)
         if attained > incumbent:
-            incumbent, best_alpha = attained, point
-    lo, hi = np.zeros(c, np.int64), np.full(c, budget, np.int64)
-    upper, _, exact, active = problem.evaluate(hi, incumbent, _LP_EXACT_GAP)
-    # Heap entries: (-upper bound, -flips found in the box, counter, bound exact?, lo, capped corner, active counts,
-    # feasible point probed?). Among equal bounds the box whose feasible point flips most comes first: where every
-    # box is bounded by all candidates (the size at which the curve reaches zero) the search is a hunt for a split
-    # that flips them all, and that box is the nearest to one.
-    heap: list[tuple[int, int, int, bool, np.ndarray, np.ndarray, np.ndarray, bool]] = []
+            incumbent = attained
+            best_alpha[:] = point
+    # Boxes: lo, capped corner, active counts, bound exact?, feasible point probed? (entry numbers in the heap).
+    capacity = 64
+    box_lo = np.empty((capacity, c), np.int64)
+    box_corner = np.empty((capacity, c), np.int64)
+    box_active = np.empty((capacity, c), np.int64)
+    box_flags = np.empty((capacity, 2), np.bool_)
+    n_boxes = 0
+    hi = np.full(c, budget, np.int64)
+    upper, _, exact = _evaluate(problem, hi, incumbent, gap, active)
+    # Heap entries: (-upper bound, -flips found in the box, counter, box). Among equal bounds the box whose feasible
+    # point flips most comes first: where every box is bounded by all candidates (the size at which the curve
+    # reaches zero) the search is a hunt for a split that flips them all, and that box is the nearest to one.
+    heap = [(np.int64(0), np.int64(0), np.int64(0), np.int64(0))]
+    heap.pop()
     counter = 0
     if upper > incumbent:
-        heap.append((-upper, -incumbent, counter, exact, lo, hi, active, True))
+        box_lo[0] = 0
+        box_corner[0] = hi
+        box_active[0] = active
+        box_flags[0, 0] = exact
+        box_flags[0, 1] = True
+        n_boxes = 1
+        heapq.heappush(heap, (np.int64(-upper), np.int64(-incumbent), np.int64(counter), np.int64(0)))
     nodes = 0
     stopped_at = -1
-    while heap:
-        neg_upper, neg_found, _, exact, lo, corner, active, probed = heapq.heappop(heap)
+    child_hi = np.empty(c, np.int64)
+    child_lo = np.empty(c, np.int64)
+    child_corner = np.empty(c, np.int64)
+    child_active = np.empty(c, np.int64)
+    while len(heap) > 0:
+        neg_upper, neg_found, _, box = heapq.heappop(heap)
         if -neg_upper <= incumbent:
             heap.clear()
             break
-        out_of_time = time_limit is not None and time.perf_counter() - clock > time_limit
-        if out_of_time or (node_limit is not None and nodes >= node_limit):
+        if (node_limit > 0 and nodes >= node_limit) or (time_limit > 0 and _seconds(clock, buffer) - started
+                                                          > time_limit):
             stopped_at = -neg_upper
             break
-        if not probed:
+        lo, corner = box_lo[box], box_corner[box]
+        if not box_flags[box, 1]:
             # The box's feasible point is probed when the box comes up, not when it is made: boxes pruned in the
-            # meantime by a better incumbent never cost an evaluation.
-            # Where the box's bound is every candidate (the size at which the curve reaches zero) the search is a
-            # hunt for a split that flips them all: it lies where the additions go to every label that wins
-            # inputs, not all to the widest one, so the slack is shared in proportion there.
-            point = feasible(lo, corner, active if -neg_upper >= len(problem.labels) else None)
-            _, attained, _, _ = problem.evaluate(point, incumbent, _LP_EXACT_GAP)
+            # meantime by a better incumbent never cost an evaluation. Where the box's bound is every candidate
+            # the slack is shared in proportion to the labels' winning inputs.
+            point = _feasible_point(lo, corner, budget, box_active[box], -neg_upper >= n_candidates)
+            _, attained, _ = _evaluate(problem, point, incumbent, gap, active)
             if attained > incumbent:
-                incumbent, best_alpha = attained, point
+                incumbent = attained
+                best_alpha[:] = point
             if -neg_upper > incumbent:
                 counter += 1
-                heapq.heappush(heap, (neg_upper, -attained, counter, exact, lo, corner, active, True))
+                box_flags[box, 1] = True
+                heapq.heappush(heap, (neg_upper, np.int64(-attained), np.int64(counter), box))
             continue
-        if not exact:
+        if not box_flags[box, 0]:
             # An LP bound heads the queue: replace it by F itself (exact above the incumbent) before splitting.
-            value, _, _, active = problem.evaluate(corner, incumbent, _NO_SLACK_LIMIT)
+            value, _, _ = _evaluate(problem, corner, incumbent, no_gap, active)
             if value > incumbent:
                 counter += 1
-                heapq.heappush(heap, (-value, neg_found, counter, True, lo, corner, active, True))
+                box_flags[box, 0] = True
+                box_active[box] = active
+                heapq.heappush(heap, (np.int64(-value), neg_found, np.int64(counter), box))
             continue
         nodes += 1
-        _widen_when_alone()
         width = corner - lo
-        if int(width.max()) == 0:
+        if width.max() == 0:
             continue  # a single feasible point whose exact F was recorded when it was created
-        score = active * width
-        j = int(np.argmax(score)) if score.max() > 0 else int(np.argmax(width))
-        middle = int(lo[j] + corner[j]) // 2
-        below_hi, above_lo = corner.copy(), lo.copy()
-        below_hi[j] = middle
-        above_lo[j] = middle + 1
-        for child_lo, child_hi in ((lo, below_hi), (above_lo, corner)):
-            if int(child_lo.sum()) > budget:
+        score = box_active[box] * width
+        j = np.argmax(score) if score.max() > 0 else np.argmax(width)
+        middle = (lo[j] + corner[j]) // 2
+        for half in range(2):
+            if half == 0:
+                child_lo[:] = lo
+                child_hi[:] = corner
+                child_hi[j] = middle
+            else:
+                child_lo[:] = lo
+                child_lo[j] = middle + 1
+                child_hi[:] = corner
+            if child_lo.sum() > budget:
                 continue
-            child_corner = cap(child_lo, child_hi)
-            if int((child_corner - child_lo).sum()) <= budget - int(child_lo.sum()):
+            _capped(child_lo, child_hi, budget, child_corner)
+            if (child_corner - child_lo).sum() <= budget - child_lo.sum():
                 # The corner is feasible: F there is the box's maximum, so its exact value settles the box.
-                _, attained, _, _ = problem.evaluate(child_corner, incumbent, _NO_SLACK_LIMIT)
+                _, attained, _ = _evaluate(problem, child_corner, incumbent, no_gap, child_active)
                 if attained > incumbent:
-                    incumbent, best_alpha = attained, child_corner
+                    incumbent = attained
+                    best_alpha[:] = child_corner
                 continue
-            value, _, exact_child, child_active = problem.evaluate(child_corner, incumbent, _LP_EXACT_GAP)
+            value, _, exact_child = _evaluate(problem, child_corner, incumbent, gap, child_active)
             if value > incumbent:
+                if n_boxes == capacity:
+                    capacity *= 2
+                    box_lo = _grown(box_lo, capacity)
+                    box_corner = _grown(box_corner, capacity)
+                    box_active = _grown(box_active, capacity)
+                    box_flags = _grown(box_flags, capacity)
+                    lo, corner = box_lo[box], box_corner[box]
+                box_lo[n_boxes] = child_lo
+                box_corner[n_boxes] = child_corner
+                box_active[n_boxes] = child_active
+                box_flags[n_boxes, 0] = exact_child
+                box_flags[n_boxes, 1] = False
                 counter += 1
-                heapq.heappush(heap, (-value, neg_found, counter, exact_child, child_lo.copy(), child_corner,
-                                      child_active, False))
-    upper_bound = max(incumbent, stopped_at, max((-entry[0] for entry in heap), default=incumbent))
-    return _Solution(max(incumbent, 0), max(upper_bound, 0), best_alpha, nodes)
+                heapq.heappush(heap, (np.int64(-value), neg_found, np.int64(counter), np.int64(n_boxes)))
+                n_boxes += 1
+    upper_bound = max(incumbent, stopped_at)
+    for entry in heap:
+        upper_bound = max(upper_bound, -entry[0])
+    result[0] = max(incumbent, 0)
+    result[1] = max(upper_bound, 0)
+    result[2] = nodes
+    _problem_needs(problem, best_alpha)
+
+
+@numba.njit(inline="always")
+def _grown(array, rows):  # pragma: no cover - compiled
+    bigger = np.empty((rows, array.shape[1]), array.dtype)
+    bigger[: array.shape[0]] = array
+    return bigger
+
+
+def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_limit: int | None = None,
+                    starts: Sequence[np.ndarray] = ()) -> _Solution:
+    """``F* = max over integer alpha >= 0, sum alpha <= A, of F(alpha)`` (:func:`_branch_and_bound`), exact
+    unless a limit stopped it. Afterwards ``problem.costs`` holds the candidates' needs under the best split."""
+    c = problem.n_classes
+    budget = problem.add_budget
+    if len(problem.labels) == 0:
+        return _Solution(0, 0, np.zeros(c, np.int64), 0)
+    _widen_when_alone()
+    # A warm start (the previous poisoning size's best split) is usually near-optimal; without one, the vertices
+    # (every addition on one label) are good first guesses.
+    points = [np.asarray(start, dtype=np.int64) for start in starts if int(np.sum(start)) <= budget]
+    seeds = np.array(points, dtype=np.int64).reshape(-1, c) if points else np.eye(c, dtype=np.int64) * budget
+    seeds = seeds if budget else seeds[:0]
+    best_alpha, result = np.zeros(c, np.int64), np.zeros(3, np.int64)
+    _branch_and_bound(problem._arrays, seeds, int(node_limit or 0), float(time_limit or 0.0), _CLOCK, best_alpha,
+                      result)
+    return _Solution(int(result[0]), int(result[1]), best_alpha, int(result[2]))
+
+
+@numba.njit(cache=True, nogil=True)
+def _online_needs(state, alpha, budget, out, active, winner):  # pragma: no cover - compiled
+    """kNN split needs from the SL/SR profiles (:class:`_OnlineProfiles`): ``h`` per rival label and value of its
+    ``alpha_l``, then the minimum over each input's rivals.
+
+    ``h`` is memoised per (label, ``alpha_l``): the branch and bound revisits the same coordinates (box ends,
+    midpoints, the budget) far more often than it meets new ones. A label's values are recomputed only when its
+    ``alpha_l`` changed, and then only where the nearest memoised values on either side disagree
+    (:func:`_online_label_needs`).
+    """
+    (pairs, slots, tie, d_k, zeros, sl_bits, sl_cum, sr_bits, sr_cum, size, label_start, h, dense, n_inputs,
+     input_start, input_pairs, pair_rival, no_shift, held, memo_alpha, memo_entry, memo_count, memo_store,
+     memo_start, memo_used) = state
+    c = label_start.shape[0] - 1
+    unbracketed = h[:0]
+    for lab in range(c):
+        lo, hi = label_start[lab], label_start[lab + 1]
+        value = alpha[lab]
+        if lo == hi or held[lab] == value:
+            continue
+        target = h[lab * n_inputs : (lab + 1) * n_inputs] if dense else h[lo:hi]
+        width = target.shape[0]
+        count = memo_count[lab]
+        known = memo_alpha[lab]
+        at = np.searchsorted(known[:count], value)
+        if at < count and known[at] == value:
+            start = memo_start[memo_entry[lab, at]]
+            target[:] = memo_store[start : start + width]
+        else:
+            below, above = unbracketed, unbracketed
+            if 0 < at < count:
+                memo_used[2] += 1  # label evaluations between two memoised values (for tests)
+                start = memo_start[memo_entry[lab, at - 1]]
+                below = memo_store[start : start + width]
+                start = memo_start[memo_entry[lab, at]]
+                above = memo_store[start : start + width]
+            _online_label_needs(pairs[lo:hi], slots[lo:hi], tie[lo:hi], d_k[lo:hi], zeros[lo:hi], sl_bits, sl_cum,
+                                sr_bits, sr_cum, size, value, below, above, target)
+            _memoise(lab, value, at, target, memo_alpha, memo_entry, memo_count, memo_store, memo_start, memo_used)
+        held[lab] = value
+    if dense:
+        _min_over_labels(h.reshape((c, n_inputs)), no_shift, budget, out, winner, active)
+    else:
+        _min_over_pairs(input_start, input_pairs, pair_rival, h, budget, out, active)
+
+
+@numba.njit(inline="always")
+def _memoise(lab, value, at, values, memo_alpha, memo_entry, memo_count, memo_store, memo_start, memo_used):
+    """Keep ``values`` as label ``lab``'s needs at ``alpha_l = value`` (position ``at`` of its memoised values,
+    ascending), while the store and the label's row have room."""  # pragma: no cover - compiled
+    count = memo_count[lab]
+    entry = memo_used[1]
+    if (count == memo_alpha.shape[1] or entry == memo_start.shape[0]
+            or memo_used[0] + values.shape[0] > memo_store.shape[0]):
+        return
+    memo_start[entry] = memo_used[0]
+    memo_store[memo_used[0] : memo_used[0] + values.shape[0]] = values
+    memo_used[0] += values.shape[0]
+    memo_used[1] += 1
+    for t in range(count, at, -1):
+        memo_alpha[lab, t] = memo_alpha[lab, t - 1]
+        memo_entry[lab, t] = memo_entry[lab, t - 1]
+    memo_alpha[lab, at] = value
+    memo_entry[lab, at] = entry
+    memo_count[lab] = count + 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1022,7 +1303,7 @@ def _warm_threading_layer(x):  # pragma: no cover - compiled
     return total
 
 
-#: Per worker thread of :func:`_solve_curve`: ``widen``, called by the branch and bound at each node, gives the
+#: Per worker thread of :func:`_solve_curve`: ``widen``, called as each poisoning size's search starts, gives the
 #: worker every numba thread again once it is the last one left (None otherwise).
 _worker = threading.local()
 
@@ -1040,7 +1321,7 @@ def _solve_curve(e: np.ndarray, n_candidates: int, solve: Any,
 
     Sizes are taken in ascending order, each seeded with the previous size's best split; with several numba
     threads they are dealt round-robin to worker threads (each single-threaded inside numba until it is the last one
-    left: the curve's last size, often its costliest, then runs on every thread). Once one size
+    left: the sizes it starts from then on, often the curve's costliest, run on every thread). Once one size
     provably flips every candidate, so does every larger one (F* is non-decreasing in e): those are filled in,
     in the end all from the smallest such size. ``saturated`` (appended to) carries such sizes from one call to
     the next.
@@ -1062,7 +1343,7 @@ def _solve_curve(e: np.ndarray, n_candidates: int, solve: Any,
     def run(positions: list[int], single_threaded: bool) -> None:
         if single_threaded:
             numba.set_num_threads(1)
-            _worker.widen = widen  # asked by the branch and bound at every node
+            _worker.widen = widen  # asked as each size's branch and bound starts
         try:
             solve_all(positions)
         finally:
@@ -1108,6 +1389,9 @@ def _check_limits(time_limit: float | None, node_limit: int | None) -> None:
     if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, int | float)
                                    or not time_limit > 0):
         raise ValueError(f"time_limit must be a positive number of seconds (per poisoning size), got {time_limit!r}")
+    if time_limit is not None and not _CLOCK[0]:  # pragma: no cover - platforms without clock_gettime
+        raise ValueError("time_limit needs the C library's monotonic clock_gettime, which this platform does not "
+                         "offer; use node_limit")
     if node_limit is not None:
         check_positive_int(node_limit, "node_limit")
 
@@ -1188,15 +1472,10 @@ def rnn_split_certificate(
         # An input that even the whole budget on its cheapest rival cannot flip never counts.
         candidate = smallest <= add + remove
         by_label, lab = np.ascontiguousarray(margins[candidate].T), labels[candidate]
-        winner = np.empty(len(lab), np.int64)
-
-        def needs(alpha, out, active):  # type: ignore[no-untyped-def]
-            _rnn_needs(by_label, alpha, remove, out, active, winner)
-
-        problem = _Problem(lab, c, add, remove, needs)
+        problem = _Problem(lab, c, add, remove, _RNN, (by_label,))
         solution = _maximise_flips(problem, time_limit, node_limit, _warm_starts(previous, previous_budget, add))
         # the best split's costs, for its removal allocation
-        return solution, _allocation(lab, problem.costs_at(solution.alpha), remove, c), False, add
+        return solution, _allocation(lab, problem.costs, remove, c), False, add
 
     by_position = _solve_curve(e, len(correct), solve)
     for position in range(len(e)):
@@ -1222,6 +1501,8 @@ _PAIR_BLOCK = 2048
 _USE_PROFILES = True
 #: Memory for memoised per-label need vectors of one poisoning size.
 _MEMO_BYTES = 64 * 2**20
+#: Memoised values of alpha_l per label and poisoning size, at most.
+_MEMO_PER_LABEL = 512
 #: The kNN split problem holds its needs as a labels x inputs matrix while that has at most this many entries per
 #: (input, rival) pair; else one value per pair (many labels with few rivals each: 1.5-2x faster there).
 _DENSE_PADDING = 8
@@ -1362,13 +1643,7 @@ def _table_problem(table: np.ndarray, votes: np.ndarray, a: np.ndarray, correct:
     rows, rivals, first, zero, offset = rows[live], rivals[live], first[live], zero[live], offset[live]
     inputs, pair_start = np.unique(rows, return_index=True)
     pair_start = np.r_[pair_start, len(rows)].astype(np.int64)
-    winner = np.empty(len(inputs), np.int64)
-
-    def needs(alpha, out, active):  # type: ignore[no-untyped-def]
-        _knn_needs(pair_start, rivals, first, zero, offset, values, step, alpha, remove, out, winner)
-        _count_winners(winner, out, remove, c, active)
-
-    return _Problem(a[inputs], c, add, remove, needs), step
+    return _Problem(a[inputs], c, add, remove, _TABLE, (pair_start, rivals, first, zero, offset, values, step)), step
 
 
 @dataclass
@@ -1449,67 +1724,33 @@ class _OnlineProfiles:
         if dense:
             h = np.full((c, n_inputs), size + 1, np.int32)
             slots = input_of_pair.astype(np.int64)
+            input_start = input_pairs = _NONE
         else:
             h = np.empty(len(pairs), np.int32)
             slots = np.arange(len(pairs), dtype=np.int64) - np.repeat(label_start[:-1], np.diff(label_start))
             input_pairs = np.argsort(input_of_pair, kind="stable").astype(np.int64)
             input_start = np.searchsorted(input_of_pair[input_pairs], np.arange(n_inputs + 1)).astype(np.int64)
-
-        held = [-1] * c
-        memo: dict[tuple[int, int], np.ndarray] = {}
-        memo_alphas: list[list[int]] = [[] for _ in range(c)]  # per label, the memoised alpha_l ascending
-        memo_bytes = [0]
-        tie, d_k = self.tie[pairs], self.d_k[pairs]
-        sl_bits, sl_cum, sr_bits, sr_cum = self.sl_bits, self.sl_cum, self.sr_bits, self.sr_cum
-        unbracketed = np.empty(0, np.int32)
-        winner, no_shift = np.empty(n_inputs, np.int64), np.zeros(c, np.int32)
-        # Per label with pairs, its slices of the pair arrays and its row of h, cut once: needs() runs thousands
-        # of times per size, and its Python loop over the labels is where the search holds the GIL.
-        blocks = []
+        # The memo (:func:`_online_needs`): per label its memoised alpha_l ascending and their entries, whose values
+        # lie in one store of _MEMO_BYTES (pages are touched only as it fills). Each label with pairs starts with h
+        # at alpha_l = size, the bound computed above: later alpha_l have a memoised value above them.
+        row = min(size + 2, _MEMO_PER_LABEL)
+        memo_alpha, memo_entry = np.empty((c, row), np.int64), np.empty((c, row), np.int64)
+        memo_count, memo_start = np.zeros(c, np.int64), np.empty(c * row, np.int64)
+        memo_store = np.empty(max(_MEMO_BYTES // 4, h.size), np.int32)
+        used = entries = 0
         for lab in range(c):
             lo, hi = int(label_start[lab]), int(label_start[lab + 1])
             if lo < hi:
-                blocks.append((lab, h[lab] if dense else h[lo:hi], (pairs[lo:hi], slots[lo:hi], tie[lo:hi],
-                                                                     d_k[lo:hi], zeros[lo:hi])))
-        # h at alpha_l = size is the bound computed above: later alpha_l have a memoised value above them.
-        for lab, _, _ in blocks:
-            if memo_bytes[0] < _MEMO_BYTES:
-                lo, hi = int(label_start[lab]), int(label_start[lab + 1])
                 top = np.full(n_inputs, size + 1, np.int32) if dense else np.empty(hi - lo, np.int32)
                 top[slots[lo:hi]] = bound[lo:hi]
-                memo[(lab, size)] = top
-                memo_alphas[lab].append(size)
-                memo_bytes[0] += top.nbytes
-
-        def needs(alpha, out, active):  # type: ignore[no-untyped-def]
-            split = np.asarray(alpha).tolist()
-            for lab, target, label_pairs in blocks:
-                value = split[lab]
-                if held[lab] == value:
-                    continue
-                values = memo.get((lab, value))
-                if values is None:
-                    # The nearest memoised values on either side settle every pair where they agree.
-                    known = memo_alphas[lab]
-                    at = bisect.bisect_left(known, value)
-                    below, above = unbracketed, unbracketed
-                    if 0 < at < len(known):
-                        below, above = memo[(lab, known[at - 1])], memo[(lab, known[at])]
-                    _online_label_needs(*label_pairs, sl_bits, sl_cum, sr_bits, sr_cum, size, value, below, above,
-                                        target)
-                    if memo_bytes[0] < _MEMO_BYTES:
-                        memo[(lab, value)] = target.copy()
-                        known.insert(at, value)
-                        memo_bytes[0] += target.nbytes
-                else:
-                    target[:] = values
-                held[lab] = value
-            if dense:
-                _min_over_labels(h, no_shift, size, out, winner, active)
-            else:
-                _min_over_pairs(input_start, input_pairs, pair_rival, h, size, out, active)
-
-        return _Problem(a[inputs], c, size, size, needs)
+                memo_store[used : used + len(top)] = top
+                memo_start[entries], memo_alpha[lab, 0], memo_entry[lab, 0], memo_count[lab] = used, size, entries, 1
+                used, entries = used + len(top), entries + 1
+        state = (pairs.astype(np.int64), slots, self.tie[pairs], self.d_k[pairs], zeros, self.sl_bits, self.sl_cum,
+                 self.sr_bits, self.sr_cum, size, label_start.astype(np.int64), h.reshape(-1), dense, n_inputs,
+                 input_start, input_pairs, pair_rival, np.zeros(c, np.int32), np.full(c, -1, np.int64), memo_alpha,
+                 memo_entry, memo_count, memo_store, memo_start, np.array([used, entries, 0], np.int64))
+        return _Problem(a[inputs], c, size, size, _ONLINE, state)
 
 
 class KnnSplitCertifier:
@@ -1591,7 +1832,7 @@ class KnnSplitCertifier:
                 problem, step = _table_problem(self.table, self.votes, self.a, self.correct, self.margin, self.own,
                                                classes, self.k, self.n_train, self.variant, size, self.max_memory_mb)
             solution = _maximise_flips(problem, time_limit, node_limit, _warm_starts(previous, previous_budget, add))
-            return solution, _allocation(problem.labels, problem.costs_at(solution.alpha), remove, c), step > 1, add
+            return solution, _allocation(problem.labels, problem.costs, remove, c), step > 1, add
 
         # The profiles cost time in proportion to their reach. Every size up to the largest individually certified
         # one leaves an input certified (dominance), so the curve reaches zero above it, usually soon after: the
