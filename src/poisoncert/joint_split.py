@@ -731,8 +731,9 @@ class _Solution:
 
 #: Kinds of need kernel a problem holds (:func:`_problem_needs`).
 _RNN, _TABLE, _ONLINE = 0, 1, 2
-#: Remembered evaluations of one problem: room for at most this many int64 (split and active counts per entry).
-_SEEN_WORDS = 1 << 21
+#: Remembered evaluations of one problem: room for this many int64 of splits and active counts (MNIST's searches
+#: make at most a few thousand evaluations; past the room, evaluations are no longer remembered).
+_SEEN_WORDS = 1 << 19
 # The states of the kinds a problem is not (typed as the real ones, so that each kind compiles once).
 _NONE = np.zeros(0, np.int64)
 _NO_RNN = (np.zeros((1, 1), np.int64),)
