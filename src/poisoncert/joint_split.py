@@ -971,8 +971,11 @@ def _branch_and_bound(problem, starts, node_limit, time_limit, clock, best_alpha
         if attained > incumbent:
             incumbent = attained
             best_alpha[:] = point
-    # Boxes: lo, capped corner, active counts, bound exact?, feasible point probed? (entry numbers in the heap).
+    # Boxes: lo, capped corner, active counts, bound exact?, feasible point probed? (entry numbers in the heap). A
+    # box's row is reused once it has left the heap for good, so they take room for the open boxes only.
     capacity = 64
+    free = np.empty(capacity, np.int64)
+    n_free = 0
     box_lo = np.empty((capacity, c), np.int64)
     box_corner = np.empty((capacity, c), np.int64)
     box_active = np.empty((capacity, c), np.int64)
@@ -1023,6 +1026,9 @@ def _branch_and_bound(problem, starts, node_limit, time_limit, clock, best_alpha
                 counter += 1
                 box_flags[box, 1] = True
                 heapq.heappush(heap, (neg_upper, np.int64(-attained), np.int64(counter), box))
+            else:
+                free[n_free] = box
+                n_free += 1
             continue
         if not box_flags[box, 0]:
             # An LP bound heads the queue: replace it by F itself (exact above the incumbent) before splitting.
@@ -1032,10 +1038,16 @@ def _branch_and_bound(problem, starts, node_limit, time_limit, clock, best_alpha
                 box_flags[box, 0] = True
                 box_active[box] = active
                 heapq.heappush(heap, (np.int64(-value), neg_found, np.int64(counter), box))
+            else:
+                free[n_free] = box
+                n_free += 1
             continue
         nodes += 1
         width = corner - lo
+        # The box leaves the heap for good; its row is reused only after its children are made from it.
         if width.max() == 0:
+            free[n_free] = box
+            n_free += 1
             continue  # a single feasible point whose exact F was recorded when it was created
         score = box_active[box] * width
         j = np.argmax(score) if score.max() > 0 else np.argmax(width)
@@ -1061,21 +1073,29 @@ def _branch_and_bound(problem, starts, node_limit, time_limit, clock, best_alpha
                 continue
             value, _, exact_child = _evaluate(problem, child_corner, incumbent, gap, child_active)
             if value > incumbent:
-                if n_boxes == capacity:
-                    capacity *= 2
-                    box_lo = _grown(box_lo, capacity)
-                    box_corner = _grown(box_corner, capacity)
-                    box_active = _grown(box_active, capacity)
-                    box_flags = _grown(box_flags, capacity)
-                    lo, corner = box_lo[box], box_corner[box]
-                box_lo[n_boxes] = child_lo
-                box_corner[n_boxes] = child_corner
-                box_active[n_boxes] = child_active
-                box_flags[n_boxes, 0] = exact_child
-                box_flags[n_boxes, 1] = False
+                if n_free > 0:
+                    n_free -= 1
+                    row = free[n_free]
+                else:
+                    if n_boxes == capacity:
+                        capacity *= 2
+                        box_lo = _grown(box_lo, capacity)
+                        box_corner = _grown(box_corner, capacity)
+                        box_active = _grown(box_active, capacity)
+                        box_flags = _grown(box_flags, capacity)
+                        free = np.empty(capacity, np.int64)  # empty now: every row is taken
+                        lo, corner = box_lo[box], box_corner[box]
+                    row = n_boxes
+                    n_boxes += 1
+                box_lo[row] = child_lo
+                box_corner[row] = child_corner
+                box_active[row] = child_active
+                box_flags[row, 0] = exact_child
+                box_flags[row, 1] = False
                 counter += 1
-                heapq.heappush(heap, (np.int64(-value), neg_found, np.int64(counter), np.int64(n_boxes)))
-                n_boxes += 1
+                heapq.heappush(heap, (np.int64(-value), neg_found, np.int64(counter), np.int64(row)))
+        free[n_free] = box
+        n_free += 1
     upper_bound = max(incumbent, stopped_at)
     for entry in heap:
         upper_bound = max(upper_bound, -entry[0])
@@ -1107,8 +1127,9 @@ def _maximise_flips(problem: _Problem, time_limit: float | None = None, node_lim
     seeds = np.array(points, dtype=np.int64).reshape(-1, c) if points else np.eye(c, dtype=np.int64) * budget
     seeds = seeds if budget else seeds[:0]
     best_alpha, result = np.zeros(c, np.int64), np.zeros(3, np.int64)
-    _branch_and_bound(problem._arrays, seeds, int(node_limit or 0), float(time_limit or 0.0), _CLOCK, best_alpha,
-                      result)
+    # (a node limit past int64 is no limit)
+    _branch_and_bound(problem._arrays, seeds, min(int(node_limit or 0), 2**62), float(time_limit or 0.0), _CLOCK,
+                      best_alpha, result)
     return _Solution(int(result[0]), int(result[1]), best_alpha, int(result[2]))
 
 
