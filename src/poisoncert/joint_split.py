@@ -65,6 +65,7 @@ __all__ = [
 #: Threat models with a split joint certificate (label-flip uses the general one).
 SPLIT_THREAT_MODELS = ("general", "insertion", "deletion", "label-flip")
 
+# (These two and the kinds of need kernel below are read by compiled code: fixed when it compiles.)
 _NO_SLACK_LIMIT = 1 << 40  # exact DP whatever the gap between the LP bound and the threshold
 _LP_EXACT_GAP = 30  # run the exact DP while an evaluation's LP bound is within this many flips of the incumbent
 _NEG = -(1 << 40)
