@@ -39,16 +39,16 @@ UNFLIPPABLE = np.iinfo(np.int64).max
 
 
 @numba.njit(cache=True, nogil=True)
-def _knapsack(costs, starts, budget, choice):  # pragma: no cover - compiled; tested through max_flips
-    """Exact ``max sum_l g_l(r_l)`` over ``sum_l r_l <= budget``; records the chosen ``r_l`` per budget.
+def _knapsack(costs, starts, budget, tables):  # pragma: no cover - compiled; tested through max_flips
+    """Exact ``max sum_l g_l(r_l)`` over ``sum_l r_l <= budget``; ``tables[s]`` = ``best`` after segment ``s``.
 
     ``costs[starts[s]:starts[s + 1]]`` holds the costs of segment (label) ``s``, sorted ascending, each in
     ``1..budget``; choosing ``r = costs[j]`` gains ``j - starts[s] + 1`` flips. ``g_l`` is a nondecreasing
     step function, so an optimal ``r_l`` is 0 or one of the costs, and only the last index of each run of
     equal costs is worth choosing. Dynamic programme over segments, ``best[b]`` = most flips with at most ``b``
     removals (nondecreasing in ``b``). Segments must come in ascending order of their largest cost (keeps
-    ``reach`` small for as long as possible). ``choice[s, b]`` = the ``r`` of segment ``s`` in an optimum
-    of budget ``min(b, reach_s)`` given the earlier segments, for backtracking.
+    ``reach`` small for as long as possible). The choices are not recorded here: :func:`_choice` recovers the one
+    a backtrack needs from the tables, so the inner loop is a plain maximum that vectorises.
     """
     n_segments = len(starts) - 1
     best = np.zeros(budget + 1, dtype=np.int64)
@@ -58,7 +58,8 @@ def _knapsack(costs, starts, budget, choice):  # pragma: no cover - compiled; te
         start, stop = starts[s], starts[s + 1]
         new_reach = min(budget, reach + costs[stop - 1])
         last = s == n_segments - 1
-        new = best.copy()
+        new = tables[s]
+        new[:] = best
         for j in range(start, stop):
             if j + 1 < stop and costs[j + 1] == costs[j]:
                 continue
@@ -66,22 +67,43 @@ def _knapsack(costs, starts, budget, choice):  # pragma: no cover - compiled; te
             gain = j - start + 1
             if last:
                 # Only best[budget] is read after the last segment: one candidate per cost.
-                value = best[budget - cost] + gain
-                if value > new[budget]:
-                    new[budget] = value
-                    choice[s, budget] = cost
+                new[budget] = max(new[budget], best[budget - cost] + gain)
                 continue
-            for b in range(cost, new_reach + 1):
-                value = best[b - cost] + gain
-                if value > new[b]:
-                    new[b] = value
-                    choice[s, b] = cost
+            _raise_shifted(new[cost : new_reach + 1], best[: new_reach + 1 - cost], gain)
         if not last:
-            for b in range(new_reach + 1, budget + 1):
-                new[b] = new[new_reach]
+            new[new_reach + 1 :] = new[new_reach]
         best = new
         reach = new_reach
     return best[budget]
+
+
+@numba.njit(inline="always")
+def _raise_shifted(target, source, gain):  # pragma: no cover - compiled
+    """``target[b] = max(target[b], source[b] + gain)``: distinct arrays, so it vectorises."""
+    for b in range(target.shape[0]):
+        target[b] = max(target[b], source[b] + gain)
+
+
+@numba.njit(cache=True, nogil=True)
+def _choice(costs, starts, tables, s, b):  # pragma: no cover - compiled; tested through max_flips
+    """The removals of segment ``s`` in the optimum of :func:`_knapsack` at budget ``b`` given the earlier segments:
+    0 unless a cost improves on ``best[b]`` before the segment, else the smallest cost (the last index of its run)
+    that attains the maximum, as a first-strictly-better scan over the costs in ascending order would pick it."""
+    after = tables[s, b]
+    before = tables[s - 1, b] if s > 0 else 0
+    if after == before:
+        return 0
+    start, stop = starts[s], starts[s + 1]
+    for j in range(start, stop):
+        if j + 1 < stop and costs[j + 1] == costs[j]:
+            continue
+        cost = costs[j]
+        if cost > b:
+            break
+        previous = tables[s - 1, b - cost] if s > 0 else 0
+        if previous + j - start + 1 == after:
+            return cost
+    return 0  # pragma: no cover - unreachable: the maximum is attained by some cost
 
 
 def _solve(labels: np.ndarray, costs: np.ndarray, budget: int, n_classes: int) -> tuple[int, np.ndarray]:
@@ -110,13 +132,13 @@ def _solve(labels: np.ndarray, costs: np.ndarray, budget: int, n_classes: int) -
     pieces = [costs[starts[s] : stops[s]] for s in seg_order.tolist()]
     seg_costs = np.concatenate(pieces)
     seg_starts = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-    choice = np.zeros((len(seg_order), budget + 1), dtype=np.int64)
-    value = int(_knapsack(seg_costs, seg_starts, int(budget), choice))
+    tables = np.empty((len(seg_order), budget + 1), dtype=np.int64)
+    value = int(_knapsack(seg_costs, seg_starts, int(budget), tables))
     # Backtrack: segment s's choice at the remaining budget, capped by the reach after segment s.
     reach = np.minimum(np.cumsum(top[seg_order]), budget)
     remaining = int(budget)
     for s in range(len(seg_order) - 1, -1, -1):
-        spent = int(choice[s, min(remaining, int(reach[s]))])
+        spent = int(_choice(seg_costs, seg_starts, tables, s, min(remaining, int(reach[s]))))
         allocation[segment_labels[seg_order[s]]] = spent
         remaining -= spent
     return flips + value, allocation
