@@ -46,7 +46,7 @@ import numpy as np
 from llvmlite import ir
 from numba import prange
 from numba.core import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ._bitvectors import cumulative_popcounts, lowest_set_bit, popcount, rank1, select0, select_in_word, zero_word
 from ._validation import check_label_indices, check_poisoning_sizes, check_positive_int, check_votes
@@ -735,15 +735,8 @@ _RNN, _TABLE, _ONLINE = 0, 1, 2
 #: Remembered evaluations of one problem: room for this many int64 of splits and active counts (MNIST's searches
 #: make at most a few thousand evaluations; past the room, evaluations are no longer remembered).
 _SEEN_WORDS = 1 << 19
-# The states of the kinds a problem is not (typed as the real ones, so that each kind compiles once).
+#: An empty int64 array (what a dense online problem has for its per-input pair lists).
 _NONE = np.zeros(0, np.int64)
-_NO_RNN = (np.zeros((1, 1), np.int64),)
-_NO_TABLE = (_NONE, _NONE, _NONE, _NONE, _NONE, np.zeros(0, np.int32), 1)
-_NO_ONLINE = (_NONE, _NONE, _NONE, _NONE, _NONE, np.zeros((0, 1), np.uint64), np.zeros((0, 2), np.uint16),
-              np.zeros((1, 0), np.uint64).T, np.zeros((2, 0), np.uint16).T, 0, np.zeros(1, np.int64),
-              np.zeros(0, np.int32), False, 0, _NONE, _NONE, _NONE, np.zeros(0, np.int32), _NONE,
-              np.zeros((0, 1), np.int64), np.zeros((0, 1), np.int64), _NONE, np.zeros(0, np.int32), _NONE,
-              np.zeros(3, np.int64))
 
 
 def _monotonic_clock() -> np.ndarray:
@@ -802,7 +795,7 @@ class _Problem:
         self.add_budget = add_budget
         self.remove_budget = remove_budget
         n = len(self.labels)
-        states: list[tuple[Any, ...]] = [_NO_RNN, _NO_TABLE, _NO_ONLINE]
+        states: list[tuple[Any, ...] | None] = [None, None, None]
         states[kind] = state
         capacity = max(64, _SEEN_WORDS // (2 * n_classes))
         slots = 1 << (2 * capacity - 1).bit_length()  # at most half full
@@ -839,16 +832,36 @@ class _Problem:
 @numba.njit(cache=True, nogil=True)
 def _problem_needs(problem, alpha):  # pragma: no cover - compiled
     """Each candidate's need under ``alpha`` into the problem's costs, and the active label counts."""
-    kind, c, remove = problem[0], problem[2], problem[4]
-    costs, active, winner = problem[8], problem[9], problem[10]
-    if kind == _RNN:
-        _rnn_needs(problem[5][0], alpha, remove, costs, active, winner)
-    elif kind == _TABLE:
-        pair_start, rivals, first, zero, offset, values, step = problem[6]
-        _knn_needs(pair_start, rivals, first, zero, offset, values, step, alpha, remove, costs, winner)
-        _count_winners(winner, costs, remove, c, active)
-    else:
-        _online_needs(problem[7], alpha, remove, costs, active, winner)
+    _kind_needs(problem[5], problem[6], problem[7], alpha, problem[4], problem[2], problem[8], problem[9],
+                problem[10])
+
+
+def _kind_needs(rnn, table, online, alpha, remove, c, costs, active, winner):  # type: ignore[no-untyped-def]
+    """Stand-in for compiled code, which calls the implementation :func:`_kind_needs_typed` picks."""
+    raise NotImplementedError("called from compiled code only")  # pragma: no cover
+
+
+@overload(_kind_needs)
+def _kind_needs_typed(rnn, table, online, alpha, remove, c, costs, active, winner):  # type: ignore[no-untyped-def]
+    """The need kernel of the problem's kind: the one of its three states that is not None. Chosen by type, so a
+    search compiles (and loads from numba's cache) only its own kind's kernel."""  # pragma: no cover - compiled
+    if not isinstance(rnn, types.NoneType):
+        def rnn_needs(rnn, table, online, alpha, remove, c, costs, active, winner):  # type: ignore[no-untyped-def]
+            _rnn_needs(rnn[0], alpha, remove, costs, active, winner)
+
+        return rnn_needs
+    if not isinstance(table, types.NoneType):
+        def table_needs(rnn, table, online, alpha, remove, c, costs, active, winner):  # type: ignore[no-untyped-def]
+            pair_start, rivals, first, zero, offset, values, step = table
+            _knn_needs(pair_start, rivals, first, zero, offset, values, step, alpha, remove, costs, winner)
+            _count_winners(winner, costs, remove, c, active)
+
+        return table_needs
+
+    def online_needs(rnn, table, online, alpha, remove, c, costs, active, winner):  # type: ignore[no-untyped-def]
+        _online_needs(online, alpha, remove, costs, active, winner)
+
+    return online_needs
 
 
 @numba.njit(cache=True, nogil=True)
