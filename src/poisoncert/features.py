@@ -668,35 +668,52 @@ def _features_key(name: str, checksum: str, split: str, images_sha256: str, extr
 _WEIGHTLESS = ("hog", "raw")
 
 
-def _shortcut_key(name: str, extractor: str, params: Mapping[str, Any], path: Any) -> dict[str, Any] | None:
-    """Key of the entry that lets :func:`dataset_features` skip loading a dataset whose images are pinned by its
-    checksum (:func:`poisoncert.datasets.pinned_checksum`), or None where they are not."""
-    from . import __version__
-    from .datasets import canonical_name, pinned_checksum
+#: Bumped whenever what :func:`dataset_features` stores in its shortcut entry, or the description it returns,
+#: changes (the entry's key holds it, so older entries are never read).
+_SHORTCUT_FORMAT = 1
 
-    checksum = pinned_checksum(name, path)
-    if checksum is None or extractor not in _WEIGHTLESS:
+
+def _shortcut_key(name: str, extractor: str, params: Mapping[str, Any], path: Any) -> dict[str, Any] | None:
+    """Key of the entry that lets :func:`dataset_features` skip loading a dataset whose images are fixed before
+    anything is read (:func:`poisoncert.datasets.pinned_source`, whose key joins this one), or None."""
+    from . import __version__
+    from .datasets import canonical_name, pinned_source
+
+    source = pinned_source(name, path)
+    if source is None or extractor not in _WEIGHTLESS:
         return None
-    return {"kind": "dataset_features_shortcut", "dataset": canonical_name(name), "dataset_checksum": checksum,
-            "extractor": extractor, "params": dict(params), "poisoncert_version": __version__,
+    return {"kind": "dataset_features_shortcut", "format": _SHORTCUT_FORMAT, "dataset": canonical_name(name),
+            "source": source, "extractor": extractor, "params": dict(params), "poisoncert_version": __version__,
             "library_versions": _library_versions(extractor)}
+
+
+def _parse_shortcut(stored: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], Any, str, str] | None:
+    """(description, resolved parameters, dataset name, checksum) of a shortcut entry, or None where it is not
+    one (an entry edited by hand, say)."""
+    import json
+
+    if not {"info", "y_train", "y_test", "train_sha256", "test_sha256"} <= set(stored):
+        return None
+    try:
+        info = json.loads(str(stored["info"]))
+        return info, json.loads(info["feature_params"]), info["dataset"], info["dataset_checksum"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _from_shortcut(shortcut: Mapping[str, Any], cache_dir: Any
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]] | None:
     """What :func:`dataset_features` returns, from a shortcut entry and the feature entries it names, or None
     (nothing stored, or an entry missing or inconsistent: the caller then loads the dataset)."""
-    import json
 
     stored = stored_arrays(shortcut, cache_dir)
-    if stored is None or not {"info", "y_train", "y_test", "train_sha256", "test_sha256"} <= set(stored):
+    parsed = None if stored is None else _parse_shortcut(stored)
+    if parsed is None:
         return None
-    info = json.loads(str(stored["info"]))
-    resolved = json.loads(info["feature_params"])
+    info, resolved, name, checksum = parsed
     features = []
     for split in ("train", "test"):
-        key = _features_key(info["dataset"], info["dataset_checksum"], split, str(stored[f"{split}_sha256"]),
-                            shortcut["extractor"], resolved)
+        key = _features_key(name, checksum, split, str(stored[f"{split}_sha256"]), shortcut["extractor"], resolved)
         entry = stored_arrays(key, cache_dir)
         labels = stored[f"y_{split}"]
         if entry is None or "features" not in entry or entry["features"].shape[0] != labels.shape[0]:
@@ -815,9 +832,10 @@ def dataset_features(
         "feature_params": json.dumps(resolved, sort_keys=True),
         "n_features": int(F_train.shape[1]),
     }
-    if shortcut is not None and dataset.checksum == shortcut["dataset_checksum"]:
+    if shortcut is not None and dataset.checksum == shortcut["source"].get("source_sha256"):
         cached_arrays(shortcut, lambda: {
             "info": np.array(json.dumps(info)), "y_train": dataset.y_train, "y_test": dataset.y_test,
             "train_sha256": np.array(array_digest(dataset.X_train)),
-            "test_sha256": np.array(array_digest(dataset.X_test))}, cache_dir)
+            "test_sha256": np.array(array_digest(dataset.X_test))}, cache_dir,
+            accept=lambda entry: _parse_shortcut(entry) is not None)
     return F_train, dataset.y_train, F_test, dataset.y_test, info

@@ -88,7 +88,9 @@ def _raise_shifted(target, source, gain):  # pragma: no cover - compiled
 def _choice(costs, starts, tables, s, b):  # pragma: no cover - compiled; tested through max_flips
     """The removals of segment ``s`` in the optimum of :func:`_knapsack` at budget ``b`` given the earlier segments:
     0 unless a cost improves on ``best[b]`` before the segment, else the smallest cost (the last index of its run)
-    that attains the maximum, as a first-strictly-better scan over the costs in ascending order would pick it."""
+    that attains the maximum, as a first-strictly-better scan over the costs in ascending order would pick it.
+    For the last segment only ``b = budget`` is valid (its table holds nothing else): :func:`_solve` asks there
+    because it reaches the knapsack only when the segments' costs together exceed the budget."""
     after = tables[s, b]
     before = tables[s - 1, b] if s > 0 else 0
     if after == before:

@@ -65,7 +65,7 @@ __all__ = [
 #: Threat models with a split joint certificate (label-flip uses the general one).
 SPLIT_THREAT_MODELS = ("general", "insertion", "deletion", "label-flip")
 
-# (These two and the kinds of need kernel below are read by compiled code: fixed when it compiles.)
+# (These are read by compiled code: fixed when it compiles.)
 _NO_SLACK_LIMIT = 1 << 40  # exact DP whatever the gap between the LP bound and the threshold
 _LP_EXACT_GAP = 30  # run the exact DP while an evaluation's LP bound is within this many flips of the incumbent
 _NEG = -(1 << 40)
@@ -784,8 +784,10 @@ def _seconds(clock, buffer):  # pragma: no cover - compiled
 class _Problem:
     """One F* problem: candidate inputs (their predicted labels) and a need kernel for any addition split.
 
-    ``kind`` selects the kernel (:func:`_problem_needs`) and ``state`` holds its arrays. The scratch and the
-    remembered evaluations are arrays too, all in one tuple: the branch and bound runs compiled, without the GIL.
+    ``state`` holds the kernel's arrays in the tuple's slot for ``kind`` (the other two slots are None, and the
+    types pick the kernel: :func:`_problem_needs`). The scratch and the remembered evaluations are arrays too, all
+    in one tuple: the branch and bound runs compiled, without the GIL. Numba compiles the search once per type of
+    that tuple: per kind, and within a kind per layout of its arrays (a kNN table's int16 or int32 values, say).
     """
 
     def __init__(self, labels: np.ndarray, n_classes: int, add_budget: int, remove_budget: int, kind: int,
@@ -844,22 +846,22 @@ def _kind_needs(rnn, table, online, alpha, remove, c, costs, active, winner):  #
 @overload(_kind_needs)
 def _kind_needs_typed(rnn, table, online, alpha, remove, c, costs, active, winner):  # type: ignore[no-untyped-def]
     """The need kernel of the problem's kind: the one of its three states that is not None. Chosen by type, so a
-    search compiles (and loads from numba's cache) only its own kind's kernel."""  # pragma: no cover - compiled
+    search compiles (and loads from numba's cache) only its own kind's kernel."""
     if not isinstance(rnn, types.NoneType):
         def rnn_needs(rnn, table, online, alpha, remove, c, costs, active, winner):  # type: ignore[no-untyped-def]
-            _rnn_needs(rnn[0], alpha, remove, costs, active, winner)
+            _rnn_needs(rnn[0], alpha, remove, costs, active, winner)  # pragma: no cover - compiled
 
         return rnn_needs
     if not isinstance(table, types.NoneType):
         def table_needs(rnn, table, online, alpha, remove, c, costs, active, winner):  # type: ignore[no-untyped-def]
-            pair_start, rivals, first, zero, offset, values, step = table
+            pair_start, rivals, first, zero, offset, values, step = table  # pragma: no cover - compiled
             _knn_needs(pair_start, rivals, first, zero, offset, values, step, alpha, remove, costs, winner)
             _count_winners(winner, costs, remove, c, active)
 
         return table_needs
 
     def online_needs(rnn, table, online, alpha, remove, c, costs, active, winner):  # type: ignore[no-untyped-def]
-        _online_needs(online, alpha, remove, costs, active, winner)
+        _online_needs(online, alpha, remove, costs, active, winner)  # pragma: no cover - compiled
 
     return online_needs
 
