@@ -69,6 +69,7 @@ SPLIT_THREAT_MODELS = ("general", "insertion", "deletion", "label-flip")
 _NO_SLACK_LIMIT = 1 << 40  # exact DP whatever the gap between the LP bound and the threshold
 _LP_EXACT_GAP = 30  # run the exact DP while an evaluation's LP bound is within this many flips of the incumbent
 _NEG = -(1 << 40)
+_REACH_EVALUATIONS = 6  # at most this many feasible points aimed at the last unflipped inputs (_reach_every_candidate)
 _MARGIN_OWN = 1 << 40  # margin entry of an input's own label: never a rival
 
 
@@ -685,9 +686,10 @@ def _online_label_needs(pairs, slots, tie, d_k, zeros, sl_bits, sl_cum, sr_bits,
 
 
 @numba.njit(cache=True, nogil=True)
-def _min_over_pairs(input_start, input_pairs, pair_rival, h, budget, out, active):  # pragma: no cover - compiled
-    """``need_i = min over the input's pairs of h``; ``active[l]`` counts affordable inputs won by rival ``l``
-    (the first of the input's pairs, in label order, that attains the minimum)."""
+def _min_over_pairs(input_start, input_pairs, pair_rival, h, budget, out, active, winner):  # pragma: no cover
+    """``need_i = min over the input's pairs of h``; ``winner[i]`` the rival of the first of the input's pairs, in
+    label order, that attains it (-1 where none is within ``budget``); ``active[l]`` counts affordable inputs won
+    by rival ``l``."""
     active[:] = 0
     for i in range(input_start.shape[0] - 1):
         best = budget + 1
@@ -698,6 +700,7 @@ def _min_over_pairs(input_start, input_pairs, pair_rival, h, budget, out, active
                 best = v
                 arg = pair_rival[input_pairs[j]]
         out[i] = best
+        winner[i] = arg
         if best <= budget:
             active[arg] += 1
 
@@ -954,6 +957,65 @@ def _feasible_point(lo, corner, budget, active, shared):  # pragma: no cover - c
     return point
 
 
+@numba.njit(inline="always")
+def _reach_every_candidate(problem, best_alpha, incumbent):  # pragma: no cover - compiled
+    """Where the root's bound is every candidate but the seeds leave some unflipped (the size at which the curve
+    reaches zero), a few feasible points aimed at the inputs the best seed cannot flip at any removal count: part
+    ``t`` of its largest addition moves to the labels that are those inputs' cheapest rivals once they get
+    additions, ``t`` found by a ternary search on the flips attained (at most ``_REACH_EVALUATIONS``). A search
+    that then holds a split flipping every candidate stops at once; otherwise only the incumbent may have risen.
+    Returns the incumbent (``best_alpha`` updated with it)."""
+    c, budget, remove, n_candidates = problem[2], problem[3], problem[4], problem[1].shape[0]
+    costs, winner = problem[8], problem[10]
+    gap = np.int64(_LP_EXACT_GAP)
+    active = np.empty(c, np.int64)  # (the root's active counts are the caller's: not overwritten)
+    base = best_alpha.copy()
+    j = np.argmax(base)
+    base[j] += budget - base.sum()  # F is non-decreasing: the whole budget
+    _problem_needs(problem, base)
+    stuck = costs > remove
+    if not stuck.any():
+        return incumbent
+    # Every other label given up to half of base[j] on top: the stuck inputs' cheapest rivals there.
+    probe = base.copy()
+    for lab in range(c):
+        if lab != j:
+            probe[lab] = min(budget, base[lab] + base[j] // 2)
+    _problem_needs(problem, probe)
+    weight = np.zeros(c, np.int64)
+    for i in range(costs.shape[0]):
+        if stuck[i] and costs[i] <= remove and 0 <= winner[i] != j:
+            weight[winner[i]] += 1
+    total = weight.sum()
+    if total == 0:
+        return incumbent
+    point = np.empty(c, np.int64)
+    low, high = np.int64(0), base[j] // 2
+    for _ in range(_REACH_EVALUATIONS // 2):
+        if high - low < 3:
+            break
+        third = (high - low) // 3
+        found = np.zeros(2, np.int64)
+        for side in range(2):
+            t = low + third if side == 0 else high - third
+            point[:] = base
+            for lab in range(c):
+                point[lab] += (t * weight[lab]) // total
+            point[j] -= point.sum() - budget
+            _, attained, _ = _evaluate(problem, point, incumbent, gap, active)
+            found[side] = attained
+            if attained > incumbent:
+                incumbent = attained
+                best_alpha[:] = point
+                if incumbent >= n_candidates:
+                    return incumbent
+        if found[0] < found[1]:
+            low = low + third
+        else:
+            high = high - third
+    return incumbent
+
+
 @numba.njit(cache=True, nogil=True)
 def _branch_and_bound(problem, starts, node_limit, time_limit, clock, best_alpha, result):  # pragma: no cover
     """``F* = max over integer alpha >= 0, sum alpha <= A, of F(alpha)`` by best-first branch and bound.
@@ -999,6 +1061,8 @@ def _branch_and_bound(problem, starts, node_limit, time_limit, clock, best_alpha
     n_boxes = 0
     hi = np.full(c, budget, np.int64)
     upper, _, exact = _evaluate(problem, hi, incumbent, gap, active)
+    if upper >= n_candidates > incumbent >= 0:
+        incumbent = _reach_every_candidate(problem, best_alpha, incumbent)
     # Heap entries: (-upper bound, -flips found in the box, counter, box). Among equal bounds the box whose feasible
     # point flips most comes first: where every box is bounded by all candidates (the size at which the curve
     # reaches zero) the search is a hunt for a split that flips them all, and that box is the nearest to one.
@@ -1192,7 +1256,7 @@ def _online_needs(state, alpha, budget, out, active, winner):  # pragma: no cove
     if dense:
         _min_over_labels(h.reshape((c, n_inputs)), no_shift, budget, out, winner, active)
     else:
-        _min_over_pairs(input_start, input_pairs, pair_rival, h, budget, out, active)
+        _min_over_pairs(input_start, input_pairs, pair_rival, h, budget, out, active, winner)
 
 
 @numba.njit(inline="always")
