@@ -705,7 +705,6 @@ def _from_shortcut(shortcut: Mapping[str, Any], cache_dir: Any
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]] | None:
     """What :func:`dataset_features` returns, from a shortcut entry and the feature entries it names, or None
     (nothing stored, or an entry missing or inconsistent: the caller then loads the dataset)."""
-
     stored = stored_arrays(shortcut, cache_dir)
     parsed = None if stored is None else _parse_shortcut(stored)
     if parsed is None:
