@@ -622,9 +622,16 @@ def extract(
     -------
     numpy.ndarray of float32, shape (n, d)
     """
+    return _extract(dataset, split, extractor, params, cache_dir, progress, n_jobs)[0]
+
+
+def _extract(dataset: Dataset, split: str, extractor: str, params: Mapping[str, Any] | None, cache_dir: Any,
+             progress: bool, n_jobs: int | None) -> tuple[np.ndarray, str]:
+    """:func:`extract`'s features and the SHA-256 of the images (part of their key) it computed on the way."""
     X, _ = dataset.split(split)
     resolved = resolve_params(extractor, params, X.shape[1:])
-    key = _features_key(dataset.name, dataset.checksum, split, array_digest(X), extractor, resolved)
+    images_sha256 = array_digest(X)
+    key = _features_key(dataset.name, dataset.checksum, split, images_sha256, extractor, resolved)
     # A path alone could point at different weights later; the file's hash pins them.
     if extractor == "clip":
         key["checkpoint_sha256"] = clip_checkpoint_digest(resolved["checkpoint"])
@@ -643,7 +650,7 @@ def extract(
     if features.shape[0] != X.shape[0]:
         raise ValueError(f"feature cache entry for {dataset.name}/{split} has {features.shape[0]} rows for "
                          f"{X.shape[0]} images: delete the cache folder and run again")
-    return features
+    return features, images_sha256
 
 
 def _features_key(name: str, checksum: str, split: str, images_sha256: str, extractor: str,
@@ -818,8 +825,8 @@ def dataset_features(
             "the 'clip' extractor needs a local checkpoint: a Hugging Face model directory or an open_clip "
             "weights file (weights are never downloaded)"
         )
-    F_train = extract(dataset, "train", extractor, params, cache_dir, progress, n_jobs=n_jobs)
-    F_test = extract(dataset, "test", extractor, params, cache_dir, progress, n_jobs=n_jobs)
+    F_train, train_sha256 = _extract(dataset, "train", extractor, params, cache_dir, progress, n_jobs)
+    F_test, test_sha256 = _extract(dataset, "test", extractor, params, cache_dir, progress, n_jobs)
     resolved = resolve_params(extractor, params, dataset.X_train.shape[1:])
     info = {
         "dataset": dataset.name,
@@ -834,7 +841,6 @@ def dataset_features(
     if shortcut is not None and dataset.checksum == shortcut["source"].get("source_sha256"):
         cached_arrays(shortcut, lambda: {
             "info": np.array(json.dumps(info)), "y_train": dataset.y_train, "y_test": dataset.y_test,
-            "train_sha256": np.array(array_digest(dataset.X_train)),
-            "test_sha256": np.array(array_digest(dataset.X_test))}, cache_dir,
+            "train_sha256": np.array(train_sha256), "test_sha256": np.array(test_sha256)}, cache_dir,
             accept=lambda entry: _parse_shortcut(entry) is not None)
     return F_train, dataset.y_train, F_test, dataset.y_test, info

@@ -1260,9 +1260,10 @@ def _online_needs(state, alpha, budget, out, active, winner):  # pragma: no cove
 
 
 @numba.njit(inline="always")
-def _memoise(lab, value, at, values, memo_alpha, memo_entry, memo_count, memo_store, memo_start, memo_used):
+def _memoise(lab, value, at, values, memo_alpha, memo_entry, memo_count, memo_store, memo_start,
+             memo_used):  # pragma: no cover - compiled
     """Keep ``values`` as label ``lab``'s needs at ``alpha_l = value`` (position ``at`` of its memoised values,
-    ascending), while the store and the label's row have room."""  # pragma: no cover - compiled
+    ascending), while the store and the label's row have room."""
     count = memo_count[lab]
     entry = memo_used[1]
     if (count == memo_alpha.shape[1] or entry == memo_start.shape[0]
