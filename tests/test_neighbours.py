@@ -660,3 +660,81 @@ def test_selection_gives_the_first_k_by_value_then_position(seed: int, k: int, d
         np.testing.assert_array_equal(got, np.lexsort((np.arange(n), row))[:k])
     if k in (50, 333):  # both paths are exercised: sampled on the random rows, exact on the skewed ones
         assert _sampled_path_taken(rows[1], k) and not _sampled_path_taken(rows[-1], k)
+
+
+@functools.cache
+def _labels_attempt():  # type: ignore[no-untyped-def]
+    import numba
+
+    from poisoncert import neighbours
+
+    @numba.njit
+    def attempt(bits, k, labels, label_bits, out, keys):  # pragma: no cover - compiled
+        scratch = neighbours._select_scratch(k, bits.shape[0], bits.dtype)
+        outcome = neighbours._select_labels_sampled(bits, k, labels, label_bits, scratch,
+                                                    neighbours._label_scratch(k, bits.shape[0]), out, True)
+        keys[:] = scratch[1][:k]
+        return outcome
+
+    return attempt
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 50, 333, 2000])
+@pytest.mark.parametrize("n_labels", [2, 10, 128])
+def test_label_selection_in_32_bit_words_gives_the_labels_of_the_first_k(seed: int, k: int, n_labels: int) -> None:
+    """The fused search's selection of labels (key and label in one 32-bit word) against the reference order by
+    (value, position), on rows with many ties (the stable sort must keep position order among equal keys); where
+    the sampled threshold falls short or a key and label need more than 32 bits it says so and writes nothing."""
+    from poisoncert.neighbours import _ESTIMATE_SHORT, _KEYS_TOO_WIDE, _SELECTED, _key_bits
+
+    rng = np.random.default_rng(seed)
+    n = 2001  # a partial last word of flags
+    labels = rng.integers(0, n_labels, n).astype(np.int32)
+    label_bits = _key_bits(0, n_labels - 1)
+    rows = rng.integers(0, [[3], [40], [5000], [2**20], [2**26], [2**31 - 1]], size=(6, n)).astype(np.int32)
+    skewed = rng.integers(10, 50, size=n).astype(np.int32)
+    skewed[: n // 16] = rng.integers(0, 3, size=n // 16)  # a sample far below the rest of its row
+    wide = rng.integers(2**30, 2**31 - 1, size=n).astype(np.int32)
+    wide[::50] = rng.integers(0, 8, size=len(wide[::50]))  # the first k span 30 bits and more
+    rows = [*rows, skewed, wide]
+    for row in rows:
+        out = np.full(k, -1, np.int8)
+        keys = np.empty(k, np.int32)
+        outcome = _labels_attempt()(row, k, labels, label_bits, out, keys)
+        order = np.lexsort((np.arange(n), row))[:k]
+        sampled = _sampled_path_taken(row, k)
+        if not sampled:
+            assert outcome == _ESTIMATE_SHORT
+        elif outcome == _KEYS_TOO_WIDE:
+            # Only a row whose candidates need more key bits than the labels leave (of 32) is refused.
+            assert int(row.max()) - int(row.min()) >= 1 << (32 - label_bits - 1)
+        else:
+            assert outcome == _SELECTED
+            np.testing.assert_array_equal(out, labels[order])
+            np.testing.assert_array_equal(keys, row[order])
+        if outcome != _SELECTED:
+            assert (out == -1).all()
+    if k in (50, 333):  # every outcome is exercised: a wide row is refused unless one label bit leaves 31 for keys
+        outcomes = {int(_labels_attempt()(row, k, labels, label_bits, np.empty(k, np.int8), np.empty(k, np.int32)))
+                    for row in rows}
+        assert outcomes == {_SELECTED, _ESTIMATE_SHORT} | ({_KEYS_TOO_WIDE} if label_bits > 1 else set())
+
+
+@pytest.mark.parametrize("n_labels", [10, 128, 129])
+def test_fused_search_of_a_large_training_set_matches_reference(n_labels: int) -> None:
+    """Where the sampled selection applies (a training set large beside k), the fused search's labels, from 32-bit
+    words for up to 128 labels and from positions beyond, equal the reference order; so do its radius counts."""
+    rng = np.random.default_rng(n_labels)
+    X_train = rng.integers(0, 6, size=(3000, 3)).astype(np.float32)
+    y_train = rng.integers(0, n_labels, 3000)
+    X_test = rng.integers(0, 6, size=(37, 3)).astype(np.float32)
+    order, D = reference_order(X_train, y_train, X_test, "l1")
+    index = NeighbourIndex(X_train, y_train, backend="numba")
+    classes = np.unique(y_train)
+    for k in (40, 400):
+        labels, votes = index.search(X_test, n_neighbors=k, radii=[2.0], n_classes=len(classes))
+        np.testing.assert_array_equal(classes[labels], y_train[order[:, :k]])
+        expected = np.stack([np.bincount(np.searchsorted(classes, y_train[D[i] <= 2.0]), minlength=len(classes))
+                             for i in range(len(X_test))])
+        np.testing.assert_array_equal(votes[0], expected)
