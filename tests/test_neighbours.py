@@ -721,7 +721,7 @@ def test_label_selection_in_32_bit_words_gives_the_labels_of_the_first_k(seed: i
         assert outcomes == {_SELECTED, _ESTIMATE_SHORT} | ({_KEYS_TOO_WIDE} if label_bits > 1 else set())
 
 
-@pytest.mark.parametrize("n_labels", [10, 128, 129])
+@pytest.mark.parametrize("n_labels", [1, 10, 128, 129])
 def test_fused_search_of_a_large_training_set_matches_reference(n_labels: int) -> None:
     """Where the sampled selection applies (a training set large beside k), the fused search's labels, from 32-bit
     words for up to 128 labels and from positions beyond, equal the reference order; so do its radius counts."""
@@ -738,3 +738,78 @@ def test_fused_search_of_a_large_training_set_matches_reference(n_labels: int) -
         expected = np.stack([np.bincount(np.searchsorted(classes, y_train[D[i] <= 2.0]), minlength=len(classes))
                              for i in range(len(X_test))])
         np.testing.assert_array_equal(votes[0], expected)
+
+
+@functools.cache
+def _labels_rows():  # type: ignore[no-untyped-def]
+    import numba
+
+    from poisoncert import neighbours
+
+    @numba.njit
+    def select_rows(rows, k, labels, label_bits, out, keys, outcomes):  # pragma: no cover - compiled
+        # One set of buffers for every row, as each worker of the fused search keeps them, filled with garbage first.
+        scratch = neighbours._select_scratch(k, rows.shape[1], rows.dtype)
+        label_scratch = neighbours._label_scratch(k, rows.shape[1])
+        label_scratch[0][:] = np.uint32(0xDEADBEEF)
+        label_scratch[1][:] = np.uint32(0xDEADBEEF)
+        for i in range(rows.shape[0]):
+            scratch[1][:] = -7
+            outcomes[i] = neighbours._select_labels_sampled(rows[i], k, labels, label_bits, scratch, label_scratch,
+                                                            out[i], True)
+            keys[i] = scratch[1][:k]
+
+    return select_rows
+
+
+def _expected_outcome(row: np.ndarray, k: int, label_bits: int) -> int:
+    """The documented decision, written out: threshold from the first sixteenth, count, key width."""
+    from poisoncert.neighbours import _ESTIMATE_SHORT, _KEYS_TOO_WIDE, _SAMPLE_SHARE, _SELECTED
+
+    expected = k // _SAMPLE_SHARE
+    rank = expected + 3 * int(np.sqrt(expected)) + 8
+    if rank > len(row) // _SAMPLE_SHARE:
+        return _ESTIMATE_SHORT
+    threshold = int(np.sort(row[: len(row) // _SAMPLE_SHARE])[rank - 1])
+    count = int((row <= threshold).sum())
+    if count < k or count > 2 * k + 1024:
+        return _ESTIMATE_SHORT
+    return _KEYS_TOO_WIDE if (threshold - int(row.min())).bit_length() + label_bits > 32 else _SELECTED
+
+
+@pytest.mark.parametrize("label_bits", range(8))
+@pytest.mark.parametrize("n", [128, 191, 192, 3000, 3008])
+def test_label_words_at_the_32_bit_boundary_and_with_reused_buffers(label_bits: int, n: int) -> None:
+    """Keys spanning exactly 32 - label_bits bits (the word's top bit set) are selected, one bit more is refused; a
+    single class (label_bits 0) and 128 classes; rows of whole and partial flag words; buffers reused across rows.
+    (Written by a helper session's review.)"""
+    from poisoncert.neighbours import _SELECTED
+
+    rng = np.random.default_rng(label_bits * 7919 + n)
+    k = max(1, n // 8)
+    labels = rng.integers(0, 1 << label_bits, n).astype(np.int32)
+    labels[-1] = (1 << label_bits) - 1
+    rows = []
+    for extra in (-1, 0, 1):
+        span = min((1 << (32 - label_bits)) - 1 + extra, 2**31 - 1)
+        row = np.full(n, 2**31 - 1, np.int64)
+        chosen = rng.random(n) < 0.4
+        row[chosen] = rng.choice([0, 1, span // 2, span], chosen.sum())
+        row[: n // 16] = span
+        row[:2] = 0
+        rows.append(row)
+    rows.append(rng.integers(0, 3, n))  # ties only
+    rows.append(rng.integers(0, 40, n))
+    rows = np.ascontiguousarray(np.stack(rows).astype(np.int32))
+    out = np.full((len(rows), k), -1, np.int8)
+    keys = np.empty((len(rows), k), np.int32)
+    outcomes = np.empty(len(rows), np.int64)
+    _labels_rows()(rows, k, labels, label_bits, out, keys, outcomes)
+    for row, got, got_keys, outcome in zip(rows, out, keys, outcomes, strict=True):
+        assert outcome == _expected_outcome(row, k, label_bits)
+        if outcome == _SELECTED:
+            order = np.lexsort((np.arange(n), row))[:k]
+            np.testing.assert_array_equal(got, labels[order])
+            np.testing.assert_array_equal(got_keys, row[order])
+        else:
+            assert (got == -1).all() and (got_keys == -7).all()

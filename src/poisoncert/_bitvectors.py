@@ -7,8 +7,9 @@ Selecting inside one word is a single ``pdep`` where the CPU has a fast one (BMI
 Zen 3; microcoded and slow on Zen 1 and 2), else six halving steps. The choice is made once, from the CPU numba
 compiles for, and both give the same positions (tested against each other).
 
-These functions are inlined into the kernels of :mod:`poisoncert.joint_split`, whose numba cache is keyed by that
-file alone: after editing this one, touch ``joint_split.py`` (or clear its ``__pycache__``) so they recompile.
+These functions are inlined into the kernels of :mod:`poisoncert.joint_split` (and ``lowest_set_bit`` into the fused
+search of :mod:`poisoncert.neighbours`), whose numba caches are keyed by their own files alone: after editing this
+one, touch ``joint_split.py`` and ``neighbours.py`` (or clear their ``__pycache__``) so they recompile.
 """
 
 from __future__ import annotations
