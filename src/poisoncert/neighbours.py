@@ -306,13 +306,13 @@ def _digit_starts(keys, shift, mask, hist):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
-def _sort_packed(src, dst, hist, n_bits):  # pragma: no cover - compiled
-    """Stable LSD radix sort of packed ``key << 32 | position`` words by their ``n_bits`` key bits; returns the array
-    that holds the sorted words (``src`` or ``dst``, by the number of passes)."""
+def _sort_words(src, dst, hist, low_bit, n_bits):  # pragma: no cover - compiled
+    """Stable LSD radix sort of integer words by their bits ``low_bit .. low_bit + n_bits - 1``; returns the array
+    that holds the sorted words (``src`` or ``dst``, by the number of passes). Digits as :func:`_digit_width`."""
     n = src.shape[0]
     digit = _digit_width(n_bits)
-    shift = 32
-    top = 32 + n_bits
+    shift = low_bit
+    top = low_bit + n_bits
     while shift < top:
         width = min(digit, top - shift)
         mask = (1 << width) - 1
@@ -326,6 +326,13 @@ def _sort_packed(src, dst, hist, n_bits):  # pragma: no cover - compiled
         src, dst = dst, src
         shift += width
     return src
+
+
+@numba.njit(inline="always")
+def _sort_packed(src, dst, hist, n_bits):  # pragma: no cover - compiled
+    """Stable LSD radix sort of packed ``key << 32 | position`` words by their ``n_bits`` key bits; returns the array
+    that holds the sorted words (``src`` or ``dst``, by the number of passes)."""
+    return _sort_words(src, dst, hist, 32, n_bits)
 
 
 @numba.njit(inline="always")
@@ -443,6 +450,18 @@ def _select_scratch(k, n_train, dtype):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
+def _sampled_threshold(bits, k, hist):  # pragma: no cover - compiled
+    """The sampled selections' threshold: the value of rank about ``k / 16`` (plus three standard deviations) among
+    the row's first sixteenth (:func:`_select_row_sampled`); -1 where that sixteenth is too short for it."""
+    expected = k // _SAMPLE_SHARE
+    rank = expected + 3 * int(np.sqrt(expected)) + 8
+    if rank > bits.shape[0] // _SAMPLE_SHARE:
+        return -1
+    threshold, _ = _radix_select(bits[: bits.shape[0] // _SAMPLE_SHARE], rank, hist)
+    return threshold
+
+
+@numba.njit(inline="always")
 def _select_row_sampled(bits, k, scratch, out_pos):  # pragma: no cover - compiled
     """:func:`_select_row` from an estimated threshold; False (nothing written) where the estimate falls short.
 
@@ -455,11 +474,9 @@ def _select_row_sampled(bits, k, scratch, out_pos):  # pragma: no cover - compil
     """
     hist, keys, positions, keys_tmp, positions_tmp, candidates = scratch
     n_train = bits.shape[0]
-    expected = k // _SAMPLE_SHARE
-    rank = expected + 3 * int(np.sqrt(expected)) + 8
-    if rank > n_train // _SAMPLE_SHARE:
+    threshold = _sampled_threshold(bits, k, hist)
+    if threshold < 0:
         return False
-    threshold, _ = _radix_select(bits[: n_train // _SAMPLE_SHARE], rank, hist)
     n_candidates = 0
     low = threshold  # the row's minimum (a candidate), taken in the same pass
     for j in range(n_train):
@@ -580,29 +597,6 @@ def _label_scratch(k, n_train):  # pragma: no cover - compiled
     return np.empty(room, np.uint32), np.empty(room, np.uint32), np.zeros(64 * ((n_train + 63) // 64), np.uint8)
 
 
-@numba.njit(inline="always")
-def _sort_words(src, dst, hist, low_bit, n_bits):  # pragma: no cover - compiled
-    """Stable LSD radix sort of ``uint32`` words by their bits ``low_bit .. low_bit + n_bits - 1``; returns the
-    array that holds the sorted words (``src`` or ``dst``). :func:`_sort_packed` for 4-byte words."""
-    n = src.shape[0]
-    digit = _digit_width(n_bits)
-    shift = low_bit
-    top = low_bit + n_bits
-    while shift < top:
-        width = min(digit, top - shift)
-        mask = (1 << width) - 1
-        _digit_starts(src, shift, mask, hist)
-        for t in range(n):
-            value = src[t]
-            d = (value >> shift) & mask
-            slot = hist[d]
-            hist[d] = slot + 1
-            dst[slot] = value
-        src, dst = dst, src
-        shift += width
-    return src
-
-
 @numba.njit(nogil=True)
 def _select_labels_sampled(bits, k, labels, label_bits, scratch, label_scratch, out_row, want_keys):
     """The labels of the first k of ``bits`` in order, as :func:`_select_row` then a lookup, when the sampled
@@ -622,11 +616,9 @@ def _select_labels_sampled(bits, k, labels, label_bits, scratch, label_scratch, 
     hist, keys = scratch[0], scratch[1]
     words, words_tmp, flags = label_scratch
     n_train = bits.shape[0]
-    expected = k // _SAMPLE_SHARE
-    rank = expected + 3 * int(np.sqrt(expected)) + 8
-    if rank > n_train // _SAMPLE_SHARE:
+    threshold = _sampled_threshold(bits, k, hist)
+    if threshold < 0:
         return _ESTIMATE_SHORT
-    threshold, _ = _radix_select(bits[: n_train // _SAMPLE_SHARE], rank, hist)
     low = threshold
     count = 0
     for j in range(n_train):
