@@ -92,7 +92,7 @@ def main() -> None:
         Q = np.ascontiguousarray(X_test)
         for start in range(0, len(Q), chunk):
             block = Q[start : start + chunk]
-            _distances_numba(block, index._XT, buffer[: len(block)], 0)
+            _distances_numba(block, index._XP, index.n_train_, buffer[: len(block)], 0)
 
     t_floor = _best(distances_only, args.repeat)
     t_pass = _best(lambda: index.search(X_test, n_neighbors=10_000, radii=[4.0], n_classes=10), args.repeat)

@@ -128,7 +128,8 @@ def main() -> None:
 
     def numba_floor() -> None:
         for start in range(0, len(Q), chunk):
-            _distances_numba(Q[start : start + chunk], numba_index._XT, buffer[: len(Q[start : start + chunk])], 0)
+            _distances_numba(Q[start : start + chunk], numba_index._XP, numba_index.n_train_,
+                             buffer[: len(Q[start : start + chunk])], 0)
 
     _, XT, device = roomy_index._torch_state()
     Qt = torch.from_numpy(Q).to(device)

@@ -813,3 +813,65 @@ def test_label_words_at_the_32_bit_boundary_and_with_reused_buffers(label_bits: 
             np.testing.assert_array_equal(got_keys, row[order])
         else:
             assert (got == -1).all() and (got_keys == -7).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Register-tiled distances (poisoncert._distance_tiles)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_packed_columns_unpack_to_the_transposed_features(dtype) -> None:
+    from poisoncert._distance_tiles import pack_columns, tile_width, unpack_columns
+
+    width = tile_width(dtype)
+    assert width * np.dtype(dtype).itemsize == 128
+    rng = np.random.default_rng(5)
+    for n_train in (1, width - 1, width, width + 1, 3 * width + 5):
+        XT = rng.normal(size=(7, n_train)).astype(dtype)
+        XP = pack_columns(XT)
+        n_tiles = -(-n_train // width)
+        assert XP.shape == (n_tiles * 7, width) and XP.dtype == dtype and XP.flags.c_contiguous
+        np.testing.assert_array_equal(XP.reshape(n_tiles, 7, width)[1 % n_tiles, :, 0], XT[:, (1 % n_tiles) * width])
+        assert not XP.reshape(n_tiles, 7, width)[-1, :, n_train - (n_tiles - 1) * width:].any()  # zero padding
+        np.testing.assert_array_equal(unpack_columns(XP, n_train), XT)
+
+
+def _feature_order_distances(X_train: np.ndarray, X_test: np.ndarray, metric: str) -> np.ndarray:
+    """As reference_distances, with cosine's unit rows made by the engine's own scaling (real-valued rows may end a
+    bit apart under another formula; what is tested here is the sum)."""
+    if metric != "cosine":
+        return reference_distances(X_train, X_test, metric)
+    from poisoncert.neighbours import _unit_rows
+
+    A, B = _unit_rows(X_test, "X_test"), _unit_rows(X_train, "X_train")
+    D = np.zeros((len(A), len(B)), dtype=A.dtype)
+    for f in range(A.shape[1]):
+        D += A[:, f, None] * B[None, :, f]
+    return np.maximum(A.dtype.type(1) - D, A.dtype.type(0))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tiled_distances_are_bit_identical_to_the_feature_order_sum(metric, dtype) -> None:
+    """Every tile edge: training sets of one column, a partial tile, whole tiles and a tail; test blocks of one row,
+    odd and even rows, a whole row block (16) and one more; one feature and more than 8. Distances of random
+    real-valued features, bit for bit against the sum in feature order, from the plain and the fused kernels."""
+    from poisoncert._distance_tiles import tile_width
+
+    rng = np.random.default_rng(17)
+    width = tile_width(dtype)
+    for n_train in (1, width - 1, width, 2 * width + 3):
+        for n_features in (1, 11):
+            X_train = rng.normal(size=(n_train, n_features)).astype(dtype)
+            y_train = np.arange(n_train) % N_CLASSES
+            index = NeighbourIndex(X_train, y_train, metric=metric, backend="numba")
+            for n_test in (1, 2, 3, 17):
+                X_test = rng.normal(size=(n_test, n_features)).astype(dtype)
+                D = _feature_order_distances(X_train, X_test, metric)
+                order = np.stack([np.lexsort((-reference_ranks(X_train, y_train), row)) for row in D])
+                indices, distances = index.ordered_neighbors(X_test, n_train)
+                np.testing.assert_array_equal(indices, order)
+                np.testing.assert_array_equal(distances.view(np.uint8), np.take_along_axis(D, order, 1).view(np.uint8))
+                labels, _ = index.search(X_test, n_neighbors=n_train)
+                np.testing.assert_array_equal(labels, y_train[order])

@@ -47,6 +47,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from ._distance_tiles import pack_columns
 from ._io import example_digests, label_codes
 from ._validation import check_features, check_metric, check_positive_int
 from .neighbours import (
@@ -414,7 +415,7 @@ class _ShardIndex(NeighbourIndex):
         self.progress = False
         self.dtype_ = X_sorted.dtype
         self.n_train_, self.n_features_in_ = X_sorted.shape
-        self._XT = np.ascontiguousarray(X_sorted.T)
+        self._XP = pack_columns(np.ascontiguousarray(X_sorted.T))
         self._label_dtype = np.dtype(label_dtype)
         self._labels = np.ascontiguousarray(labels[local], dtype=np.int32)
         self._labels_out = self._labels.astype(self._label_dtype)
@@ -474,7 +475,7 @@ def _distance_blocks(shard: _ShardIndex, Q: np.ndarray, k: int) -> Iterator[tupl
     for start in range(0, len(Q), chunk):
         stop = min(start + chunk, len(Q))
         D = _distance_buffer(stop - start, shard.n_train_, shard.dtype_)
-        _distances_numba(Q[start:stop], shard._XT, D, _METRIC_CODES[shard.metric])
+        _distances_numba(Q[start:stop], shard._XP, shard.n_train_, D, _METRIC_CODES[shard.metric])
         yield start, stop, D
 
 

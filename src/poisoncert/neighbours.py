@@ -39,6 +39,7 @@ import numpy as np
 from numba import prange
 
 from ._bitvectors import lowest_set_bit
+from ._distance_tiles import pack_columns, packed_block_distances, unpack_columns
 from ._io import example_digests, label_codes
 from ._validation import check_features, check_metric, check_positive_int, encode_labels
 from .votes import _COUNT_LANES, _add_label_counts
@@ -52,10 +53,9 @@ __all__ = [
 
 _METRIC_CODES = {"l1": 0, "l2": 1, "cosine": 2}
 _BACKENDS = ("auto", "numba", "torch", "dask")
-# Test rows that share one pass over a block of training columns (reuse of the block while it is in L1), and
-# the width of that block. Measured on a 2-core AMD EPYC (AVX2) with 60,000 x 81 float32 training features.
+# Test rows that share one pass over the training tiles (each tile is reused by all of them while it is in L1).
+# Measured on a 2-core AMD EPYC (AVX2) with 60,000 x 81 float32 training features.
 _ROW_BLOCK = 16
-_COL_BLOCK = 512
 _RADIUS_BLOCK = 1024
 _TORCH_HINT = "the torch backend needs PyTorch: pip install poisoncert[torch]"
 
@@ -142,103 +142,17 @@ def _encode_train_labels(y: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.nda
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
-def _distances_numba(Q, XT, out, metric):  # pragma: no cover - compiled
-    """out[i, j] = distance(Q[i], training column j of XT), blocks of ``_ROW_BLOCK`` test rows in parallel."""
+def _distances_numba(Q, XP, n_train, out, metric):  # pragma: no cover - compiled
+    """out[i, j] = distance(Q[i], training column j), blocks of ``_ROW_BLOCK`` test rows in parallel.
+
+    ``XP``: the training features packed by :func:`poisoncert._distance_tiles.pack_columns`.
+    """
     n_blocks = (Q.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK
     for block in prange(n_blocks):
         i0 = block * _ROW_BLOCK
         i1 = min(i0 + _ROW_BLOCK, Q.shape[0])
-        _block_distances(Q, XT, i0, i1, out[i0:i1], metric)
-
-
-@numba.njit(inline="always")
-def _block_distances(Q, XT, i0, i1, out, metric):  # pragma: no cover - compiled
-    """out[i - i0, j] = distance(Q[i], training column j of XT) for the test rows ``i0 .. i1 - 1``.
-
-    Accumulated over features in column order. Cache blocking: the rows run over a block of ``_COL_BLOCK``
-    training columns, so the training block stays in L1/L2 for all of them. Eight features are added per pass over
-    the accumulator row, written as ``(((acc + t0) + t1) + ...) + t7``: the same left-to-right order as one feature
-    at a time (the result is bit-identical), with an eighth of the accumulator loads and stores. The innermost loop
-    runs over contiguous training columns and vectorises.
-    """
-    n_features = Q.shape[1]
-    n_train = XT.shape[1]
-    zero = out.dtype.type(0)
-    one = out.dtype.type(1)
-    for j0 in range(0, n_train, _COL_BLOCK):
-        j1 = min(j0 + _COL_BLOCK, n_train)
-        width = j1 - j0
-        for i in range(i0, i1):
-            out[i - i0, j0:j1] = zero
-        f = 0
-        while f + 8 <= n_features:
-            c0 = XT[f, j0:j1]
-            c1 = XT[f + 1, j0:j1]
-            c2 = XT[f + 2, j0:j1]
-            c3 = XT[f + 3, j0:j1]
-            c4 = XT[f + 4, j0:j1]
-            c5 = XT[f + 5, j0:j1]
-            c6 = XT[f + 6, j0:j1]
-            c7 = XT[f + 7, j0:j1]
-            for i in range(i0, i1):
-                q0 = Q[i, f]
-                q1 = Q[i, f + 1]
-                q2 = Q[i, f + 2]
-                q3 = Q[i, f + 3]
-                q4 = Q[i, f + 4]
-                q5 = Q[i, f + 5]
-                q6 = Q[i, f + 6]
-                q7 = Q[i, f + 7]
-                acc = out[i - i0, j0:j1]
-                if metric == 0:
-                    for j in range(width):
-                        acc[j] = (acc[j] + abs(q0 - c0[j]) + abs(q1 - c1[j]) + abs(q2 - c2[j]) + abs(q3 - c3[j])
-                                  + abs(q4 - c4[j]) + abs(q5 - c5[j]) + abs(q6 - c6[j]) + abs(q7 - c7[j]))
-                elif metric == 1:
-                    for j in range(width):
-                        d0 = q0 - c0[j]
-                        d1 = q1 - c1[j]
-                        d2 = q2 - c2[j]
-                        d3 = q3 - c3[j]
-                        d4 = q4 - c4[j]
-                        d5 = q5 - c5[j]
-                        d6 = q6 - c6[j]
-                        d7 = q7 - c7[j]
-                        acc[j] = (acc[j] + d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3 + d4 * d4 + d5 * d5 + d6 * d6
-                                  + d7 * d7)
-                else:
-                    for j in range(width):
-                        acc[j] = (acc[j] + q0 * c0[j] + q1 * c1[j] + q2 * c2[j] + q3 * c3[j] + q4 * c4[j]
-                                  + q5 * c5[j] + q6 * c6[j] + q7 * c7[j])
-            f += 8
-        while f < n_features:
-            c0 = XT[f, j0:j1]
-            for i in range(i0, i1):
-                q0 = Q[i, f]
-                acc = out[i - i0, j0:j1]
-                if metric == 0:
-                    for j in range(width):
-                        acc[j] += abs(q0 - c0[j])
-                elif metric == 1:
-                    for j in range(width):
-                        d0 = q0 - c0[j]
-                        acc[j] += d0 * d0
-                else:
-                    for j in range(width):
-                        acc[j] += q0 * c0[j]
-            f += 1
-        if metric == 1:
-            for i in range(i0, i1):
-                acc = out[i - i0, j0:j1]
-                for j in range(width):
-                    acc[j] = np.sqrt(acc[j])
-        elif metric == 2:
-            for i in range(i0, i1):
-                acc = out[i - i0, j0:j1]
-                for j in range(width):
-                    value = one - acc[j]
-                    # Rounding can push 1 - cos slightly below 0 (or to -0.0); distances are >= +0.
-                    acc[j] = value if value > zero else zero
+        tail = np.empty((2, XP.shape[1]), out.dtype)
+        packed_block_distances(Q, XP, n_train, i0, i1, out[i0:i1], metric, tail)
 
 
 @numba.njit(inline="always")
@@ -661,12 +575,13 @@ def _select_labels_sampled(bits, k, labels, label_bits, scratch, label_scratch, 
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
-def _search_numba(Q, XT, metric, k, labels, label_bits, probe, out_labels, padded_radii, n_radii, out_votes, row_block,
-                  n_threads):  # pragma: no cover - compiled
+def _search_numba(Q, XP, n_train, metric, k, labels, label_bits, probe, out_labels, padded_radii, n_radii, out_votes,
+                  row_block, n_threads):  # pragma: no cover - compiled
     """kNN ordered labels and rNN counts of the test rows ``Q`` in one fused pass.
 
     Per block of ``row_block`` test rows (in parallel): the block's distances into a thread-local buffer
-    (:func:`_block_distances`; 16 rows x 60,000 float32 is 3.8 MB, so it stays in cache), then, row by row while
+    (:func:`~poisoncert._distance_tiles.packed_block_distances`; 16 rows x 60,000 float32 is 3.8 MB, so it stays
+    in cache), then, row by row while
     the row is hot, the labels of its first ``k`` in order (:func:`_select_labels_sampled`, or :func:`_select_row`
     and a lookup where that does not apply; when ``k > 0``) and its radius
     counts (when ``n_radii > 0``: from those first k when the k-th lies beyond every radius, else
@@ -676,7 +591,6 @@ def _search_numba(Q, XT, metric, k, labels, label_bits, probe, out_labels, padde
     wide as the distances (bit patterns).
     """
     n_query = Q.shape[0]
-    n_train = XT.shape[1]
     n_classes = out_votes.shape[2]
     n_blocks = (n_query + row_block - 1) // row_block
     n_workers = max(1, min(n_threads, n_blocks))
@@ -690,14 +604,15 @@ def _search_numba(Q, XT, metric, k, labels, label_bits, probe, out_labels, padde
         bin_buffer = np.empty(_RADIUS_BLOCK, np.int32)
         lanes = np.zeros((_COUNT_LANES, n_classes + 1), np.int64)
         scratch = _select_scratch(k, n_train, probe.dtype)
-        sorted_distances = scratch[1].view(XT.dtype)  # _select_row leaves the first k's bit patterns there, sorted
+        sorted_distances = scratch[1].view(Q.dtype)  # _select_row leaves the first k's bit patterns there, sorted
         positions = np.empty(k, np.int64)
         label_scratch = _label_scratch(k if narrow else 0, n_train if narrow else 0)
+        tail = np.empty((2, XP.shape[1]), Q.dtype)
         for block in range(worker, n_blocks, n_workers):
             i0 = block * row_block
             i1 = min(i0 + row_block, n_query)
-            D = bits[: i1 - i0].view(XT.dtype)
-            _block_distances(Q, XT, i0, i1, D, metric)
+            D = bits[: i1 - i0].view(Q.dtype)
+            packed_block_distances(Q, XP, n_train, i0, i1, D, metric, tail)
             for i in range(i0, i1):
                 distances = D[i - i0]
                 row = out_labels[i if k > 0 else 0]  # no label table when k == 0
@@ -946,11 +861,16 @@ class NeighbourIndex:
         X_sorted = X[self.order_]
         if self.metric == "cosine":
             X_sorted = _unit_rows(X_sorted, "X_train")
-        self._XT = np.ascontiguousarray(X_sorted.T)
+        self._XP = pack_columns(np.ascontiguousarray(X_sorted.T))
         self._label_dtype = label_table_dtype(int(y.max()))
         self._labels = y[self.order_].astype(np.int32)
         self._labels_out = self._labels.astype(self._label_dtype)
         self._torch_cache: tuple[object, object, object] | None = None
+
+    @property
+    def _XT(self) -> np.ndarray:
+        """Training features in rank order, transposed (``n_features x n_train``): a copy unpacked from ``_XP``."""
+        return unpack_columns(self._XP, self.n_train_)
 
     # ---------------------------------------------------------------------------------------------------------
     def ordered_labels(self, X_test: np.ndarray, n_neighbors: int) -> np.ndarray:
@@ -1070,7 +990,7 @@ class NeighbourIndex:
         from_cache : bool
             True when the tables were read from the cache.
         """
-        if not hasattr(self, "_XT"):
+        if not hasattr(self, "_XP"):
             return (*self.search(X_test, n_neighbors, radii, n_classes), False)
         from . import __version__
         from ._io import array_digest
@@ -1085,7 +1005,7 @@ class NeighbourIndex:
             "kind": "neighbour_search",
             "table_format": _TABLE_FORMAT,
             "poisoncert_version": __version__,
-            "train_sha256": array_digest(self._XT, self._labels, label_codes(self.classes_)),
+            "train_sha256": array_digest(self._XP, self._labels, label_codes(self.classes_)),
             "test_sha256": array_digest(Q),
             "metric": self.metric,
             "n_neighbors": n_neighbors,
@@ -1202,7 +1122,7 @@ class NeighbourIndex:
         # a bar, one call: each call ends waiting for its slowest thread (10 calls cost MNIST about 0.03 s).
         chunk = min(self.chunk_size or (1024 if self.progress else len(Q)), len(Q))
         for start, stop in self._chunk_bounds(len(Q), chunk):
-            _search_numba(Q[start:stop], self._XT, metric, k or 0, self._labels, label_bits, probe,
+            _search_numba(Q[start:stop], self._XP, self.n_train_, metric, k or 0, self._labels, label_bits, probe,
                           no_labels if labels is None else labels[start:stop], radii, n_radii,
                           no_votes if votes_sorted is None else votes_sorted[:, start:stop], row_block,
                           numba.get_num_threads())
@@ -1288,7 +1208,7 @@ class NeighbourIndex:
                 if D_buffer is None:  # one buffer for all chunks (the last, shorter one uses a view of it)
                     D_buffer = np.empty((stop - start, self.n_train_), dtype=self.dtype_)
                 D = D_buffer[: stop - start]
-                _distances_numba(Q[start:stop], self._XT, D, _METRIC_CODES[self.metric])
+                _distances_numba(Q[start:stop], self._XP, self.n_train_, D, _METRIC_CODES[self.metric])
                 yield start, stop, D
 
     # ---------------------------------------------------------------------------------------------------------

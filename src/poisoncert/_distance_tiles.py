@@ -1,0 +1,205 @@
+"""Register-tiled distance kernel: exact distances of a few test rows to a tile of training columns.
+
+A straightforward kernel over training columns in the transposed layout (``n_features x n_train``) keeps its
+accumulators in memory: every group of features reads and writes each distance again, and each distance is one
+serial chain of additions. Here a tile of 2 test rows x ``TILE_VECTORS`` SIMD vectors of training columns is summed
+over *all* features with its accumulators in registers (8 independent chains), and written once. The training
+features are packed tile by tile (:func:`pack_columns`) so that a tile's features are one contiguous run of memory;
+in the transposed layout each feature of a narrow tile sits on another page, and the tiles alone were 1.3-1.9x
+slower than the straightforward kernel. Packed, on the 2-core AMD EPYC (AVX2) with MNIST's 60,000 x 81 float32 HOG
+features: every distance once in 2.84 CPU-seconds against 3.50 (0.81x).
+
+The order of operations is the straightforward one, so the distances are bit-identical to it and to the PyTorch
+backend: each distance starts at +0 and adds one term per feature in column order, with plain IEEE operations
+(``|q - t|``; ``(q - t) * (q - t)``; ``q * t``), no fused multiply-add and no re-association. The kernel is written
+as LLVM IR through numba intrinsics because numba's loops cannot keep a vector of accumulators in registers.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from . import _jit  # noqa: F401 - numba's start-up without SciPy's linear algebra (before any kernel runs)
+
+__all__ = ["TILE_VECTORS", "pack_columns", "packed_block_distances", "tile_width", "unpack_columns"]
+
+# SIMD vectors of 32 bytes (8 float32 or 4 float64 lanes) per tile row: with 2 test rows, 8 accumulators, the
+# 4 training vectors of the current feature and a broadcast test value fit the 16 AVX2 registers.
+TILE_VECTORS = 4
+_VECTOR_BYTES = 32
+_TILE_ROWS = 2
+
+
+def tile_width(dtype: np.dtype) -> int:
+    """Training columns per tile for features of ``dtype``."""
+    return TILE_VECTORS * _VECTOR_BYTES // np.dtype(dtype).itemsize
+
+
+def pack_columns(XT: np.ndarray) -> np.ndarray:
+    """Training features (``n_features x n_train``, transposed) packed tile by tile.
+
+    Returns an array of shape ``(n_tiles * n_features, W)`` with ``W = tile_width(dtype)``: rows
+    ``t * n_features .. (t + 1) * n_features - 1`` hold the features of training columns ``t * W .. t * W + W - 1``
+    (the last tile padded with zeros, whose distances are never read).
+    """
+    n_features, n_train = XT.shape
+    width = tile_width(XT.dtype)
+    n_tiles = max(1, -(-n_train // width))
+    padded = np.zeros((n_features, n_tiles * width), XT.dtype)
+    padded[:, :n_train] = XT
+    return np.ascontiguousarray(padded.reshape(n_features, n_tiles, width).transpose(1, 0, 2)).reshape(
+        n_tiles * n_features, width)
+
+
+def unpack_columns(XP: np.ndarray, n_train: int) -> np.ndarray:
+    """The ``n_features x n_train`` array that :func:`pack_columns` packed into ``XP`` (a new C-contiguous array)."""
+    width = XP.shape[1]
+    n_tiles = max(1, -(-n_train // width))
+    n_features = XP.shape[0] // n_tiles
+    return np.ascontiguousarray(XP.reshape(n_tiles, n_features, width).transpose(1, 0, 2).reshape(
+        n_features, n_tiles * width)[:, :n_train])
+
+
+def _tile_intrinsic(rows: int, metric: int):  # type: ignore[no-untyped-def]
+    """Intrinsic ``tile(Q, XP, out, i, x_row, column)``: ``out[r, column : column + W]`` for ``r < rows``.
+
+    Test rows ``Q[i + r]``, training tile ``XP[x_row : x_row + n_features]``; ``metric`` 0 (l1 terms), 1 (squared
+    differences) or 2 (products), summed in feature order.
+    """
+
+    @intrinsic
+    def tile(typingctx, Q, XP, out, i, x_row, column):  # type: ignore[no-untyped-def]
+        if not (isinstance(Q, types.Array) and isinstance(XP, types.Array) and isinstance(out, types.Array)
+                and Q.dtype == XP.dtype == out.dtype and isinstance(Q.dtype, types.Float)):
+            return None
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            q_ary = context.make_array(signature.args[0])(context, builder, args[0])
+            x_ary = context.make_array(signature.args[1])(context, builder, args[1])
+            o_ary = context.make_array(signature.args[2])(context, builder, args[2])
+            first_row, tile_row, first_column = args[3], args[4], args[5]
+            float_type = context.get_value_type(signature.args[0].dtype)
+            item = context.get_abi_sizeof(float_type)
+            lanes = _VECTOR_BYTES // item
+            vector_type = ir.VectorType(float_type, lanes)
+            intp = context.get_value_type(types.intp)
+            byte_ptr = ir.IntType(8).as_pointer()
+            q_stride = cgutils.unpack_tuple(builder, q_ary.strides, 2)[0]
+            x_stride = cgutils.unpack_tuple(builder, x_ary.strides, 2)[0]
+            o_stride = cgutils.unpack_tuple(builder, o_ary.strides, 2)[0]
+            n_features = cgutils.unpack_tuple(builder, q_ary.shape, 2)[1]
+            item_size = ir.Constant(intp, item)
+            q_base = builder.gep(builder.bitcast(q_ary.data, byte_ptr), [builder.mul(first_row, q_stride)])
+            x_base = builder.gep(builder.bitcast(x_ary.data, byte_ptr), [builder.mul(tile_row, x_stride)])
+            o_base = builder.gep(builder.bitcast(o_ary.data, byte_ptr), [builder.mul(first_column, item_size)])
+            # Accumulators as allocas of the entry block: LLVM promotes them to registers.
+            accumulators = [[cgutils.alloca_once_value(builder, ir.Constant(vector_type, None))
+                             for _ in range(TILE_VECTORS)] for _ in range(rows)]
+            fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector_type, [vector_type]),
+                                                  f"llvm.fabs.v{lanes}f{8 * item}")
+            undefined = ir.Constant(vector_type, ir.Undefined)
+            broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), None)
+            with cgutils.for_range(builder, n_features) as loop:
+                feature = loop.index
+                training_row = builder.gep(x_base, [builder.mul(feature, x_stride)])
+                training = []
+                for v in range(TILE_VECTORS):
+                    address = builder.gep(training_row, [ir.Constant(intp, _VECTOR_BYTES * v)])
+                    training.append(builder.load(builder.bitcast(address, vector_type.as_pointer()), align=item))
+                for r in range(rows):
+                    address = builder.gep(q_base, [builder.add(builder.mul(ir.Constant(intp, r), q_stride),
+                                                              builder.mul(feature, item_size))])
+                    value = builder.load(builder.bitcast(address, float_type.as_pointer()))
+                    first_lane = builder.insert_element(undefined, value, ir.Constant(ir.IntType(32), 0))
+                    test = builder.shuffle_vector(first_lane, undefined, broadcast)
+                    for v in range(TILE_VECTORS):
+                        if metric == 0:
+                            term = builder.call(fabs, [builder.fsub(test, training[v])])
+                        elif metric == 1:
+                            difference = builder.fsub(test, training[v])
+                            term = builder.fmul(difference, difference)
+                        else:
+                            term = builder.fmul(test, training[v])
+                        slot = accumulators[r][v]
+                        builder.store(builder.fadd(builder.load(slot), term), slot)
+            for r in range(rows):
+                out_row = builder.gep(o_base, [builder.mul(ir.Constant(intp, r), o_stride)])
+                for v in range(TILE_VECTORS):
+                    pointer = builder.bitcast(builder.gep(out_row, [ir.Constant(intp, _VECTOR_BYTES * v)]),
+                                              vector_type.as_pointer())
+                    builder.store(builder.load(accumulators[r][v]), pointer, align=item)
+            return context.get_dummy_value()
+
+        return types.void(Q, XP, out, i, x_row, column), codegen
+
+    return tile
+
+
+_TILES = {(rows, metric): _tile_intrinsic(rows, metric) for rows in (1, _TILE_ROWS) for metric in (0, 1, 2)}
+_L1_PAIR, _L1_ONE = _TILES[(2, 0)], _TILES[(1, 0)]
+_L2_PAIR, _L2_ONE = _TILES[(2, 1)], _TILES[(1, 1)]
+_DOT_PAIR, _DOT_ONE = _TILES[(2, 2)], _TILES[(1, 2)]
+
+
+@numba.njit(inline="always")
+def _tile(Q, XP, out, i, rows, x_row, column, metric):  # pragma: no cover - compiled
+    if rows == 2:
+        if metric == 0:
+            _L1_PAIR(Q, XP, out, i, x_row, column)
+        elif metric == 1:
+            _L2_PAIR(Q, XP, out, i, x_row, column)
+        else:
+            _DOT_PAIR(Q, XP, out, i, x_row, column)
+    else:
+        if metric == 0:
+            _L1_ONE(Q, XP, out, i, x_row, column)
+        elif metric == 1:
+            _L2_ONE(Q, XP, out, i, x_row, column)
+        else:
+            _DOT_ONE(Q, XP, out, i, x_row, column)
+
+
+@numba.njit(inline="always")
+def packed_block_distances(Q, XP, n_train, i0, i1, out, metric, tail):  # pragma: no cover - compiled
+    """``out[i - i0, :n_train]`` = distance(``Q[i]``, training column j) for the test rows ``i0 .. i1 - 1``.
+
+    ``XP``: :func:`pack_columns` of the training features; ``tail``: a ``(2, W)`` scratch array of the distance
+    dtype for the last, partial tile (its padded columns are computed there and dropped). Tile by tile, every
+    pair of test rows (then the odd one) is summed over all features while the tile is in L1.
+    """
+    n_features = Q.shape[1]
+    width = XP.shape[1]
+    n_full = n_train // width
+    n_tiles = n_full + (1 if n_train % width else 0)
+    zero = out.dtype.type(0)
+    one = out.dtype.type(1)
+    for t in range(n_tiles):
+        x_row = t * n_features
+        column = t * width
+        i = i0
+        while i < i1:
+            rows = 2 if i + 1 < i1 else 1
+            if t < n_full:
+                _tile(Q, XP, out[i - i0:], i, rows, x_row, column, metric)
+            else:
+                _tile(Q, XP, tail, i, rows, x_row, 0, metric)
+                for r in range(rows):
+                    for j in range(n_train - column):
+                        out[i - i0 + r, column + j] = tail[r, j]
+            i += rows
+    if metric == 1:
+        for i in range(i1 - i0):
+            row = out[i]
+            for j in range(n_train):
+                row[j] = np.sqrt(row[j])
+    elif metric == 2:
+        for i in range(i1 - i0):
+            row = out[i]
+            for j in range(n_train):
+                value = one - row[j]
+                # Rounding can push 1 - cos slightly below 0 (or to -0.0); distances are >= +0.
+                row[j] = value if value > zero else zero
