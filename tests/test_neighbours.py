@@ -825,11 +825,11 @@ def test_packed_columns_unpack_to_the_transposed_features(dtype) -> None:
     from poisoncert._distance_tiles import pack_columns, tile_width, unpack_columns
 
     width = tile_width(dtype)
-    assert width * np.dtype(dtype).itemsize == 128
+    assert width * np.dtype(dtype).itemsize == 32
     rng = np.random.default_rng(5)
     for n_train in (1, width - 1, width, width + 1, 3 * width + 5):
         XT = rng.normal(size=(7, n_train)).astype(dtype)
-        XP = pack_columns(XT)
+        XP = pack_columns(np.ascontiguousarray(XT.T))
         n_tiles = -(-n_train // width)
         assert XP.shape == (n_tiles * 7, width) and XP.dtype == dtype and XP.flags.c_contiguous
         np.testing.assert_array_equal(XP.reshape(n_tiles, 7, width)[1 % n_tiles, :, 0], XT[:, (1 % n_tiles) * width])
@@ -854,9 +854,10 @@ def _feature_order_distances(X_train: np.ndarray, X_test: np.ndarray, metric: st
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tiled_distances_are_bit_identical_to_the_feature_order_sum(metric, dtype) -> None:
-    """Every tile edge: training sets of one column, a partial tile, whole tiles and a tail; test blocks of one row,
-    odd and even rows, a whole row block (16) and one more; one feature and more than 8. Distances of random
-    real-valued features, bit for bit against the sum in feature order, from the plain and the fused kernels."""
+    """Every tile edge: training sets of one column, a partial tile, whole tiles and a tail; test sets of 1 to 3
+    rows (below a tile's 8), 9 (a tile and one row), a whole row block (16) and one more; one feature and more
+    than 8. Distances of random real-valued features, bit for bit against the sum in feature order, from the
+    plain and the fused kernels."""
     from poisoncert._distance_tiles import tile_width
 
     rng = np.random.default_rng(17)

@@ -2,12 +2,12 @@
 
 A straightforward kernel over training columns in the transposed layout (``n_features x n_train``) keeps its
 accumulators in memory: every group of features reads and writes each distance again, and each distance is one
-serial chain of additions. Here a tile of 2 test rows x ``TILE_VECTORS`` SIMD vectors of training columns is summed
-over *all* features with its accumulators in registers (8 independent chains), and written once. The training
-features are packed tile by tile (:func:`pack_columns`) so that a tile's features are one contiguous run of memory;
-in the transposed layout each feature of a narrow tile sits on another page, and the tiles alone were 1.3-1.9x
-slower than the straightforward kernel. Packed, on the 2-core AMD EPYC (AVX2) with MNIST's 60,000 x 81 float32 HOG
-features: every distance once in 2.84 CPU-seconds against 3.50 (0.81x).
+serial chain of additions. Here a tile of ``TILE_ROWS`` test rows x ``TILE_VECTORS`` SIMD vectors of training
+columns is summed over *all* features with its accumulators in registers (8 independent chains), each training
+vector loaded once for all the rows, and written once. The training features are packed tile by tile
+(:func:`pack_columns`) so that a tile's features are one contiguous run of memory; in the transposed layout each
+feature of a narrow tile sits on another page, and the tiles alone were 1.3-1.9x slower than the straightforward
+kernel.
 
 The order of operations is the straightforward one, so the distances are bit-identical to it and to the PyTorch
 backend: each distance starts at +0 and adds one term per feature in column order, with plain IEEE operations
@@ -25,13 +25,15 @@ from numba.extending import intrinsic
 
 from . import _jit  # noqa: F401 - numba's start-up without SciPy's linear algebra (before any kernel runs)
 
-__all__ = ["TILE_VECTORS", "pack_columns", "packed_block_distances", "tile_width", "unpack_columns"]
+__all__ = ["TILE_ROWS", "TILE_VECTORS", "pack_columns", "packed_block_distances", "tile_width", "unpack_columns"]
 
-# SIMD vectors of 32 bytes (8 float32 or 4 float64 lanes) per tile row: with 2 test rows, 8 accumulators, the
-# 4 training vectors of the current feature and a broadcast test value fit the 16 AVX2 registers.
-TILE_VECTORS = 4
+# A tile: TILE_ROWS test rows x TILE_VECTORS SIMD vectors of 32 bytes (8 float32 or 4 float64 training columns):
+# 8 accumulators, the training vector of the current feature (loaded once, used by every row) and a broadcast
+# test value fit the 16 AVX2 registers. Measured against 2 x 4, 4 x 2, 3 x 3, 6 x 2, 8 x 2 and 16 x 1 (3 rounds,
+# alternating; MNIST): 8 x 1 the fastest in every round, 0.87x the time of 2 x 4.
+TILE_VECTORS = 1
 _VECTOR_BYTES = 32
-_TILE_ROWS = 2
+TILE_ROWS = 8
 
 
 def tile_width(dtype: np.dtype) -> int:
@@ -39,24 +41,27 @@ def tile_width(dtype: np.dtype) -> int:
     return TILE_VECTORS * _VECTOR_BYTES // np.dtype(dtype).itemsize
 
 
-def pack_columns(XT: np.ndarray) -> np.ndarray:
-    """Training features (``n_features x n_train``, transposed) packed tile by tile.
+def pack_columns(X: np.ndarray) -> np.ndarray:
+    """Training features (rows ``n_train x n_features``) packed tile by tile, as the kernel reads them.
 
     Returns an array of shape ``(n_tiles * n_features, W)`` with ``W = tile_width(dtype)``: rows
-    ``t * n_features .. (t + 1) * n_features - 1`` hold the features of training columns ``t * W .. t * W + W - 1``
-    (the last tile padded with zeros, whose distances are never read).
+    ``t * n_features .. (t + 1) * n_features - 1`` hold the features of training rows ``t * W .. t * W + W - 1``,
+    feature by feature (the last tile padded with zeros, whose distances are never read).
     """
-    n_features, n_train = XT.shape
-    width = tile_width(XT.dtype)
+    n_train, n_features = X.shape
+    width = tile_width(X.dtype)
+    n_full = n_train // width
     n_tiles = max(1, -(-n_train // width))
-    padded = np.zeros((n_features, n_tiles * width), XT.dtype)
-    padded[:, :n_train] = XT
-    return np.ascontiguousarray(padded.reshape(n_features, n_tiles, width).transpose(1, 0, 2)).reshape(
-        n_tiles * n_features, width)
+    packed = np.empty((n_tiles, n_features, width), X.dtype)
+    packed[:n_full] = X[: n_full * width].reshape(n_full, width, n_features).transpose(0, 2, 1)
+    if n_tiles > n_full:
+        packed[n_full:] = 0
+        packed[n_full, :, : n_train - n_full * width] = X[n_full * width:].T
+    return packed.reshape(n_tiles * n_features, width)
 
 
 def unpack_columns(XP: np.ndarray, n_train: int) -> np.ndarray:
-    """The ``n_features x n_train`` array that :func:`pack_columns` packed into ``XP`` (a new C-contiguous array)."""
+    """The training features of ``XP`` (:func:`pack_columns`) transposed, ``n_features x n_train`` (a new C array)."""
     width = XP.shape[1]
     n_tiles = max(1, -(-n_train // width))
     n_features = XP.shape[0] // n_tiles
@@ -139,37 +144,38 @@ def _tile_intrinsic(rows: int, metric: int):  # type: ignore[no-untyped-def]
     return tile
 
 
-_TILES = {(rows, metric): _tile_intrinsic(rows, metric) for rows in (1, _TILE_ROWS) for metric in (0, 1, 2)}
-_L1_PAIR, _L1_ONE = _TILES[(2, 0)], _TILES[(1, 0)]
-_L2_PAIR, _L2_ONE = _TILES[(2, 1)], _TILES[(1, 1)]
-_DOT_PAIR, _DOT_ONE = _TILES[(2, 2)], _TILES[(1, 2)]
+_TILES = {(rows, metric): _tile_intrinsic(rows, metric) for rows in (1, TILE_ROWS) for metric in (0, 1, 2)}
+_L1_TILE, _L1_ROW = _TILES[(TILE_ROWS, 0)], _TILES[(1, 0)]
+_L2_TILE, _L2_ROW = _TILES[(TILE_ROWS, 1)], _TILES[(1, 1)]
+_DOT_TILE, _DOT_ROW = _TILES[(TILE_ROWS, 2)], _TILES[(1, 2)]
 
 
 @numba.njit(inline="always")
 def _tile(Q, XP, out, i, rows, x_row, column, metric):  # pragma: no cover - compiled
-    if rows == 2:
+    if rows == TILE_ROWS:
         if metric == 0:
-            _L1_PAIR(Q, XP, out, i, x_row, column)
+            _L1_TILE(Q, XP, out, i, x_row, column)
         elif metric == 1:
-            _L2_PAIR(Q, XP, out, i, x_row, column)
+            _L2_TILE(Q, XP, out, i, x_row, column)
         else:
-            _DOT_PAIR(Q, XP, out, i, x_row, column)
+            _DOT_TILE(Q, XP, out, i, x_row, column)
     else:
         if metric == 0:
-            _L1_ONE(Q, XP, out, i, x_row, column)
+            _L1_ROW(Q, XP, out, i, x_row, column)
         elif metric == 1:
-            _L2_ONE(Q, XP, out, i, x_row, column)
+            _L2_ROW(Q, XP, out, i, x_row, column)
         else:
-            _DOT_ONE(Q, XP, out, i, x_row, column)
+            _DOT_ROW(Q, XP, out, i, x_row, column)
 
 
 @numba.njit(inline="always")
 def packed_block_distances(Q, XP, n_train, i0, i1, out, metric, tail):  # pragma: no cover - compiled
     """``out[i - i0, :n_train]`` = distance(``Q[i]``, training column j) for the test rows ``i0 .. i1 - 1``.
 
-    ``XP``: :func:`pack_columns` of the training features; ``tail``: a ``(2, W)`` scratch array of the distance
-    dtype for the last, partial tile (its padded columns are computed there and dropped). Tile by tile, every
-    pair of test rows (then the odd one) is summed over all features while the tile is in L1.
+    ``XP``: :func:`pack_columns` of the training features; ``tail``: a ``(TILE_ROWS, W)`` scratch array of the
+    distance dtype for the last, partial tile (its padded columns are computed there and dropped). Tile by tile,
+    every ``TILE_ROWS`` test rows (then the rows left over, one at a time) are summed over all features while the
+    tile is in L1.
     """
     n_features = Q.shape[1]
     width = XP.shape[1]
@@ -182,7 +188,7 @@ def packed_block_distances(Q, XP, n_train, i0, i1, out, metric, tail):  # pragma
         column = t * width
         i = i0
         while i < i1:
-            rows = 2 if i + 1 < i1 else 1
+            rows = TILE_ROWS if i + TILE_ROWS <= i1 else 1
             if t < n_full:
                 _tile(Q, XP, out[i - i0:], i, rows, x_row, column, metric)
             else:

@@ -415,7 +415,7 @@ class _ShardIndex(NeighbourIndex):
         self.progress = False
         self.dtype_ = X_sorted.dtype
         self.n_train_, self.n_features_in_ = X_sorted.shape
-        self._XP = pack_columns(np.ascontiguousarray(X_sorted.T))
+        self._XP = pack_columns(X_sorted)
         self._label_dtype = np.dtype(label_dtype)
         self._labels = np.ascontiguousarray(labels[local], dtype=np.int32)
         self._labels_out = self._labels.astype(self._label_dtype)

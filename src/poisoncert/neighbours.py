@@ -39,7 +39,7 @@ import numpy as np
 from numba import prange
 
 from ._bitvectors import lowest_set_bit
-from ._distance_tiles import pack_columns, packed_block_distances, unpack_columns
+from ._distance_tiles import TILE_ROWS, pack_columns, packed_block_distances, unpack_columns
 from ._io import example_digests, label_codes
 from ._validation import check_features, check_metric, check_positive_int, encode_labels
 from .votes import _COUNT_LANES, _add_label_counts
@@ -151,7 +151,7 @@ def _distances_numba(Q, XP, n_train, out, metric):  # pragma: no cover - compile
     for block in prange(n_blocks):
         i0 = block * _ROW_BLOCK
         i1 = min(i0 + _ROW_BLOCK, Q.shape[0])
-        tail = np.empty((2, XP.shape[1]), out.dtype)
+        tail = np.empty((TILE_ROWS, XP.shape[1]), out.dtype)
         packed_block_distances(Q, XP, n_train, i0, i1, out[i0:i1], metric, tail)
 
 
@@ -607,7 +607,7 @@ def _search_numba(Q, XP, n_train, metric, k, labels, label_bits, probe, out_labe
         sorted_distances = scratch[1].view(Q.dtype)  # _select_row leaves the first k's bit patterns there, sorted
         positions = np.empty(k, np.int64)
         label_scratch = _label_scratch(k if narrow else 0, n_train if narrow else 0)
-        tail = np.empty((2, XP.shape[1]), Q.dtype)
+        tail = np.empty((TILE_ROWS, XP.shape[1]), Q.dtype)
         for block in range(worker, n_blocks, n_workers):
             i0 = block * row_block
             i1 = min(i0 + row_block, n_query)
@@ -861,7 +861,7 @@ class NeighbourIndex:
         X_sorted = X[self.order_]
         if self.metric == "cosine":
             X_sorted = _unit_rows(X_sorted, "X_train")
-        self._XP = pack_columns(np.ascontiguousarray(X_sorted.T))
+        self._XP = pack_columns(X_sorted)
         self._label_dtype = label_table_dtype(int(y.max()))
         self._labels = y[self.order_].astype(np.int32)
         self._labels_out = self._labels.astype(self._label_dtype)
