@@ -78,7 +78,9 @@ def _tile_intrinsic(rows: int, metric: int):  # type: ignore[no-untyped-def]
 
     @intrinsic
     def tile(typingctx, Q, XP, out, i, x_row, column):  # type: ignore[no-untyped-def]
+        # The IR below steps through features, columns and lanes by the item size: C-contiguous arrays only.
         if not (isinstance(Q, types.Array) and isinstance(XP, types.Array) and isinstance(out, types.Array)
+                and Q.ndim == XP.ndim == out.ndim == 2 and Q.layout == XP.layout == out.layout == "C"
                 and Q.dtype == XP.dtype == out.dtype and isinstance(Q.dtype, types.Float)):
             return None
 
