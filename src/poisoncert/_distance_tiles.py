@@ -12,7 +12,7 @@ kernel.
 The order of operations is the straightforward one, so the distances are bit-identical to it and to the PyTorch
 backend: each distance starts at +0 and adds one term per feature in column order, with plain IEEE operations
 (``|q - t|``; ``(q - t) * (q - t)``; ``q * t``), no fused multiply-add and no re-association. The kernel is written
-as LLVM IR through numba intrinsics because numba's loops cannot keep a vector of accumulators in registers.
+as LLVM IR through a numba intrinsic because numba's loops cannot keep a vector of accumulators in registers.
 """
 
 from __future__ import annotations
@@ -69,105 +69,103 @@ def unpack_columns(XP: np.ndarray, n_train: int) -> np.ndarray:
         n_features, n_tiles * width)[:, :n_train])
 
 
-def _tile_intrinsic(rows: int, metric: int):  # type: ignore[no-untyped-def]
-    """Intrinsic ``tile(Q, XP, out, i, x_row, column)``: ``out[r, column : column + W]`` for ``r < rows``.
+def _emit_tile(context, builder, arrays, first_row, tile_row, first_column, rows, metric):  # type: ignore[no-untyped-def]
+    """IR of one tile: ``out[r, column : column + W]`` for ``r < rows`` (both ``rows`` and ``metric`` fixed here).
 
-    Test rows ``Q[i + r]``, training tile ``XP[x_row : x_row + n_features]``; ``metric`` 0 (l1 terms), 1 (squared
-    differences) or 2 (products), summed in feature order.
+    Test rows ``Q[first_row + r]``, training tile ``XP[tile_row : tile_row + n_features]``; ``metric`` 0 (l1
+    terms), 1 (squared differences) or 2 (products), summed in feature order from +0.
     """
-
-    @intrinsic
-    def tile(typingctx, Q, XP, out, i, x_row, column):  # type: ignore[no-untyped-def]
-        # The IR below steps through features, columns and lanes by the item size: C-contiguous arrays only.
-        if not (isinstance(Q, types.Array) and isinstance(XP, types.Array) and isinstance(out, types.Array)
-                and Q.ndim == XP.ndim == out.ndim == 2 and Q.layout == XP.layout == out.layout == "C"
-                and Q.dtype == XP.dtype == out.dtype and isinstance(Q.dtype, types.Float)):
-            return None
-
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            q_ary = context.make_array(signature.args[0])(context, builder, args[0])
-            x_ary = context.make_array(signature.args[1])(context, builder, args[1])
-            o_ary = context.make_array(signature.args[2])(context, builder, args[2])
-            first_row, tile_row, first_column = args[3], args[4], args[5]
-            float_type = context.get_value_type(signature.args[0].dtype)
-            item = context.get_abi_sizeof(float_type)
-            lanes = _VECTOR_BYTES // item
-            vector_type = ir.VectorType(float_type, lanes)
-            intp = context.get_value_type(types.intp)
-            byte_ptr = ir.IntType(8).as_pointer()
-            q_stride = cgutils.unpack_tuple(builder, q_ary.strides, 2)[0]
-            x_stride = cgutils.unpack_tuple(builder, x_ary.strides, 2)[0]
-            o_stride = cgutils.unpack_tuple(builder, o_ary.strides, 2)[0]
-            n_features = cgutils.unpack_tuple(builder, q_ary.shape, 2)[1]
-            item_size = ir.Constant(intp, item)
-            q_base = builder.gep(builder.bitcast(q_ary.data, byte_ptr), [builder.mul(first_row, q_stride)])
-            x_base = builder.gep(builder.bitcast(x_ary.data, byte_ptr), [builder.mul(tile_row, x_stride)])
-            o_base = builder.gep(builder.bitcast(o_ary.data, byte_ptr), [builder.mul(first_column, item_size)])
-            # Accumulators as allocas of the entry block: LLVM promotes them to registers.
-            accumulators = [[cgutils.alloca_once_value(builder, ir.Constant(vector_type, None))
-                             for _ in range(TILE_VECTORS)] for _ in range(rows)]
-            fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector_type, [vector_type]),
-                                                  f"llvm.fabs.v{lanes}f{8 * item}")
-            undefined = ir.Constant(vector_type, ir.Undefined)
-            broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), None)
-            with cgutils.for_range(builder, n_features) as loop:
-                feature = loop.index
-                training_row = builder.gep(x_base, [builder.mul(feature, x_stride)])
-                training = []
-                for v in range(TILE_VECTORS):
-                    address = builder.gep(training_row, [ir.Constant(intp, _VECTOR_BYTES * v)])
-                    training.append(builder.load(builder.bitcast(address, vector_type.as_pointer()), align=item))
-                for r in range(rows):
-                    address = builder.gep(q_base, [builder.add(builder.mul(ir.Constant(intp, r), q_stride),
-                                                              builder.mul(feature, item_size))])
-                    value = builder.load(builder.bitcast(address, float_type.as_pointer()))
-                    first_lane = builder.insert_element(undefined, value, ir.Constant(ir.IntType(32), 0))
-                    test = builder.shuffle_vector(first_lane, undefined, broadcast)
-                    for v in range(TILE_VECTORS):
-                        if metric == 0:
-                            term = builder.call(fabs, [builder.fsub(test, training[v])])
-                        elif metric == 1:
-                            difference = builder.fsub(test, training[v])
-                            term = builder.fmul(difference, difference)
-                        else:
-                            term = builder.fmul(test, training[v])
-                        slot = accumulators[r][v]
-                        builder.store(builder.fadd(builder.load(slot), term), slot)
-            for r in range(rows):
-                out_row = builder.gep(o_base, [builder.mul(ir.Constant(intp, r), o_stride)])
-                for v in range(TILE_VECTORS):
-                    pointer = builder.bitcast(builder.gep(out_row, [ir.Constant(intp, _VECTOR_BYTES * v)]),
-                                              vector_type.as_pointer())
-                    builder.store(builder.load(accumulators[r][v]), pointer, align=item)
-            return context.get_dummy_value()
-
-        return types.void(Q, XP, out, i, x_row, column), codegen
-
-    return tile
+    (q_type, q_ary), (x_type, x_ary), (o_type, o_ary) = arrays
+    float_type = context.get_value_type(q_type.dtype)
+    item = context.get_abi_sizeof(float_type)
+    lanes = _VECTOR_BYTES // item
+    vector_type = ir.VectorType(float_type, lanes)
+    intp = context.get_value_type(types.intp)
+    byte_ptr = ir.IntType(8).as_pointer()
+    q_stride = cgutils.unpack_tuple(builder, q_ary.strides, 2)[0]
+    x_stride = cgutils.unpack_tuple(builder, x_ary.strides, 2)[0]
+    o_stride = cgutils.unpack_tuple(builder, o_ary.strides, 2)[0]
+    n_features = cgutils.unpack_tuple(builder, q_ary.shape, 2)[1]
+    item_size = ir.Constant(intp, item)
+    q_base = builder.gep(builder.bitcast(q_ary.data, byte_ptr), [builder.mul(first_row, q_stride)])
+    x_base = builder.gep(builder.bitcast(x_ary.data, byte_ptr), [builder.mul(tile_row, x_stride)])
+    o_base = builder.gep(builder.bitcast(o_ary.data, byte_ptr), [builder.mul(first_column, item_size)])
+    # Accumulators as allocas of the entry block: LLVM promotes them to registers.
+    accumulators = [[cgutils.alloca_once_value(builder, ir.Constant(vector_type, None))
+                     for _ in range(TILE_VECTORS)] for _ in range(rows)]
+    fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector_type, [vector_type]),
+                                          f"llvm.fabs.v{lanes}f{8 * item}")
+    undefined = ir.Constant(vector_type, ir.Undefined)
+    broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), None)
+    with cgutils.for_range(builder, n_features) as loop:
+        feature = loop.index
+        training_row = builder.gep(x_base, [builder.mul(feature, x_stride)])
+        training = []
+        for v in range(TILE_VECTORS):
+            address = builder.gep(training_row, [ir.Constant(intp, _VECTOR_BYTES * v)])
+            training.append(builder.load(builder.bitcast(address, vector_type.as_pointer()), align=item))
+        for r in range(rows):
+            address = builder.gep(q_base, [builder.add(builder.mul(ir.Constant(intp, r), q_stride),
+                                                      builder.mul(feature, item_size))])
+            value = builder.load(builder.bitcast(address, float_type.as_pointer()))
+            first_lane = builder.insert_element(undefined, value, ir.Constant(ir.IntType(32), 0))
+            test = builder.shuffle_vector(first_lane, undefined, broadcast)
+            for v in range(TILE_VECTORS):
+                if metric == 0:
+                    term = builder.call(fabs, [builder.fsub(test, training[v])])
+                elif metric == 1:
+                    difference = builder.fsub(test, training[v])
+                    term = builder.fmul(difference, difference)
+                else:
+                    term = builder.fmul(test, training[v])
+                slot = accumulators[r][v]
+                builder.store(builder.fadd(builder.load(slot), term), slot)
+    for r in range(rows):
+        out_row = builder.gep(o_base, [builder.mul(ir.Constant(intp, r), o_stride)])
+        for v in range(TILE_VECTORS):
+            pointer = builder.bitcast(builder.gep(out_row, [ir.Constant(intp, _VECTOR_BYTES * v)]),
+                                      vector_type.as_pointer())
+            builder.store(builder.load(accumulators[r][v]), pointer, align=item)
 
 
-_TILES = {(rows, metric): _tile_intrinsic(rows, metric) for rows in (1, TILE_ROWS) for metric in (0, 1, 2)}
-_L1_TILE, _L1_ROW = _TILES[(TILE_ROWS, 0)], _TILES[(1, 0)]
-_L2_TILE, _L2_ROW = _TILES[(TILE_ROWS, 1)], _TILES[(1, 1)]
-_DOT_TILE, _DOT_ROW = _TILES[(TILE_ROWS, 2)], _TILES[(1, 2)]
+@intrinsic
+def _tile(typingctx, Q, XP, out, i, rows, x_row, column, metric):  # type: ignore[no-untyped-def]
+    """``out[r, column : column + W]`` = the sums of test rows ``Q[i + r]`` (``r < rows``, which is ``TILE_ROWS``
+    or 1) with the training tile ``XP[x_row : x_row + n_features]``; ``metric`` 0 (l1), 1 (l2) or 2 (cosine).
 
+    One loop over the features is emitted per (rows, metric); the choice is made once per call, outside it.
+    """
+    # The IR steps through features, columns and lanes by the item size: C-contiguous arrays only.
+    if not (isinstance(Q, types.Array) and isinstance(XP, types.Array) and isinstance(out, types.Array)
+            and Q.ndim == XP.ndim == out.ndim == 2 and Q.layout == XP.layout == out.layout == "C"
+            and Q.dtype == XP.dtype == out.dtype and isinstance(Q.dtype, types.Float)
+            and all(isinstance(value, types.Integer) for value in (i, rows, x_row, column, metric))):
+        return None
+    signature = types.void(Q, XP, out, i, rows, x_row, column, metric)
 
-@numba.njit(inline="always")
-def _tile(Q, XP, out, i, rows, x_row, column, metric):  # pragma: no cover - compiled
-    if rows == TILE_ROWS:
-        if metric == 0:
-            _L1_TILE(Q, XP, out, i, x_row, column)
-        elif metric == 1:
-            _L2_TILE(Q, XP, out, i, x_row, column)
-        else:
-            _DOT_TILE(Q, XP, out, i, x_row, column)
-    else:
-        if metric == 0:
-            _L1_ROW(Q, XP, out, i, x_row, column)
-        elif metric == 1:
-            _L2_ROW(Q, XP, out, i, x_row, column)
-        else:
-            _DOT_ROW(Q, XP, out, i, x_row, column)
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        arrays = [(signature.args[a], context.make_array(signature.args[a])(context, builder, args[a]))
+                  for a in range(3)]
+        first_row, rows_value, tile_row, first_column, metric_value = (
+            context.cast(builder, args[a], signature.args[a], types.intp) for a in range(3, 8))
+        full = builder.icmp_signed("==", rows_value, ir.Constant(rows_value.type, TILE_ROWS))
+        with builder.if_else(full) as (tile_rows, one_row):
+            for block, rows in ((tile_rows, TILE_ROWS), (one_row, 1)):
+                with block:
+                    is_l1 = builder.icmp_signed("==", metric_value, ir.Constant(metric_value.type, 0))
+                    with builder.if_else(is_l1) as (l1, other):
+                        with l1:
+                            _emit_tile(context, builder, arrays, first_row, tile_row, first_column, rows, 0)
+                        with other:
+                            is_l2 = builder.icmp_signed("==", metric_value, ir.Constant(metric_value.type, 1))
+                            with builder.if_else(is_l2) as (l2, cosine):
+                                with l2:
+                                    _emit_tile(context, builder, arrays, first_row, tile_row, first_column, rows, 1)
+                                with cosine:
+                                    _emit_tile(context, builder, arrays, first_row, tile_row, first_column, rows, 2)
+        return context.get_dummy_value()
+
+    return signature, codegen
 
 
 @numba.njit(inline="always")
