@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import sys
 
 import numpy as np
@@ -827,14 +828,17 @@ def test_packed_columns_unpack_to_the_transposed_features(dtype) -> None:
     width = tile_width(dtype)
     assert width * np.dtype(dtype).itemsize == 32
     rng = np.random.default_rng(5)
-    for n_train in (1, width - 1, width, width + 1, 3 * width + 5):
-        XT = rng.normal(size=(7, n_train)).astype(dtype)
+    for n_train, n_features in itertools.product((1, width - 1, width, width + 1, 3 * width + 5), (1, 7)):
+        XT = rng.normal(size=(n_features, n_train)).astype(dtype)
         XP = pack_columns(np.ascontiguousarray(XT.T))
         n_tiles = -(-n_train // width)
-        assert XP.shape == (n_tiles * 7, width) and XP.dtype == dtype and XP.flags.c_contiguous
-        np.testing.assert_array_equal(XP.reshape(n_tiles, 7, width)[1 % n_tiles, :, 0], XT[:, (1 % n_tiles) * width])
-        assert not XP.reshape(n_tiles, 7, width)[-1, :, n_train - (n_tiles - 1) * width:].any()  # zero padding
-        np.testing.assert_array_equal(unpack_columns(XP, n_train), XT)
+        assert XP.shape == (n_tiles * n_features, width) and XP.dtype == dtype and XP.flags.c_contiguous
+        tiles = XP.reshape(n_tiles, n_features, width)
+        np.testing.assert_array_equal(tiles[1 % n_tiles, :, 0], XT[:, (1 % n_tiles) * width])
+        assert not tiles[-1, :, n_train - (n_tiles - 1) * width:].any()  # zero padding
+        unpacked = unpack_columns(XP, n_train)
+        np.testing.assert_array_equal(unpacked, XT)
+        assert unpacked.flags.c_contiguous and not np.shares_memory(unpacked, XP)  # a copy, even of one tile
 
 
 def _feature_order_distances(X_train: np.ndarray, X_test: np.ndarray, metric: str) -> np.ndarray:

@@ -65,8 +65,9 @@ def unpack_columns(XP: np.ndarray, n_train: int) -> np.ndarray:
     width = XP.shape[1]
     n_tiles = max(1, -(-n_train // width))
     n_features = XP.shape[0] // n_tiles
-    return np.ascontiguousarray(XP.reshape(n_tiles, n_features, width).transpose(1, 0, 2).reshape(
-        n_features, n_tiles * width)[:, :n_train])
+    # np.array copies even where the result would already be contiguous (one feature, or one whole tile).
+    return np.array(XP.reshape(n_tiles, n_features, width).transpose(1, 0, 2).reshape(
+        n_features, n_tiles * width)[:, :n_train], order="C", copy=True)
 
 
 def _emit_tile(context, builder, arrays, first_row, tile_row, first_column, rows, metric):  # type: ignore[no-untyped-def]
