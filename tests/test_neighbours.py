@@ -871,7 +871,7 @@ def test_tiled_distances_are_bit_identical_to_the_feature_order_sum(metric, dtyp
             X_train = rng.normal(size=(n_train, n_features)).astype(dtype)
             y_train = np.arange(n_train) % N_CLASSES
             index = NeighbourIndex(X_train, y_train, metric=metric, backend="numba")
-            for n_test in (1, 2, 3, 17):
+            for n_test in (1, 2, 3, 9, 16, 17):
                 X_test = rng.normal(size=(n_test, n_features)).astype(dtype)
                 D = _feature_order_distances(X_train, X_test, metric)
                 order = np.stack([np.lexsort((-reference_ranks(X_train, y_train), row)) for row in D])
