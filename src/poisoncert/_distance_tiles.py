@@ -41,6 +41,11 @@ def tile_width(dtype: np.dtype) -> int:
     return TILE_VECTORS * _VECTOR_BYTES // np.dtype(dtype).itemsize
 
 
+def _n_tiles(n_train: int, width: int) -> int:
+    """Tiles of ``width`` columns for ``n_train`` training rows (at least one, so an array is never empty)."""
+    return max(1, -(-n_train // width))
+
+
 def pack_columns(X: np.ndarray) -> np.ndarray:
     """Training features (rows ``n_train x n_features``) packed tile by tile, as the kernel reads them.
 
@@ -51,7 +56,7 @@ def pack_columns(X: np.ndarray) -> np.ndarray:
     n_train, n_features = X.shape
     width = tile_width(X.dtype)
     n_full = n_train // width
-    n_tiles = max(1, -(-n_train // width))
+    n_tiles = _n_tiles(n_train, width)
     packed = np.empty((n_tiles, n_features, width), X.dtype)
     packed[:n_full] = X[: n_full * width].reshape(n_full, width, n_features).transpose(0, 2, 1)
     if n_tiles > n_full:
@@ -63,21 +68,20 @@ def pack_columns(X: np.ndarray) -> np.ndarray:
 def unpack_columns(XP: np.ndarray, n_train: int) -> np.ndarray:
     """The training features of ``XP`` (:func:`pack_columns`) transposed, ``n_features x n_train`` (a new C array)."""
     width = XP.shape[1]
-    n_tiles = max(1, -(-n_train // width))
+    n_tiles = _n_tiles(n_train, width)
     n_features = XP.shape[0] // n_tiles
     # np.array copies even where the result would already be contiguous (one feature, or one whole tile).
     return np.array(XP.reshape(n_tiles, n_features, width).transpose(1, 0, 2).reshape(
         n_features, n_tiles * width)[:, :n_train], order="C", copy=True)
 
 
-def _emit_tile(context, builder, arrays, first_row, tile_row, first_column, rows, metric):  # type: ignore[no-untyped-def]
+def _emit_tile(context, builder, float_type, arrays, first_row, tile_row, first_column, rows, metric):  # type: ignore[no-untyped-def]
     """IR of one tile: ``out[r, column : column + W]`` for ``r < rows`` (both ``rows`` and ``metric`` fixed here).
 
     Test rows ``Q[first_row + r]``, training tile ``XP[tile_row : tile_row + n_features]``; ``metric`` 0 (l1
     terms), 1 (squared differences) or 2 (products), summed in feature order from +0.
     """
-    (q_type, q_ary), (x_type, x_ary), (o_type, o_ary) = arrays
-    float_type = context.get_value_type(q_type.dtype)
+    q_ary, x_ary, o_ary = arrays
     item = context.get_abi_sizeof(float_type)
     lanes = _VECTOR_BYTES // item
     vector_type = ir.VectorType(float_type, lanes)
@@ -145,25 +149,31 @@ def _tile(typingctx, Q, XP, out, i, rows, x_row, column, metric):  # type: ignor
     signature = types.void(Q, XP, out, i, rows, x_row, column, metric)
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        arrays = [(signature.args[a], context.make_array(signature.args[a])(context, builder, args[a]))
-                  for a in range(3)]
+        float_type = context.get_value_type(signature.args[0].dtype)
+        arrays = [context.make_array(signature.args[a])(context, builder, args[a]) for a in range(3)]
         first_row, rows_value, tile_row, first_column, metric_value = (
             context.cast(builder, args[a], signature.args[a], types.intp) for a in range(3, 8))
-        full = builder.icmp_signed("==", rows_value, ir.Constant(rows_value.type, TILE_ROWS))
-        with builder.if_else(full) as (tile_rows, one_row):
-            for block, rows in ((tile_rows, TILE_ROWS), (one_row, 1)):
-                with block:
-                    is_l1 = builder.icmp_signed("==", metric_value, ir.Constant(metric_value.type, 0))
-                    with builder.if_else(is_l1) as (l1, other):
-                        with l1:
-                            _emit_tile(context, builder, arrays, first_row, tile_row, first_column, rows, 0)
-                        with other:
-                            is_l2 = builder.icmp_signed("==", metric_value, ir.Constant(metric_value.type, 1))
-                            with builder.if_else(is_l2) as (l2, cosine):
-                                with l2:
-                                    _emit_tile(context, builder, arrays, first_row, tile_row, first_column, rows, 1)
-                                with cosine:
-                                    _emit_tile(context, builder, arrays, first_row, tile_row, first_column, rows, 2)
+
+        def emit(rows: int, metric: int) -> None:
+            _emit_tile(context, builder, float_type, arrays, first_row, tile_row, first_column, rows, metric)
+
+        def emit_metric(rows: int) -> None:  # 0: l1, 1: l2, anything else: cosine
+            with builder.if_else(builder.icmp_signed("==", metric_value, ir.Constant(intp, 0))) as (l1, other):
+                with l1:
+                    emit(rows, 0)
+                with other, builder.if_else(builder.icmp_signed("==", metric_value, ir.Constant(intp, 1))) as (
+                        l2, cosine):
+                    with l2:
+                        emit(rows, 1)
+                    with cosine:
+                        emit(rows, 2)
+
+        intp = context.get_value_type(types.intp)
+        with builder.if_else(builder.icmp_signed("==", rows_value, ir.Constant(intp, TILE_ROWS))) as (full, one):
+            with full:
+                emit_metric(TILE_ROWS)
+            with one:
+                emit_metric(1)
         return context.get_dummy_value()
 
     return signature, codegen
