@@ -13,14 +13,27 @@ changed. Limits, neither of which touches poisoncert's own kernels: the answer a
 loads (with a broken SciPy whose file is there but does not load, numba's ``np.correlate`` and ``np.convolve`` in a
 kernel fail instead of falling back to their plain loops), and another thread compiling a BLAS kernel during this
 one import would skip numba's check of SciPy's integer width.
+
+It also keys numba's on-disk cache of each poisoncert kernel on every source file the kernel can reach. Numba keys a
+cached kernel on the bytes of the one file that defines it; a kernel of ``neighbours.py`` inlines helpers from
+``_distance_tiles.py``, ``_bitvectors.py`` and ``votes.py``, so after a change to a helper alone (an upgrade, an
+edit) numba would load the stale machine code. Here the stamp of a kernel defined in a poisoncert file also digests
+the files that file imports from the package, transitively, so such a change compiles the kernel afresh.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import re
 import sys
+from typing import Any
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = __name__.rpartition(".")[0]
 
 
 def _scipy_ships_cython_blas() -> bool:
@@ -65,4 +78,100 @@ def import_array_math_without_scipy_linalg() -> bool:
     return True
 
 
+_TOP_LEVEL_IMPORT = re.compile(
+    rf"^(?:from[ \t]+(?:\.|{_PACKAGE}\.)([A-Za-z_]\w*)[ \t]+import\b"  # from .a import x, from pkg.a import x
+    rf"|from[ \t]+(?:\.|{_PACKAGE})[ \t]+import[ \t]+(\([^)]*\)|[^\n#]*)"  # from . import a, b
+    rf"|import[ \t]+{_PACKAGE}\.([A-Za-z_]\w*))",  # import pkg.a
+    re.MULTILINE)
+
+
+def imported_modules(text: str) -> set[str]:
+    """Names of the package's modules that a source file imports at module level (its statements at column 0).
+
+    A kernel can reach only what its module's globals hold, and those come from module-level imports; imports
+    inside functions are Python-only paths (numba compiles no import statement). ``tests/test_jit.py`` checks
+    that no package file imports from the package in an indented module-level block, which this would miss.
+    """
+    names: set[str] = set()
+    for match in _TOP_LEVEL_IMPORT.finditer(text):
+        module, listed, dotted = match.groups()
+        if listed is not None:
+            names.update(name.split(" as ")[0].strip() for name in listed.strip("()").split(","))
+        names.add(module or dotted or "")
+    names.discard("")
+    return names
+
+
+@functools.cache
+def _file_facts(path: str, size: int, mtime_ns: int) -> tuple[bytes, frozenset[str]]:
+    """SHA-256 of a source file and the package modules it imports; keyed by its stat, so edits are seen."""
+    with open(path, "rb") as source:
+        data = source.read()
+    return hashlib.sha256(data).digest(), frozenset(imported_modules(data.decode("utf-8", "replace")))
+
+
+def source_closure_digest(path: str) -> bytes:
+    """SHA-256 over a package source file and every package file it imports at module level, transitively."""
+    reached: dict[str, bytes] = {}
+    pending = [os.path.basename(path)]
+    while pending:
+        name = pending.pop()
+        file = os.path.join(_PACKAGE_DIR, name)
+        if name in reached or not os.path.isfile(file):
+            continue
+        stat = os.stat(file)
+        reached[name], modules = _file_facts(file, stat.st_size, stat.st_mtime_ns)
+        pending.extend(f"{module}.py" for module in modules)
+    digest = hashlib.sha256()
+    for name in sorted(reached):
+        digest.update(name.encode() + b"\0" + reached[name])
+    return digest.digest()
+
+
+def _in_package(py_file: str) -> bool:
+    return os.path.dirname(os.path.abspath(py_file)) == _PACKAGE_DIR
+
+
+def _closure_locator(base: type) -> type:
+    """``base`` (one of numba's cache locators), limited to poisoncert's files and stamped with their closure."""
+
+    class Locator(base):  # type: ignore[misc, valid-type]
+        @classmethod
+        def from_function(cls, py_func: Any, py_file: str) -> Any:
+            if not _in_package(py_file):
+                return None
+            return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self) -> Any:
+            return super().get_source_stamp(), source_closure_digest(self._py_file)
+
+    Locator.__name__ = Locator.__qualname__ = f"PoisoncertClosure{base.__name__.lstrip('_')}"
+    return Locator
+
+
+def stamp_kernels_with_their_imports() -> bool:
+    """Put closure-stamped locators before numba's own; True if done (False with a numba laid out otherwise)."""
+    try:
+        from numba.core import caching
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return False
+    impl = getattr(caching, "CacheImpl", getattr(caching, "_CacheImpl", None))
+    classes = getattr(impl, "_locator_classes", None)
+    if not isinstance(classes, list):  # pragma: no cover - another numba's layout
+        return False
+    if any(getattr(cls, "__name__", "").startswith("PoisoncertClosure") for cls in classes):
+        return True
+    bases = []
+    for names in (("UserProvidedCacheLocator", "_UserProvidedCacheLocator"),
+                  ("InTreeCacheLocator", "_InTreeCacheLocator"),
+                  ("UserWideCacheLocator", "_UserWideCacheLocator")):
+        base = next((getattr(caching, name) for name in names if hasattr(caching, name)), None)
+        if base is None:  # pragma: no cover - another numba's layout
+            return False
+        bases.append(base)
+    classes[:0] = [_closure_locator(base) for base in bases]
+    return True
+
+
 import_array_math_without_scipy_linalg()
+stamp_kernels_with_their_imports()
