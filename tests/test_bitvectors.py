@@ -90,3 +90,19 @@ def test_pdep_select_equals_halving_select() -> None:
 def test_a_portable_numba_target_never_gets_pdep(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NUMBA_CPU_NAME", "generic")
     assert bv._fast_pdep() is False
+
+
+@numba.njit
+def _sum_with_prefetch(values, ahead):  # pragma: no cover - compiled
+    total = 0
+    for i in range(values.shape[0]):
+        bv.prefetch(values, i + ahead)  # past the end too: a hint never faults
+        total += values[i]
+    return total
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int64, np.uint64])
+def test_a_prefetch_changes_no_result(dtype) -> None:
+    values = np.arange(1, 2001, dtype=dtype).reshape(40, 50)
+    for ahead in (0, 8, 1 << 20):
+        assert _sum_with_prefetch(values.reshape(-1), ahead) == values.sum()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -393,3 +394,19 @@ def test_the_global_curve_keeps_its_attacker_for_worst_case_removals():
     np.testing.assert_array_equal(result.curve(e, "global")[0], joint.global_rnn_certified_accuracy(
         fresh().votes, y[200:], e))
     np.testing.assert_array_equal(fresh().worst_case_removals(e[::-1]), expected[::-1])
+
+
+@numba.njit
+def _raise_all(target, source, gain):  # pragma: no cover - compiled
+    joint._raise_shifted(target, source, gain)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.int64, st.integers(0, 70), elements=st.sampled_from([-(1 << 40), -(1 << 40) + 3, -5, 0, 1, 7, 900])),
+       st.integers(0, 5000), st.randoms(use_true_random=False))
+def test_raising_by_a_shifted_row_is_an_elementwise_maximum(target, gain, random):
+    # The sign-mask form (no masked stores) against the plain maximum, with the DP's "impossible" value among them.
+    source = np.array(random.sample(list(target), len(target)), dtype=np.int64)
+    expected = np.maximum(target, source + gain)
+    _raise_all(target, source, gain)
+    np.testing.assert_array_equal(target, expected)

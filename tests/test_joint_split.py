@@ -650,3 +650,16 @@ def test_full_memo_and_full_remembered_evaluations_change_nothing(seed: int, mon
         for name in ("max_flips", "attack_flips", "nodes", "additions", "removals", "exact"):
             np.testing.assert_array_equal(getattr(roomy, name), getattr(cramped, name), err_msg=name)
     assert runs[0][1].nodes.max() > 30  # three evaluations or so per node: the small table filled up
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_minimum_over_labels_of_int32_needs_keeps_the_first_label_of_a_tie(seed: int) -> None:
+    # The dense kNN needs (h[l, i], int32, ``size + 1`` where input i has no pair with rival l), as the search uses it.
+    rng = np.random.default_rng(seed)
+    c, n, budget = int(rng.integers(2, 7)), int(rng.integers(1, 80)), int(rng.integers(0, 9))
+    h = rng.integers(0, budget + 2, (c, n)).astype(np.int32)
+    out, winner, active = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(c, np.int64)
+    joint_split._min_over_labels(h, np.zeros(c, np.int32), budget, out, winner, active)
+    np.testing.assert_array_equal(out, h.min(axis=0))
+    np.testing.assert_array_equal(winner, h.argmin(axis=0))  # argmin: the first label attaining the minimum
+    np.testing.assert_array_equal(active, np.bincount(h.argmin(axis=0)[out <= budget], minlength=c))

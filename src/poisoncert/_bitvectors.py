@@ -23,8 +23,8 @@ from numba.extending import intrinsic
 
 from . import _jit  # noqa: F401 - numba's start-up without SciPy's linear algebra (before any kernel runs)
 
-__all__ = ["FAST_PDEP", "cumulative_popcounts", "lowest_set_bit", "popcount", "rank1", "select0", "select_in_word",
-           "zero_word"]
+__all__ = ["FAST_PDEP", "cumulative_popcounts", "lowest_set_bit", "popcount", "prefetch", "rank1", "select0",
+           "select_in_word", "zero_word"]
 
 _SLOW_PDEP_CPUS = ("znver1", "znver2", "bdver", "btver")
 
@@ -70,6 +70,32 @@ def _trailing_zeros64(typingctx, value):  # type: ignore[no-untyped-def]
         function = builder.module.declare_intrinsic("llvm.cttz", [word],
                                                     ir.FunctionType(word, [word, ir.IntType(1)]))
         return builder.call(function, [args[0], ir.Constant(ir.IntType(1), 0)])
+
+    return signature, codegen
+
+
+@intrinsic
+def prefetch(typingctx, array, index):  # type: ignore[no-untyped-def]
+    """Hint the CPU to bring element ``index`` of a C-contiguous ``array`` (counted flat) into its caches.
+
+    Only a hint (x86 ``prefetcht0``): it reads nothing, never faults, and changes no result, so an index beyond
+    the array is harmless; used to start a cache miss that a later, dependent read would otherwise wait for.
+    """
+    if not isinstance(array, numba.types.Array) or not isinstance(index, numba.types.Integer):
+        return None
+    signature = numba.types.none(array, numba.types.intp)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        byte = ir.IntType(8).as_pointer()
+        item = context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))
+        address = builder.gep(builder.bitcast(data, byte), [builder.mul(args[1], ir.Constant(args[1].type, item))])
+        flag = ir.IntType(32)
+        function = builder.module.declare_intrinsic("llvm.prefetch", [byte],
+                                                    ir.FunctionType(ir.VoidType(), [byte, flag, flag, flag]))
+        # read (0), keep in every cache level (3), data cache (1)
+        builder.call(function, [address, ir.Constant(flag, 0), ir.Constant(flag, 3), ir.Constant(flag, 1)])
+        return context.get_dummy_value()
 
     return signature, codegen
 

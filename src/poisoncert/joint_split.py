@@ -48,8 +48,18 @@ from numba import prange
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from ._bitvectors import cumulative_popcounts, lowest_set_bit, popcount, rank1, select0, select_in_word, zero_word
+from ._bitvectors import (
+    cumulative_popcounts,
+    lowest_set_bit,
+    popcount,
+    prefetch,
+    rank1,
+    select0,
+    select_in_word,
+    zero_word,
+)
 from ._validation import check_label_indices, check_poisoning_sizes, check_positive_int, check_votes
+from .joint import _raise_shifted
 from .votes import knn_votes_from_labels, predict, rival_counts
 
 __all__ = [
@@ -257,7 +267,7 @@ def _best_gain_within(start, px, pg, lam, best_reduced, allowed, budget, n_class
             n_kept += 1
             top = min(budget, hi + x)
             # Branch-free max over aligned slices: this inner loop is most of the time and vectorises so.
-            _max_shifted(new[lo + x : top + 1], best[lo : top + 1 - x], pg[j])
+            _raise_shifted(new[lo + x : top + 1], best[lo : top + 1 - x], pg[j])
             new_lo = min(new_lo, lo + x)
             new_hi = max(new_hi, top)
         if n_kept == 0 and not keep_zero:
@@ -284,13 +294,6 @@ def _best_gain_within(start, px, pg, lam, best_reduced, allowed, budget, n_class
     return value
 
 
-@numba.njit(inline="always")
-def _max_shifted(target, source, gain):  # pragma: no cover - compiled
-    """``target[j] = max(target[j], source[j] + gain)``."""
-    for j in range(target.shape[0]):
-        target[j] = max(target[j], source[j] + gain)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Per-input removal costs need_i(alpha)
 # --------------------------------------------------------------------------------------------------------------
@@ -299,7 +302,13 @@ def _max_shifted(target, source, gain):  # pragma: no cover - compiled
 @numba.njit(inline="always")
 def _first_row_minimum(rows, shift, out, winner):  # pragma: no cover - compiled
     """``out[i] = min over l of rows[l, i] - shift[l]`` and ``winner[i]`` the first ``l`` attaining it. Row by row,
-    with selects instead of branches, so the inner loop runs over the inputs in vector steps."""
+    branch-free, so the inner loop runs over the inputs in vector steps.
+
+    The updates are sums with the sign mask of ``v - out[i]``, not selects: LLVM turns a select between the new
+    and the old value into a store only where it changes, vectorised as masked stores, which on AMD's Zen cores
+    cost several times a plain store (as in :func:`poisoncert.joint._raise_shifted`). No overflow: the values lie
+    within about 2^41.
+    """
     out[:] = rows[0]
     out -= shift[0]
     winner[:] = 0
@@ -307,10 +316,12 @@ def _first_row_minimum(rows, shift, out, winner):  # pragma: no cover - compiled
         row = rows[lab]
         offset = shift[lab]
         for i in range(out.shape[0]):
-            v = row[i] - offset
-            better = v < out[i]
-            out[i] = v if better else out[i]
-            winner[i] = lab if better else winner[i]
+            current = np.int64(out[i])
+            d = np.int64(row[i]) - np.int64(offset) - current
+            smaller = d >> 63  # -1 where v < out[i], else 0: ties keep the first label
+            out[i] = current + (d & smaller)
+            chosen = np.int64(winner[i])
+            winner[i] = chosen + ((lab - chosen) & smaller)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -623,6 +634,8 @@ def _online_bounds(pairs, tie, d_k, sl_bits, sl_cum, sr_bits, sr_cum, e, out, ze
 
 #: Pairs per task of :func:`_online_label_needs` (its select buffer is this long).
 _NEEDS_CHUNK = 2048
+#: How many pairs ahead :func:`_online_label_needs` prefetches the SL counts.
+_PREFETCH_PAIRS = 8
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -642,6 +655,7 @@ def _online_label_needs(pairs, slots, tie, d_k, zeros, sl_bits, sl_cum, sr_bits,
     pass's branches they were taken one at a time (twice the time on MNIST).
     """
     n_words = sl_bits.shape[1]
+    cum_row = sl_cum.shape[1]
     n = pairs.shape[0]
     bracketed = below.shape[0] == out.shape[0]
     y = e - alpha
@@ -655,6 +669,11 @@ def _online_label_needs(pairs, slots, tie, d_k, zeros, sl_bits, sl_cum, sr_bits,
         rank = np.empty(stop - start, np.int64)  # zeros of that word before the one selected
         count = 0
         for j in range(start, stop):
+            # The SL counts of a pair a few ahead: its select's binary search starts on them with a cache miss.
+            ahead = pairs[min(j + _PREFETCH_PAIRS, n - 1)] * cum_row
+            prefetch(sl_cum, ahead)
+            prefetch(sl_cum, ahead + n_words // 2)
+            prefetch(sl_cum, ahead + n_words)
             slot = slots[j]
             if bracketed and below[slot] == above[slot]:
                 out[slot] = below[slot]
@@ -674,6 +693,7 @@ def _online_label_needs(pairs, slots, tie, d_k, zeros, sl_bits, sl_cum, sr_bits,
                     word, rest = zero_word(sl_cum, p, m, n_words)
                     todo[count] = j
                     where[count] = p * n_words + word
+                    prefetch(flat, p * n_words + word)  # read in the second pass
                     rank[count] = rest
                     count += 1
             out[slot] = best if best <= e else e + 1
