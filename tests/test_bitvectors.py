@@ -49,7 +49,8 @@ def _select_words_pdep(words, ranks):  # pragma: no cover - compiled
     return out
 
 
-@pytest.mark.parametrize("n_words", [1, 3, 46, 70, 200])  # above 65 words select0 binary-searches first
+# Both sides of the longest row that select0 searches by a linear count (longer ones binary-search).
+@pytest.mark.parametrize("n_words", [1, 3, 46, 70, bv.LINEAR_SEARCH_WORDS, bv.LINEAR_SEARCH_WORDS + 1, 200])
 def test_rank_and_select_agree_with_unpacked_bits(n_words: int) -> None:
     bits, unpacked, cum = _rows(n_words, 12, n_words)
     np.testing.assert_array_equal(cum[:, -1], unpacked.sum(axis=1))

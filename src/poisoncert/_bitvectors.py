@@ -43,6 +43,9 @@ def _fast_pdep() -> bool:
     return bool(features.get("bmi2", False)) and not name.startswith(_SLOW_PDEP_CPUS)
 
 
+#: Rows of at most this many words are searched by :func:`zero_word` in a linear count (faster up to about 150).
+LINEAR_SEARCH_WORDS = 128
+
 #: True where :func:`select_in_word` uses the ``pdep`` instruction.
 FAST_PDEP = _fast_pdep()
 
@@ -167,9 +170,17 @@ def zero_word(cum, p, m, n_words):  # pragma: no cover - compiled
     zeros), and how many of the word's own zeros come before that bit.
 
     The zeros before word ``w`` (``64 w - cum[p, w]``) never decrease in ``w``: the word is the last one with at
-    most ``m`` before it. Found by a binary search whose steps are conditional moves, not branches (the outcome
-    of each step is as good as random): 10% faster than counting the words up to it on MNIST.
+    most ``m`` before it, and so the count of words ``1 .. n_words - 1`` with at most ``m`` before them. Rows of up
+    to :data:`LINEAR_SEARCH_WORDS` words count them, in vector steps without a branch; longer rows binary-search.
+    LLVM compiles the binary search's steps as branches, whatever the source (a select, or a sign mask, which it
+    recognises as one), and each step's outcome is as good as random: on MNIST's kNN split (63 words a row) that
+    search was a quarter of the need evaluations' time, and the count is 2.5x faster (2-4x at 16-79 words).
     """
+    if n_words <= LINEAR_SEARCH_WORDS:
+        lo = 0
+        for w in range(1, n_words):
+            lo += 64 * w - np.int64(cum[p, w]) <= m
+        return lo, m - (64 * lo - np.int64(cum[p, lo]))
     lo = 0
     size = n_words
     while size > 1:
