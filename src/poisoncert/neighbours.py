@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 import numba
 import numpy as np
 from numba import prange
+from numba.extending import overload
 
 from ._bitvectors import lowest_set_bit
 from ._distance_tiles import TILE_ROWS, pack_columns, packed_block_distances, unpack_columns
@@ -363,6 +364,20 @@ def _select_scratch(k, n_train, dtype):  # pragma: no cover - compiled
             np.empty(room, dtype), np.empty(room, np.int64), np.empty(n_train + 1, np.int64))
 
 
+_INT32_MAX = (1 << 31) - 1
+
+
+def _as_element(array, value):  # pragma: no cover - replaced by the overload below in compiled code
+    """``value`` converted to ``array``'s element type (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(_as_element, inline="always")
+def _as_element_typed(array, value):  # type: ignore[no-untyped-def]
+    element = array.dtype
+    return lambda array, value: element(value)
+
+
 @numba.njit(inline="always")
 def _sampled_threshold(bits, k, hist):  # pragma: no cover - compiled
     """The sampled selections' threshold: the value of rank about ``k / 16`` (plus three standard deviations) among
@@ -530,16 +545,21 @@ def _select_labels_sampled(bits, k, labels, label_bits, scratch, label_scratch, 
     hist, keys = scratch[0], scratch[1]
     words, words_tmp, flags = label_scratch
     n_train = bits.shape[0]
+    if n_train > _INT32_MAX:  # the count below is 32-bit
+        return _KEYS_TOO_WIDE
     threshold = _sampled_threshold(bits, k, hist)
     if threshold < 0:
         return _ESTIMATE_SHORT
-    low = threshold
-    count = 0
+    # In the distances' own integer type, with a 32-bit count: compared as int64 (the threshold's type) each
+    # vector held 4 float32 keys, not 8, and the pass took 3x the time (MNIST: 16 us a row, now 5).
+    limit = _as_element(bits, threshold)
+    low = limit
+    count = np.int32(0)
     for j in range(n_train):
         value = bits[j]
-        below = value <= threshold
+        below = value <= limit
         flags[j] = below
-        count += below
+        count = np.int32(count + np.int32(below))
         low = min(low, value)
     if count < k or count > words.shape[0]:
         return _ESTIMATE_SHORT
