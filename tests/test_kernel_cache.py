@@ -81,6 +81,37 @@ def test_a_cached_kernel_is_recompiled_when_only_a_helper_module_changes(tmp_pat
     assert first[3].startswith("PoisoncertClosure")
 
 
+def test_a_kernel_compiled_after_its_helper_changed_on_disk_is_not_stored_for_later_processes(tmp_path):
+    # The helper is imported, then changed on disk (an upgrade during a long session), then the kernel's module is
+    # imported: the kernel runs the helper in memory; stored under the new files' stamp, it would be stale for
+    # every later process.
+    package = tmp_path / "site" / "poisoncert"
+    package.mkdir(parents=True)
+    for name in ("__init__.py", "_jit.py"):
+        shutil.copy(PACKAGE / name, package / name)
+    (package / "_probe.py").write_text(textwrap.dedent(KERNEL))
+    helper = package / "_probe_helper.py"
+    helper.write_text(textwrap.dedent(_helper(1)))
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    upgrade_meanwhile = f"""
+        import pathlib
+        import poisoncert._probe_helper
+        pathlib.Path({str(helper)!r}).write_text({textwrap.dedent(_helper(5))!r})
+    """
+
+    def run(before: str = "") -> list[str]:
+        code = textwrap.dedent(before) + textwrap.dedent(RUN)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert run(upgrade_meanwhile)[:3] == ["2", "0", "1"]  # the helper this process imported
+    assert run()[:3] == ["6", "0", "1"]  # not loaded from the cache: compiled against the files as they are
+    assert run()[:3] == ["6", "1", "0"]
+
+
 def test_the_closure_digest_follows_every_reachable_file_and_no_other(tmp_path, monkeypatch):
     monkeypatch.setattr(_jit, "_PACKAGE_DIR", str(tmp_path))
     (tmp_path / "a.py").write_text("from .b import f\nimport poisoncert.c\n\n\ndef g():\n    from .d import h\n")

@@ -18,7 +18,11 @@ It also keys numba's on-disk cache of each poisoncert kernel on every source fil
 cached kernel on the bytes of the one file that defines it; a kernel of ``neighbours.py`` inlines helpers from
 ``_distance_tiles.py``, ``_bitvectors.py`` and ``votes.py``, so after a change to a helper alone (an upgrade, an
 edit) numba would load the stale machine code. Here the stamp of a kernel defined in a poisoncert file also digests
-the files that file imports from the package, transitively, so such a change compiles the kernel afresh.
+the files that file imports from the package, transitively, so such a change compiles the kernel afresh. And where
+those files changed on disk after this process imported the package (an upgrade during a long session), its
+kernels get a stamp that matches nothing: compiled, but not stored for later processes under the new files' stamp.
+Limits: a zipped install, and a locator list set through ``NUMBA_CACHE_LOCATOR_CLASSES``, get numba's own
+locators, keyed on the defining file alone.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def imported_modules(text: str) -> set[str]:
     """Names of the package's modules that a source file imports at module level (its statements at column 0).
 
     A kernel can reach only what its module's globals hold, and those come from module-level imports; imports
-    inside functions are Python-only paths (numba compiles no import statement). ``tests/test_jit.py`` checks
+    inside functions are Python-only paths (numba compiles no import statement). ``tests/test_kernel_cache.py`` checks
     that no package file imports from the package in an indented module-level block, which this would miss.
     """
     names: set[str] = set()
@@ -110,8 +114,9 @@ def _file_facts(path: str, size: int, mtime_ns: int) -> tuple[bytes, frozenset[s
     return hashlib.sha256(data).digest(), frozenset(imported_modules(data.decode("utf-8", "replace")))
 
 
-def source_closure_digest(path: str) -> bytes:
-    """SHA-256 over a package source file and every package file it imports at module level, transitively."""
+def _closure(path: str) -> dict[str, bytes]:
+    """SHA-256 (on disk now) of a package source file and of every package file it imports at module level,
+    transitively, by file name."""
     reached: dict[str, bytes] = {}
     pending = [os.path.basename(path)]
     while pending:
@@ -122,10 +127,25 @@ def source_closure_digest(path: str) -> bytes:
         stat = os.stat(file)
         reached[name], modules = _file_facts(file, stat.st_size, stat.st_mtime_ns)
         pending.extend(f"{module}.py" for module in modules)
+    return reached
+
+
+def source_closure_digest(path: str) -> bytes:
+    """SHA-256 over a package source file and every package file it imports at module level, transitively."""
+    reached = _closure(path)
     digest = hashlib.sha256()
     for name in sorted(reached):
         digest.update(name.encode() + b"\0" + reached[name])
     return digest.digest()
+
+
+def changed_since_import(path: str) -> bool:
+    """Whether a file of ``path``'s closure differs from what this process first found (``poisoncert``'s
+    snapshot): the code it runs may then be older than the files, so its kernels must not be cached under them."""
+    snapshot = getattr(sys.modules.get(_PACKAGE), "_SOURCE_DIGESTS", None)
+    if snapshot is None:  # pragma: no cover - the package's own __init__ takes it
+        return True
+    return any(snapshot.get(name) != digest for name, digest in _closure(path).items())
 
 
 def _in_package(py_file: str) -> bool:
@@ -143,7 +163,11 @@ def _closure_locator(base: type) -> type:
             return super().from_function(py_func, py_file)
 
         def get_source_stamp(self) -> Any:
-            return super().get_source_stamp(), source_closure_digest(self._py_file)
+            stamp = super().get_source_stamp(), source_closure_digest(self._py_file)
+            if changed_since_import(self._py_file):
+                # A stamp that no process will compute: this one's kernel is compiled but never reused.
+                return (*stamp, os.urandom(16))
+            return stamp
 
     Locator.__name__ = Locator.__qualname__ = f"PoisoncertClosure{base.__name__.lstrip('_')}"
     return Locator

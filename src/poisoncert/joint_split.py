@@ -669,7 +669,7 @@ def _online_label_needs(pairs, slots, tie, d_k, zeros, sl_bits, sl_cum, sr_bits,
         rank = np.empty(stop - start, np.int64)  # zeros of that word before the one selected
         count = 0
         for j in range(start, stop):
-            # The SL counts of a pair a few ahead: its select's binary search starts on them with a cache miss.
+            # The SL counts of a pair a few ahead: its select counts its words there, starting with a cache miss.
             ahead = pairs[min(j + _PREFETCH_PAIRS, n - 1)] * cum_row
             prefetch(sl_cum, ahead)
             prefetch(sl_cum, ahead + n_words // 2)
