@@ -1,5 +1,7 @@
 """Numba's on-disk kernel cache follows every package file a kernel reaches (poisoncert._jit's locators)."""
 
+from __future__ import annotations
+
 import ast
 import os
 import shutil
@@ -48,10 +50,9 @@ def _helper(offset: int) -> str:
     """
 
 
-@pytest.mark.parametrize("where", ["in-tree", "NUMBA_CACHE_DIR"])
-def test_a_cached_kernel_is_recompiled_when_only_a_helper_module_changes(tmp_path, where):
-    # A copy of the package with a cached kernel that calls a helper defined in another of its files. Numba alone
-    # keys the kernel on its own file, so after a change to the helper it would load the old machine code.
+def _probe_package(tmp_path: Path, cache_dir: Path | None = None):
+    """A copy of the package with a cached kernel that calls a helper defined in another of its files (OFFSET 1),
+    and a runner of :data:`RUN` (after optional code) in a fresh interpreter that imports that copy."""
     package = tmp_path / "site" / "poisoncert"
     package.mkdir(parents=True)
     for name in ("__init__.py", "_jit.py"):
@@ -60,19 +61,29 @@ def test_a_cached_kernel_is_recompiled_when_only_a_helper_module_changes(tmp_pat
     (package / "_probe_helper.py").write_text(textwrap.dedent(_helper(1)))
     env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
     env["PYTHONPATH"] = str(tmp_path / "site")
-    if where == "NUMBA_CACHE_DIR":
-        env["NUMBA_CACHE_DIR"] = str(tmp_path / "cache")
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
 
-    def run() -> list[str]:
-        done = subprocess.run([sys.executable, "-c", textwrap.dedent(RUN)], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=600)
+    def run(before: str = "") -> list[str]:
+        code = textwrap.dedent(before) + textwrap.dedent(RUN)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=600)
         assert done.returncode == 0, done.stderr
         return done.stdout.split()
+
+    return package, run
+
+
+@pytest.mark.parametrize("where", ["in-tree", "NUMBA_CACHE_DIR"])
+def test_a_cached_kernel_is_recompiled_when_only_a_helper_module_changes(tmp_path, where):
+    # Numba alone keys the kernel on its own file, so after a change to the helper it would load the old machine code.
+    cache_dir = tmp_path / "cache" if where == "NUMBA_CACHE_DIR" else None
+    package, run = _probe_package(tmp_path, cache_dir)
 
     first, second = run(), run()
     assert first[:3] == ["2", "0", "1"]  # compiled, and written to the cache
     assert second[:3] == ["2", "1", "0"]  # loaded from the cache
-    cache = tmp_path / "cache" if where == "NUMBA_CACHE_DIR" else package / "__pycache__"
+    cache = cache_dir or package / "__pycache__"
     assert any(cache.rglob("_probe.kernel-*.nbi"))
 
     (package / "_probe_helper.py").write_text(textwrap.dedent(_helper(5)))
@@ -85,27 +96,12 @@ def test_a_kernel_compiled_after_its_helper_changed_on_disk_is_not_stored_for_la
     # The helper is imported, then changed on disk (an upgrade during a long session), then the kernel's module is
     # imported: the kernel runs the helper in memory; stored under the new files' stamp, it would be stale for
     # every later process.
-    package = tmp_path / "site" / "poisoncert"
-    package.mkdir(parents=True)
-    for name in ("__init__.py", "_jit.py"):
-        shutil.copy(PACKAGE / name, package / name)
-    (package / "_probe.py").write_text(textwrap.dedent(KERNEL))
-    helper = package / "_probe_helper.py"
-    helper.write_text(textwrap.dedent(_helper(1)))
-    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
-    env["PYTHONPATH"] = str(tmp_path / "site")
+    package, run = _probe_package(tmp_path)
     upgrade_meanwhile = f"""
         import pathlib
         import poisoncert._probe_helper
-        pathlib.Path({str(helper)!r}).write_text({textwrap.dedent(_helper(5))!r})
+        pathlib.Path({str(package / "_probe_helper.py")!r}).write_text({textwrap.dedent(_helper(5))!r})
     """
-
-    def run(before: str = "") -> list[str]:
-        code = textwrap.dedent(before) + textwrap.dedent(RUN)
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
-                              timeout=600)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.split()
 
     assert run(upgrade_meanwhile)[:3] == ["2", "0", "1"]  # the helper this process imported
     assert run()[:3] == ["6", "0", "1"]  # not loaded from the cache: compiled against the files as they are

@@ -130,22 +130,25 @@ def _closure(path: str) -> dict[str, bytes]:
     return reached
 
 
-def source_closure_digest(path: str) -> bytes:
-    """SHA-256 over a package source file and every package file it imports at module level, transitively."""
-    reached = _closure(path)
+def _digest(reached: dict[str, bytes]) -> bytes:
     digest = hashlib.sha256()
     for name in sorted(reached):
         digest.update(name.encode() + b"\0" + reached[name])
     return digest.digest()
 
 
-def changed_since_import(path: str) -> bool:
-    """Whether a file of ``path``'s closure differs from what this process first found (``poisoncert``'s
-    snapshot): the code it runs may then be older than the files, so its kernels must not be cached under them."""
+def source_closure_digest(path: str) -> bytes:
+    """SHA-256 over a package source file and every package file it imports at module level, transitively."""
+    return _digest(_closure(path))
+
+
+def _changed_since_import(reached: dict[str, bytes]) -> bool:
+    """Whether a file of a closure differs from what this process first found (``poisoncert``'s snapshot): the code
+    it runs may then be older than the files, so its kernels must not be cached under them."""
     snapshot = getattr(sys.modules.get(_PACKAGE), "_SOURCE_DIGESTS", None)
     if snapshot is None:  # pragma: no cover - the package's own __init__ takes it
         return True
-    return any(snapshot.get(name) != digest for name, digest in _closure(path).items())
+    return any(snapshot.get(name) != digest for name, digest in reached.items())
 
 
 def _in_package(py_file: str) -> bool:
@@ -163,8 +166,9 @@ def _closure_locator(base: type) -> type:
             return super().from_function(py_func, py_file)
 
         def get_source_stamp(self) -> Any:
-            stamp = super().get_source_stamp(), source_closure_digest(self._py_file)
-            if changed_since_import(self._py_file):
+            reached = _closure(self._py_file)
+            stamp = super().get_source_stamp(), _digest(reached)
+            if _changed_since_import(reached):
                 # A stamp that no process will compute: this one's kernel is compiled but never reused.
                 return (*stamp, os.urandom(16))
             return stamp
